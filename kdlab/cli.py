@@ -1,0 +1,89 @@
+"""The `kdlab` command: one subcommand per workflow step."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def read_run_config(text):
+    """A run config given inline as JSON, or as the path of a YAML/JSON file."""
+    from .config import ConfigError
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config is not valid JSON: {e}") from None
+    try:
+        return yaml.safe_load(Path(text).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the run config {text}: {e}") from None
+
+
+def cmd_train(args):
+    from .train import train
+    train(read_run_config(args.config), args.run_dir, force_restart=args.force_restart)
+    return 0
+
+
+def cmd_pretrain(args):
+    from .pretrain import pretrain_paraphraser
+    pretrain_paraphraser(read_run_config(args.config), args.out, force_restart=args.force_restart)
+    return 0
+
+
+def cmd_check_config(args):
+    from .grid import expand_grid
+    from .config import load_grid
+    grid = load_grid(args.config)
+    jobs = expand_grid(grid)
+    counts = {}
+    for job in jobs:
+        counts[job.rule] = counts.get(job.rule, 0) + 1
+    print(f"{args.config}: valid; " + ", ".join(f"{n} {rule}" for rule, n in counts.items()))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="kdlab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a teacher, a plain student or a distilled student (resumable)")
+    p.add_argument("--config", required=True, help="the run config: inline JSON or a YAML/JSON file")
+    p.add_argument("--run-dir", required=True, type=Path, help="the run directory (checkpoint, metrics)")
+    p.add_argument("--force-restart", action="store_true", help="ignore any checkpoint and start fresh")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain-paraphraser", help="Factor Transfer stage 1: write paraphraser.pth")
+    p.add_argument("--config", required=True, help="the run config (method ft): inline JSON or a file")
+    p.add_argument("--out", required=True, type=Path, help="where to write paraphraser.pth")
+    p.add_argument("--force-restart", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("check-config", help="validate an experiment grid config and count its jobs")
+    p.add_argument("config", help="e.g. config/config.yaml")
+    p.set_defaults(func=cmd_check_config)
+
+    from .results import add_parser as add_results_parser
+    add_results_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data import DataError
+    from .methods.ft import MissingParaphraser
+    from .runio import UnreadableFile
+    from .train import GuardError
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, MissingParaphraser, UnreadableFile, GuardError) as e:
+        print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

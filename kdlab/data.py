@@ -1,0 +1,183 @@
+"""Datasets (Cifar10, Cifar100, Synthetic, npz) and their loaders.
+
+Images are kept as uint8 (N, 32, 32, 3) arrays; loaders yield uint8 NCHW batches and
+the training loop normalises on the device (less to copy, one place to do it).
+Augmentation (random crop 32 with zero padding 4, horizontal flip) is drawn by the
+sampler from a generator seeded with (seed, epoch), not inside worker processes, so
+an epoch's batches are the same with any num_workers and after a resume.
+"""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+DATASETS = ("Cifar10", "Cifar100", "Synthetic", "npz")
+CIFAR_FILES = {
+    "Cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "Cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+CIFAR_URL_HINT = {
+    "Cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "Cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+PAD = 4
+
+
+class DataError(Exception):
+    """Missing or malformed data; the message names the file."""
+
+
+class ImageArrays:
+    """Train and test images (uint8 N,32,32,3) and labels (int64), with normalisation stats."""
+
+    def __init__(self, train_x, train_y, test_x, test_y, num_classes, source):
+        for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+            if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
+                raise DataError(f"{source}: {split} images must be uint8 of shape (N, 32, 32, 3), "
+                                f"got {x.dtype} {x.shape}")
+            if y.shape != (len(x),):
+                raise DataError(f"{source}: {split} labels must have shape ({len(x)},), got {y.shape}")
+            if len(y) and (y.min() < 0 or y.max() >= num_classes):
+                raise DataError(f"{source}: {split} labels must lie in [0, {num_classes}), "
+                                f"found {y.min()}..{y.max()}")
+        self.train_x, self.train_y = train_x, train_y.astype(np.int64)
+        self.test_x, self.test_y = test_x, test_y.astype(np.int64)
+        self.num_classes = num_classes
+        pixels = train_x.reshape(-1, 3).astype(np.float64) / 255.0
+        self.mean, self.std = pixels.mean(0).tolist(), pixels.std(0).tolist()
+
+
+def load_cifar_pickles(name, data_dir, download=False):
+    folder, train_files, test_files, label_key = CIFAR_FILES[name]
+    root = Path(data_dir) / folder
+    if download and not root.exists():
+        import torchvision.datasets as tvd
+        (tvd.CIFAR10 if name == "Cifar10" else tvd.CIFAR100)(str(data_dir), train=True, download=True)
+
+    def read(files):
+        xs, ys = [], []
+        for file in files:
+            path = root / file
+            if not path.exists():
+                raise DataError(
+                    f"{name}: {path} is missing. Put the extracted python version of the dataset "
+                    f"({CIFAR_URL_HINT[name]}) in {Path(data_dir)}/ so that {root}/ holds "
+                    f"{', '.join(train_files + test_files)}, or run with download enabled "
+                    f"(training setting 'download: true') where the network allows.")
+            try:
+                with open(path, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                data = np.asarray(batch[b"data"], dtype=np.uint8)
+                labels = np.asarray(batch[label_key], dtype=np.int64)
+            except Exception as e:
+                raise DataError(f"{name}: {path} is not a readable CIFAR archive ({type(e).__name__}: {e})") from None
+            if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise DataError(f"{name}: {path} holds data of shape {data.shape} with {len(labels)} "
+                                f"labels; expected (N, 3072) with N labels")
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(labels)
+        return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+
+    num_classes = 10 if name == "Cifar10" else 100
+    return ImageArrays(*read(train_files), *read(test_files), num_classes, str(root))
+
+
+def make_synthetic(num_classes, train_size, test_size, seed):
+    """A learnable CIFAR-shaped task: each class is a smooth random colour pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
+    prototypes = coarse.repeat(8, axis=1).repeat(8, axis=2)  # 32x32 blocky class patterns
+
+    def draw(n):
+        labels = rng.integers(0, num_classes, size=n)
+        noise = rng.normal(0, 40, size=(n, 32, 32, 3))
+        return np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8), labels
+
+    return ImageArrays(*draw(train_size), *draw(test_size), num_classes, f"Synthetic(seed={seed})")
+
+
+def load_npz(path, num_classes=None):
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"npz dataset: {path} is missing; it must hold arrays train_x, train_y, "
+                        f"test_x, test_y (uint8 images N,32,32,3 and integer labels)")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in ("train_x", "train_y", "test_x", "test_y")}
+    except KeyError as e:
+        raise DataError(f"npz dataset: {path} lacks array {e}; it must hold train_x, train_y, test_x, test_y") from None
+    except Exception as e:
+        raise DataError(f"npz dataset: {path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    for key in ("train_y", "test_y"):
+        if not np.issubdtype(arrays[key].dtype, np.integer):
+            raise DataError(f"npz dataset: {path}: {key} must hold integer labels, got {arrays[key].dtype}")
+    if num_classes is None:
+        num_classes = int(max(arrays["train_y"].max(initial=0), arrays["test_y"].max(initial=0))) + 1
+    return ImageArrays(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"], num_classes, str(path))
+
+
+def load_dataset(cfg):
+    name = cfg["dataset"]
+    if name in CIFAR_FILES:
+        return load_cifar_pickles(name, cfg["data_dir"], cfg["download"])
+    if name == "Synthetic":
+        s = cfg["synthetic"]
+        return make_synthetic(s["num_classes"], s["train_size"], s["test_size"], s["seed"])
+    if name == "npz":
+        return load_npz(cfg["npz_path"], cfg.get("num_classes"))
+    raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+
+
+class AugmentingSampler(Sampler):
+    """Yields (index, dy, dx, flip) for a shuffled epoch, all drawn from (seed, epoch)."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g)
+        shifts = torch.randint(0, 2 * PAD + 1, (self.size, 2), generator=g)
+        flips = torch.randint(0, 2, (self.size,), generator=g)
+        return iter(zip(order.tolist(), shifts[:, 0].tolist(), shifts[:, 1].tolist(), flips.tolist()))
+
+
+class ImageDataset(Dataset):
+    """Items are uint8 CHW tensors; a key (i, dy, dx, flip) crops a zero-padded image and flips it."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            i, dy, dx, flip = key
+            out = np.zeros_like(self.images[i])
+            # Window [dy-PAD, dy-PAD+32) of the original image, zeros outside it.
+            y0, x0 = dy - PAD, dx - PAD
+            src = self.images[i][max(y0, 0):32 + min(y0, 0), max(x0, 0):32 + min(x0, 0)]
+            out[max(-y0, 0):max(-y0, 0) + src.shape[0], max(-x0, 0):max(-x0, 0) + src.shape[1]] = src
+            if flip:
+                out = out[:, ::-1]
+        else:
+            i, out = key, self.images[key]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.labels[i])
+
+
+def make_loaders(arrays, batch_size, num_workers, seed, pin_memory, eval_batch_size=None):
+    """Train loader (augmented, reshuffled per epoch via sampler.epoch) and test loader."""
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    sampler = AugmentingSampler(len(arrays.train_x), seed)
+    train = DataLoader(ImageDataset(arrays.train_x, arrays.train_y), batch_size=batch_size,
+                       sampler=sampler, **common)
+    test = DataLoader(ImageDataset(arrays.test_x, arrays.test_y), batch_size=eval_batch_size or 2 * batch_size,
+                      shuffle=False, **common)
+    return train, test

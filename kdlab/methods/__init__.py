@@ -1,0 +1,28 @@
+"""Distillation methods, registered by name.
+
+A method is one module with:
+  NAME, VERSION      the name users write; VERSION goes up whenever the loss changes
+                     meaning, so runs made with an older loss can be found and rerun
+  NEEDS_TEACHER      whether it needs the frozen teacher's outputs
+  SETTINGS           JSON-schema fragments of its config keys, each with a default and
+                     a description that says where the default comes from
+  check(settings, student, teacher)   raise ValueError for an unsupported combination
+  Loss(settings, run)                 a MethodLoss; `run` is the resolved run config
+
+The student's loss is (1 - alpha) * CE + alpha * sum(Loss(...) terms).
+Adding a method: one module here and one entry in METHODS.
+"""
+
+from . import fitnets, ft, kd, none, rkd
+
+METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft)}
+
+
+def get_method(name):
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_versions():
+    return {name: m.VERSION for name, m in METHODS.items()}

@@ -1,0 +1,27 @@
+"""The one shared piece of the method interface."""
+
+import torch
+from torch import nn
+
+
+class MethodLoss(nn.Module):
+    """Computes a method's named loss terms in float32 with autocast off.
+
+    fp16 rounds small epsilons to zero, cancels in pairwise distances and overflows at
+    65504; the method losses are cheap next to the network, so they always run in fp32.
+    Subclasses implement terms(student_out, teacher_out, labels) -> {name: scalar}.
+    """
+
+    def forward(self, student_out, teacher_out, labels):
+        device_type = labels.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            student_out = tuple(x.float() for x in student_out)
+            teacher_out = tuple(x.float() for x in teacher_out) if teacher_out is not None else None
+            return self.terms(student_out, teacher_out, labels)
+
+    def terms(self, student_out, teacher_out, labels):
+        raise NotImplementedError
+
+
+def no_check(settings, student, teacher):
+    """For methods that work with any student/teacher pair."""

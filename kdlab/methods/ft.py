@@ -1,0 +1,114 @@
+"""Factor Transfer (Kim et al. 2018), in two stages.
+
+Stage 1 (`kdlab pretrain-paraphraser`, kdlab/pretrain.py) trains a paraphraser
+(autoencoder) on the frozen teacher's last-stage features and saves paraphraser.pth.
+Stage 2 (this loss) trains a translator jointly with the student; the paraphraser
+stays frozen in eval mode. Factors are encoder outputs, flattened and L2-normalised
+per sample; the loss is their mean absolute difference (the authors' code).
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models import STAGE_CHANNELS
+from .base import MethodLoss, no_check
+
+NAME = "ft"
+VERSION = 1
+NEEDS_TEACHER = True
+SETTINGS = {
+    "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 4, "default": 0.5,
+             "description": "Paraphrase rate k: factors have k*64 channels. 0.5 as in the authors' CIFAR code."},
+    "weight": {"type": "number", "minimum": 0, "default": 500.0,
+               "description": "Weight (beta) of the factor L1 loss; 500 as the authors (with CE 1: the same "
+                              "balance as alpha 0.5 here). Large because the mean runs over C*H*W values."},
+    "translator_bn": {"type": "boolean", "default": False,
+                      "description": "BatchNorm in the translator: false as the authors, true as RepDistiller."},
+    "paraphraser_loss": {"type": "string", "enum": ["l1", "mse"], "default": "l1",
+                         "description": "Stage-1 reconstruction loss: l1 as the authors, mse as RepDistiller."},
+    "paraphraser_epochs": {"type": "integer", "minimum": 1, "default": 6,
+                           "description": "Stage-1 epochs: 6 as the authors (RepDistiller: 30)."},
+    "paraphraser_lr": {"type": "number", "exclusiveMinimum": 0, "default": 0.1,
+                       "description": "Stage-1 SGD learning rate: 0.1 as the authors (RepDistiller: 0.01)."},
+}
+check = no_check
+PARAPHRASER_KEYS = ("rate", "paraphraser_loss", "paraphraser_epochs", "paraphraser_lr")
+
+
+def paraphraser_setting(settings):
+    """A readable directory label for the stage-1 settings (one paraphraser per teacher run and label)."""
+    return (f"k{settings['rate']:g}_{settings['paraphraser_loss']}_{settings['paraphraser_epochs']}ep"
+            f"_lr{settings['paraphraser_lr']:g}")
+
+
+def conv_stack(channels, transposed=False, batch_norm=False):
+    conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+    layers = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers.append(conv(c_in, c_out, 3, stride=1, padding=1))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        layers.append(nn.LeakyReLU(0.1))
+    return nn.Sequential(*layers)
+
+
+def factor_channels(rate):
+    return max(1, int(STAGE_CHANNELS[-1] * rate))
+
+
+class Paraphraser(nn.Module):
+    def __init__(self, rate):
+        super().__init__()
+        c, k = STAGE_CHANNELS[-1], factor_channels(rate)
+        self.encoder = conv_stack([c, c, k, k])
+        self.decoder = conv_stack([k, k, c, c], transposed=True)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def factor(x):
+    return F.normalize(x.flatten(1), dim=1)
+
+
+class MissingParaphraser(Exception):
+    pass
+
+
+def load_paraphraser(path, settings):
+    path = Path(path) if path else None
+    if path is None or not path.exists():
+        raise MissingParaphraser(
+            f"ft: stage 2 needs the pre-trained paraphraser, but {path} does not exist; run stage 1 first "
+            f"(`kdlab pretrain-paraphraser`, or let the workflow's pretrain_paraphraser rule run)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    for key in PARAPHRASER_KEYS:
+        if saved["settings"][key] != settings[key]:
+            raise ValueError(f"ft: {path} was trained with {key}={saved['settings'][key]!r}, "
+                             f"but this run asks for {settings[key]!r}")
+    paraphraser = Paraphraser(settings["rate"])
+    paraphraser.load_state_dict(saved["state_dict"])
+    return paraphraser
+
+
+class Loss(MethodLoss):
+    def __init__(self, settings, run):
+        super().__init__()
+        self.weight = settings["weight"]
+        self.paraphraser = load_paraphraser(run.get("paraphraser"), settings).requires_grad_(False).eval()
+        c = STAGE_CHANNELS[-1]
+        self.translator = conv_stack([c, c] + [factor_channels(settings["rate"])] * 2,
+                                     batch_norm=settings["translator_bn"])
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.paraphraser.eval()  # frozen, always in eval mode
+        return self
+
+    def terms(self, student_out, teacher_out, labels):
+        factor_t = factor(self.paraphraser.encoder(teacher_out[2])).detach()
+        factor_s = factor(self.translator(student_out[2]))
+        return {"ft_factor": self.weight * F.l1_loss(factor_s, factor_t)}

@@ -1,0 +1,28 @@
+"""Hinton et al. 2015: KL divergence between temperature-softened logits."""
+
+import torch.nn.functional as F
+
+from .base import MethodLoss, no_check
+
+NAME = "kd"
+VERSION = 1
+NEEDS_TEACHER = True
+SETTINGS = {
+    "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 4.0,
+                    "description": "Softmax temperature T; the loss is scaled by T^2 (Hinton et al. 2015). "
+                                   "4 as in the CRD/RepDistiller CIFAR recipe."},
+}
+check = no_check
+
+
+class Loss(MethodLoss):
+    def __init__(self, settings, run):
+        super().__init__()
+        self.temperature = settings["temperature"]
+
+    def terms(self, student_out, teacher_out, labels):
+        T = self.temperature
+        # KL(p_t || p_s), summed over classes and averaged over the batch ("batchmean").
+        kl = F.kl_div(F.log_softmax(student_out[-1] / T, dim=1), F.log_softmax(teacher_out[-1] / T, dim=1),
+                      reduction="batchmean", log_target=True)
+        return {"kd": T * T * kl}

@@ -1,0 +1,17 @@
+"""Plain student (and teacher) training: cross-entropy only."""
+
+from .base import MethodLoss, no_check
+
+NAME = "none"
+VERSION = 1
+NEEDS_TEACHER = False
+SETTINGS = {}
+check = no_check
+
+
+class Loss(MethodLoss):
+    def __init__(self, settings, run):
+        super().__init__()
+
+    def terms(self, student_out, teacher_out, labels):
+        return {}

@@ -1,0 +1,77 @@
+"""Factor Transfer stage 1: pre-train the paraphraser on the frozen teacher's features."""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, fingerprint, resolve_run
+from .data import load_dataset, make_loaders
+from .methods.ft import Paraphraser
+from .runio import atomic_torch_save, file_sha256, torch_load, UnreadableFile
+from .train import GuardError, Normalize, load_frozen_teacher, log, pick_device, seed_everything
+
+
+def pretrain_paraphraser(run, out_path, force_restart=False):
+    run = resolve_run(run)
+    if run["kind"] != "paraphraser" or run["method"] != "ft":
+        raise ConfigError("config keys 'kind' and 'method': a paraphraser run has kind 'paraphraser' and method 'ft'")
+    settings, tr = run["method_settings"], run["training"]
+    out_path = Path(out_path)
+    device = pick_device(tr["device"])
+    seed_everything(run["seed"], tr["deterministic"])
+    arrays = load_dataset(run["data"])
+    loader, _ = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"], device.type == "cuda")
+    normalize = Normalize(arrays.mean, arrays.std, device)
+    teacher = load_frozen_teacher(run, arrays.num_classes, device)
+    paraphraser = Paraphraser(settings["rate"]).to(device)
+    optimizer = torch.optim.SGD(paraphraser.parameters(), lr=settings["paraphraser_lr"], momentum=0.9,
+                                weight_decay=tr["weight_decay"])
+    reconstruction = F.l1_loss if settings["paraphraser_loss"] == "l1" else F.mse_loss
+    teacher_hash = file_sha256(run["teacher_weights"])
+    run_fingerprint = fingerprint(run, {"teacher_weights": teacher_hash})
+
+    # Resumable per epoch, like every run: a small checkpoint next to the output.
+    checkpoint_path = out_path.with_name("paraphraser.checkpoint.pth")
+    losses = []
+    if checkpoint_path.exists() and not force_restart:
+        try:
+            ckpt = torch_load(checkpoint_path)
+        except UnreadableFile as e:
+            log(f"WARNING: {e}; starting fresh")
+            ckpt = None
+        if ckpt and ckpt["fingerprint"] == run_fingerprint and not ckpt["finished"]:
+            paraphraser.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            losses = ckpt["losses"]
+            log(f"resuming the paraphraser from epoch {len(losses)}")
+
+    epochs = settings["paraphraser_epochs"]
+    for epoch in range(len(losses), epochs):
+        loader.sampler.epoch = epoch
+        paraphraser.train()
+        total, seen = 0.0, 0
+        for images, _ in loader:
+            with torch.no_grad():
+                features = teacher(normalize(images.to(device, non_blocking=True)))[2]
+            loss = reconstruction(paraphraser(features), features)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            value = loss.item()
+            if not torch.isfinite(torch.tensor(value)):
+                raise GuardError(f"health guard: ft paraphraser, epoch {epoch + 1}: the reconstruction loss "
+                                 f"went non-finite")
+            optimizer.step()
+            total, seen = total + value * len(images), seen + len(images)
+        losses.append(total / seen)
+        log(f"paraphraser epoch {epoch + 1}/{epochs} | {settings['paraphraser_loss']} reconstruction "
+            f"{losses[-1]:.5f}")
+        finished = epoch + 1 == epochs
+        if not finished:
+            atomic_torch_save(checkpoint_path, {"fingerprint": run_fingerprint, "finished": False,
+                                                "state_dict": paraphraser.state_dict(),
+                                                "optimizer": optimizer.state_dict(), "losses": losses})
+    atomic_torch_save(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,
+                                 "teacher_weights_sha256": teacher_hash, "reconstruction_loss": losses})
+    atomic_torch_save(checkpoint_path, {"fingerprint": run_fingerprint, "finished": True, "losses": losses})
+    log(f"saved {out_path}")

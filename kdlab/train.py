@@ -1,0 +1,318 @@
+"""The training loop for teachers, plain students and distilled students.
+
+One function, `train`, reads top to bottom: set up, resume if a matching checkpoint
+exists, then per epoch train, evaluate, log, checkpoint. Distillation plugs in through
+the method's Loss (kdlab/methods); the student's loss is (1 - alpha) * CE + alpha * L.
+"""
+
+import math
+import random
+import sys
+import time
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import fingerprint, resolve_run
+from .data import load_dataset, make_loaders
+from .methods import get_method
+from .models import build_model
+from .runio import atomic_torch_save, atomic_write_json, file_sha256, now, provenance, torch_load, UnreadableFile
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class GuardError(RuntimeError):
+    """The training-health guard stopped the run."""
+
+
+def log(message):
+    print(message, flush=True)
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed, deterministic):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def lr_at(epoch, tr):
+    if tr["schedule"] == "cosine":
+        return 0.5 * tr["lr"] * (1 + math.cos(math.pi * epoch / tr["epochs"]))
+    return tr["lr"] * tr["lr_decay"] ** sum(epoch >= m for m in tr["milestones"])
+
+
+class Normalize:
+    """uint8 NCHW batch -> normalised float on the device."""
+
+    def __init__(self, mean, std, device):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, images):
+        return (images.float() - self.mean) / self.std
+
+
+def load_frozen_teacher(run, num_classes, device):
+    teacher = build_model(run["teacher"], num_classes)
+    teacher.load_state_dict(torch_load(run["teacher_weights"]))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def evaluate(model, loader, normalize, device, autocast):
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in loader:
+        x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)[-1].float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += len(y)
+    return loss_sum / count, 100.0 * correct / count
+
+
+def gradient_share(model, loss_fn, teacher, x, y, alpha):
+    """Fraction of the gradient norm on the student's weights that comes from alpha * L_method.
+
+    Measured in float32 on one batch; BatchNorm running statistics are restored so the
+    measurement does not change training.
+    """
+    buffers = [b.clone() for b in chain(model.buffers(), loss_fn.buffers())]
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        teacher_out = teacher(x)
+    student_out = model(x)
+    ce = (1 - alpha) * F.cross_entropy(student_out[-1], y)
+    method = alpha * sum(loss_fn(student_out, teacher_out, y).values())
+    norms = []
+    for part, retain in ((ce, True), (method, False)):
+        grads = torch.autograd.grad(part, params, retain_graph=retain, allow_unused=True)
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item())
+    for b, saved in zip(chain(model.buffers(), loss_fn.buffers()), buffers):
+        b.copy_(saved)
+    return norms[1] / (norms[0] + norms[1]) if norms[0] + norms[1] > 0 else None
+
+
+def new_history():
+    keys = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
+            "skipped_steps", "nonfinite_losses", "grad_share"]
+    return {**{k: [] for k in keys}, "terms": {}}
+
+
+def run_record(run, status, state, epochs_planned, prov, num_classes, error=None):
+    history = state["history"]
+    acc = history["test_acc"]
+    best_epoch = int(np.argmax(acc)) if acc else None
+    return {
+        "status": status, "error": error,
+        "run": {"kind": run["kind"], "dataset": run["data"]["dataset"], "method": run["method"],
+                "alpha": run["alpha"] if run["kind"] == "distill" else None, "teacher": run["teacher"],
+                "student": run["model"], "seed": run["seed"], "num_classes": num_classes},
+        "method_version": get_method(run["method"]).VERSION,
+        "epochs_planned": epochs_planned, "epochs_done": len(acc), "history": history,
+        "best_acc": acc[best_epoch] if acc else None, "best_epoch": best_epoch,
+        "last_acc": acc[-1] if acc else None, "teacher_acc": state["teacher_acc"],
+        "resumed_at_epochs": state["resumed_at_epochs"], "config": run, "provenance": prov,
+    }
+
+
+def load_resume_state(path, run_fingerprint, force_restart):
+    """The checkpoint to resume from, or None (with the reason logged) to start fresh."""
+    if force_restart:
+        log("--force-restart: starting fresh")
+        return None
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch_load(path)
+    except UnreadableFile as e:
+        aside = path.with_name("checkpoint.corrupt.pth")
+        path.replace(aside)
+        log(f"WARNING: {e}; moved it to {aside} and starting fresh")
+        return None
+    if ckpt.get("fingerprint") != run_fingerprint:
+        log("checkpoint belongs to a different configuration (fingerprint changed): starting fresh")
+        return None
+    if ckpt.get("finished"):
+        log("checkpoint is of a finished run: starting fresh")
+        return None
+    return ckpt
+
+
+def train(run, run_dir, force_restart=False):
+    run = resolve_run(run)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tr, method = run["training"], get_method(run["method"])
+    device = pick_device(tr["device"])
+    seed_everything(run["seed"], tr["deterministic"])
+    arrays = load_dataset(run["data"])
+    train_loader, test_loader = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"],
+                                             device.type == "cuda", tr["eval_batch_size"])
+    normalize = Normalize(arrays.mean, arrays.std, device)
+    model = build_model(run["model"], arrays.num_classes).to(device)
+    loss_fn = method.Loss(run["method_settings"], run).to(device)
+    teacher = load_frozen_teacher(run, arrays.num_classes, device) if method.NEEDS_TEACHER else None
+    distilled = run["kind"] == "distill"
+    alpha = run["alpha"] if distilled else 0.0
+    label_smoothing = 0.0 if distilled else tr["label_smoothing"]  # hard labels for every distilled student
+    params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
+    amp_dtype = AMP_DTYPES.get(tr["amp"])
+    scaler = torch.amp.GradScaler(device.type, enabled=tr["amp"] == "fp16")
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+
+    inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
+    run_fingerprint = fingerprint(run, inputs)
+    checkpoint_path = run_dir / "checkpoint.pth"
+    ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        loss_fn.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        state["resumed_at_epochs"].append(ckpt["epoch"])
+        log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
+    else:
+        teacher_acc = evaluate(teacher, test_loader, normalize, device, autocast)[1] if teacher else None
+        state = {"history": new_history(),
+                 "teacher_acc": teacher_acc, "started": now(), "resumed_at_epochs": []}
+        if teacher:
+            log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
+    prov = provenance(device, state["started"])
+    history, start_epoch = state["history"], len(state["history"]["test_acc"])
+    record = lambda status, error=None: run_record(run, status, state, tr["epochs"], prov,  # noqa: E731
+                                                   arrays.num_classes, error)
+    log(f"{run['kind']} {run['model']} method={run['method']} alpha={alpha:g} seed={run['seed']} "
+        f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
+        f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
+    show_bar = sys.stderr.isatty()
+
+    for epoch in range(start_epoch, tr["epochs"]):
+        t0 = time.perf_counter()
+        lr = lr_at(epoch, tr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loader.sampler.epoch = epoch
+        model.train()
+        loss_fn.train()
+        sums, seen, skipped, nonfinite, consecutive_skipped, share = {}, 0, 0, 0, 0, None
+        for step, (images, labels) in enumerate(train_loader):
+            x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            if step == 0 and distilled:
+                share = gradient_share(model, loss_fn, teacher, x, y, alpha)
+            with autocast():
+                student_out = model(x)
+                with torch.no_grad():
+                    teacher_out = teacher(x) if teacher else None
+                terms = {"ce": F.cross_entropy(student_out[-1].float(), y, label_smoothing=label_smoothing),
+                         **loss_fn(student_out, teacher_out, y)}
+                loss = (1 - alpha) * terms["ce"] + alpha * sum(v for k, v in terms.items() if k != "ce")
+            optimizer.zero_grad(set_to_none=True)
+            scale_before = scaler.get_scale()  # 1.0 when the scaler is off
+            scaler.scale(loss).backward()
+            grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
+                [p.grad for p in params if p.grad is not None])
+            # One host sync per step for every figure the loop and the guard need.
+            *term_values, total, correct, norm = torch.stack(
+                [*(t.detach().float() for t in terms.values()), loss.detach().float(),
+                 (student_out[-1].argmax(1) == y).sum().float(), grad_norm.float()]).tolist()
+            bad = [name for name, v in zip(terms, term_values) if not math.isfinite(v)]
+            nonfinite += bool(bad) or not math.isfinite(total)
+            where = f"health guard: method {run['method']!r}, epoch {epoch + 1}, step {step + 1}"
+            if not scaler.is_enabled() and (bad or not math.isfinite(norm)):
+                stop(record, run_dir, f"{where}: {what_went_wrong(bad)}; amp is {tr['amp']!r}, so there is no "
+                     f"GradScaler to skip the step. The last good checkpoint is kept.")
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale_before:  # the GradScaler skipped this step
+                skipped += 1
+                consecutive_skipped += 1
+                if consecutive_skipped >= tr["max_skipped_steps"]:
+                    stop(record, run_dir, f"{where}: {consecutive_skipped} consecutive optimizer steps skipped "
+                         f"by the fp16 GradScaler; {what_went_wrong(bad)}. The last good checkpoint is kept.")
+                continue
+            consecutive_skipped = 0
+            seen += len(y)
+            for name, value in [*zip(terms, term_values), ("loss", total)]:
+                sums[name] = sums.get(name, 0.0) + value * len(y)
+            sums["correct"] = sums.get("correct", 0.0) + correct
+            if show_bar:
+                print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {total:.4f}",
+                      end="", file=sys.stderr, flush=True)
+        if show_bar:
+            print("\r", end="", file=sys.stderr)
+
+        test_loss, test_acc = evaluate(model, test_loader, normalize, device, autocast)
+        seen = max(seen, 1)
+        for name in terms:
+            history["terms"].setdefault(name, []).append(sums.get(name, float("nan")) / seen)
+        for key, value in (("train_loss", sums.get("loss", float("nan")) / seen),
+                           ("train_acc", 100.0 * sums.get("correct", 0.0) / seen),
+                           ("test_loss", test_loss), ("test_acc", test_acc), ("lr", lr),
+                           ("epoch_seconds", time.perf_counter() - t0), ("skipped_steps", skipped),
+                           ("nonfinite_losses", nonfinite), ("grad_share", share)):
+            history[key].append(value)
+        log(epoch_line(epoch, tr["epochs"], history, run["method"]))
+        last = epoch + 1 == tr["epochs"]
+        if not last:
+            atomic_torch_save(checkpoint_path, checkpoint(run_fingerprint, epoch + 1, False, model, loss_fn,
+                                                          optimizer, scaler, state))
+            atomic_write_json(run_dir / "progress.json", record("running"))
+
+    # Completion: final weights, then metrics.json (the mark), then a checkpoint marked
+    # finished so that a forced rerun starts fresh. A kill in between resumes the last epoch.
+    atomic_torch_save(run_dir / "model.pth", model.state_dict())
+    prov["finished"] = now()
+    atomic_write_json(run_dir / "metrics.json", record("complete"))
+    atomic_write_json(run_dir / "progress.json", record("complete"))
+    atomic_torch_save(checkpoint_path, checkpoint(run_fingerprint, tr["epochs"], True, model, loss_fn,
+                                                  optimizer, scaler, state))
+    log(f"done: best test accuracy {max(history['test_acc']):.2f}%, last {history['test_acc'][-1]:.2f}%")
+    return record("complete")
+
+
+def checkpoint(run_fingerprint, epoch, finished, model, loss_fn, optimizer, scaler, state):
+    # The learning rate is a pure function of the epoch, so there is no scheduler state to keep.
+    return {"fingerprint": run_fingerprint, "epoch": epoch, "finished": finished,
+            "model": model.state_dict(), "method": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "state": state}
+
+
+def what_went_wrong(bad_terms):
+    if bad_terms:
+        return f"loss term {', '.join(repr(t) for t in bad_terms)} went non-finite"
+    return "the gradient went non-finite although every loss term was finite"
+
+
+def stop(record, run_dir, message):
+    """The health guard: mark the run failed (the last good checkpoint stays) and stop."""
+    atomic_write_json(Path(run_dir) / "progress.json", record("failed", message))
+    raise GuardError(message)
+
+
+def epoch_line(epoch, epochs, h, method):
+    terms = " ".join(f"{k} {v[-1]:.4f}" for k, v in h["terms"].items())
+    share = f" | grad share {method} {100 * h['grad_share'][-1]:.0f}%" if h["grad_share"][-1] is not None else ""
+    skipped = f" | skipped {h['skipped_steps'][-1]}" if h["skipped_steps"][-1] else ""
+    seconds = h["epoch_seconds"][-1]
+    left = int(seconds * (epochs - epoch - 1))
+    eta = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+    return (f"epoch {epoch + 1}/{epochs} | loss {h['train_loss'][-1]:.4f} ({terms}) | train {h['train_acc'][-1]:.2f}% "
+            f"| test {h['test_loss'][-1]:.4f} {h['test_acc'][-1]:.2f}% (best {max(h['test_acc']):.2f}%) "
+            f"| lr {h['lr'][-1]:.4g}{share}{skipped} | {seconds:.1f}s | ETA {eta}")
