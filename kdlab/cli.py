@@ -22,15 +22,32 @@ def read_run_config(text):
         raise ConfigError(f"cannot read the run config {text}: {e}") from None
 
 
+def full_run_config(args):
+    """--config, with the blocks of --runtime (workers, device, data_dir: how, not what) merged in."""
+    run = read_run_config(args.config)
+    if args.runtime:
+        for block, values in read_run_config(args.runtime).items():
+            run[block] = {**run.get(block, {}), **values}
+    return run
+
+
+def set_threads(args):
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+
+
 def cmd_train(args):
     from .train import train
-    train(read_run_config(args.config), args.run_dir, force_restart=args.force_restart)
+    set_threads(args)
+    train(full_run_config(args), args.run_dir, force_restart=args.force_restart)
     return 0
 
 
 def cmd_pretrain(args):
     from .pretrain import pretrain_paraphraser
-    pretrain_paraphraser(read_run_config(args.config), args.out, force_restart=args.force_restart)
+    set_threads(args)
+    pretrain_paraphraser(full_run_config(args), args.out, force_restart=args.force_restart)
     return 0
 
 
@@ -52,13 +69,18 @@ def build_parser():
 
     p = sub.add_parser("train", help="train a teacher, a plain student or a distilled student (resumable)")
     p.add_argument("--config", required=True, help="the run config: inline JSON or a YAML/JSON file")
+    p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result "
+                   "(e.g. '{\"training\": {\"num_workers\": 8}}')")
     p.add_argument("--run-dir", required=True, type=Path, help="the run directory (checkpoint, metrics)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--force-restart", action="store_true", help="ignore any checkpoint and start fresh")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain-paraphraser", help="Factor Transfer stage 1: write paraphraser.pth")
     p.add_argument("--config", required=True, help="the run config (method ft): inline JSON or a file")
+    p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
     p.add_argument("--out", required=True, type=Path, help="where to write paraphraser.pth")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--force-restart", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 

@@ -27,9 +27,9 @@ class ConfigError(ValueError):
 
 def grid_schema():
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    alphas = schema["properties"]["alphas"]
+    alphas = {k: v for k, v in schema["properties"]["alphas"].items() if k not in ("default", "description")}
     schema["properties"]["methods"].update(additionalProperties=False, properties={
-        name: {"type": "object", "additionalProperties": False, "default": {},
+        name: {"type": "object", "additionalProperties": False,
                "properties": {**m.SETTINGS, "alphas": {**alphas, "description": "overrides the global alphas"}}}
         for name, m in METHODS.items() if m.NEEDS_TEACHER})
     return schema

@@ -106,9 +106,13 @@ def load_npz(path, num_classes=None):
                         f"test_x, test_y (uint8 images N,32,32,3 and integer labels)")
     try:
         with np.load(path) as f:
+            missing = [k for k in ("train_x", "train_y", "test_x", "test_y") if k not in f.files]
+            if missing:
+                raise DataError(f"npz dataset: {path} lacks array(s) {', '.join(missing)}; "
+                                f"it must hold train_x, train_y, test_x, test_y")
             arrays = {k: f[k] for k in ("train_x", "train_y", "test_x", "test_y")}
-    except KeyError as e:
-        raise DataError(f"npz dataset: {path} lacks array {e}; it must hold train_x, train_y, test_x, test_y") from None
+    except DataError:
+        raise
     except Exception as e:
         raise DataError(f"npz dataset: {path} is not a readable .npz file ({type(e).__name__}: {e})") from None
     for key in ("train_y", "test_y"):

@@ -93,7 +93,7 @@ def gradient_share(model, loss_fn, teacher, x, y, alpha):
     buffers = [b.clone() for b in chain(model.buffers(), loss_fn.buffers())]
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
-        teacher_out = teacher(x)
+        teacher_out = teacher(x) if teacher else None
     student_out = model(x)
     ce = (1 - alpha) * F.cross_entropy(student_out[-1], y)
     method = alpha * sum(loss_fn(student_out, teacher_out, y).values())
@@ -115,7 +115,7 @@ def new_history():
 def run_record(run, status, state, epochs_planned, prov, num_classes, error=None):
     history = state["history"]
     acc = history["test_acc"]
-    best_epoch = int(np.argmax(acc)) if acc else None
+    best_epoch = int(np.argmax(acc)) + 1 if acc else None  # 1-based, as in the log lines
     return {
         "status": status, "error": error,
         "run": {"kind": run["kind"], "dataset": run["data"]["dataset"], "method": run["method"],
@@ -123,7 +123,7 @@ def run_record(run, status, state, epochs_planned, prov, num_classes, error=None
                 "student": run["model"], "seed": run["seed"], "num_classes": num_classes},
         "method_version": get_method(run["method"]).VERSION,
         "epochs_planned": epochs_planned, "epochs_done": len(acc), "history": history,
-        "best_acc": acc[best_epoch] if acc else None, "best_epoch": best_epoch,
+        "best_acc": max(acc) if acc else None, "best_epoch": best_epoch,
         "last_acc": acc[-1] if acc else None, "teacher_acc": state["teacher_acc"],
         "resumed_at_epochs": state["resumed_at_epochs"], "config": run, "provenance": prov,
     }
@@ -156,6 +156,8 @@ def train(run, run_dir, force_restart=False):
     run = resolve_run(run)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in run_dir.glob(".*.tmp"):  # from a write that a kill interrupted
+        leftover.unlink()
     tr, method = run["training"], get_method(run["method"])
     device = pick_device(tr["device"])
     seed_everything(run["seed"], tr["deterministic"])
@@ -202,6 +204,7 @@ def train(run, run_dir, force_restart=False):
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
         f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
+    consecutive_skipped = 0
 
     for epoch in range(start_epoch, tr["epochs"]):
         t0 = time.perf_counter()
@@ -211,7 +214,7 @@ def train(run, run_dir, force_restart=False):
         train_loader.sampler.epoch = epoch
         model.train()
         loss_fn.train()
-        sums, seen, skipped, nonfinite, consecutive_skipped, share = {}, 0, 0, 0, 0, None
+        sums, seen, skipped, nonfinite, share = {}, 0, 0, 0, None
         for step, (images, labels) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             if step == 0 and distilled:

@@ -1,0 +1,105 @@
+"""The experiment grid as jobs: where every run lives and the config each one gets.
+
+The Snakefile and the tests share this, so the paths (docs/run-files.md) are written
+once. A run's config is split: `run` is what the run computes (a Snakemake param, so
+changing it reruns exactly that run), `runtime` is how it runs (workers, device),
+which may change without rerunning anything.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RUNTIME_KEYS, format_alpha
+from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
+
+
+@dataclass
+class Job:
+    rule: str
+    run_dir: str
+    outputs: list
+    run: dict = field(repr=False)
+    inputs: list = field(default_factory=list)
+
+
+def split_runtime(run):
+    """(semantic run config, runtime settings) from a full run config."""
+    semantic, runtime = dict(run), {}
+    for block, keys in RUNTIME_KEYS.items():
+        semantic[block] = {k: v for k, v in run[block].items() if k not in keys}
+        runtime[block] = {k: v for k, v in run[block].items() if k in keys}
+    return semantic, runtime
+
+
+def teacher_dir(grid, teacher, seed):
+    return f"{grid['experiments_dir']}/{grid['data']['dataset']}/teachers/{teacher}/{seed}"
+
+
+def student_dir(grid, student, seed):
+    return f"{grid['experiments_dir']}/{grid['data']['dataset']}/none/{student}/{seed}"
+
+
+def distill_dir(grid, method, alpha, teacher, student, seed):
+    return (f"{grid['experiments_dir']}/{grid['data']['dataset']}/{method}/alpha_{format_alpha(alpha)}/"
+            f"{teacher}_to_{student}/{seed}")
+
+
+def paraphraser_path(grid, teacher, settings):
+    return (f"{teacher_dir(grid, teacher, grid['teacher_seed'])}/paraphraser_{paraphraser_setting(settings)}/"
+            f"paraphraser.pth")
+
+
+def method_settings(grid, method):
+    return {k: v for k, v in grid["methods"][method].items() if k != "alphas"}
+
+
+def run_config(grid, kind, model, seed, method="none", **extra):
+    training = {**grid["training"], **grid["teacher_training"]} if kind == "teacher" else grid["training"]
+    return {"kind": kind, "model": model, "seed": seed, "method": method, "data": grid["data"],
+            "training": training, **extra}
+
+
+def expand_grid(grid):
+    """Every job of the grid, teachers first; `grid` comes from config.resolve_grid."""
+    jobs = {}
+
+    def add(job):
+        jobs.setdefault(job.outputs[0], job)
+
+    teachers = dict.fromkeys(p["teacher"] for p in grid["pairs"])
+    for teacher in teachers:
+        for seed in grid["teacher_seeds"]:
+            d = teacher_dir(grid, teacher, seed)
+            add(Job("train_teacher", d, [f"{d}/metrics.json", f"{d}/model.pth"],
+                    run_config(grid, "teacher", teacher, seed)))
+    weights = {t: f"{teacher_dir(grid, t, grid['teacher_seed'])}/model.pth" for t in teachers}
+    if "ft" in grid["methods"]:
+        settings = method_settings(grid, "ft")
+        for teacher in teachers:
+            out = paraphraser_path(grid, teacher, settings)
+            add(Job("pretrain_paraphraser", str(Path(out).parent), [out],
+                    run_config(grid, "paraphraser", teacher, grid["teacher_seed"], "ft", teacher=teacher,
+                               teacher_weights=weights[teacher],
+                               method_settings={k: settings[k] for k in PARAPHRASER_KEYS}),
+                    [weights[teacher]]))
+    if grid["plain_students"]:
+        for student in dict.fromkeys(p["student"] for p in grid["pairs"]):
+            for seed in grid["seeds"]:
+                d = student_dir(grid, student, seed)
+                add(Job("train_student", d, [f"{d}/metrics.json", f"{d}/model.pth"],
+                        run_config(grid, "student", student, seed)))
+    for method, block in grid["methods"].items():
+        for alpha in block.get("alphas", grid["alphas"]):
+            for pair in grid["pairs"]:
+                teacher, student = pair["teacher"], pair["student"]
+                for seed in grid["seeds"]:
+                    d = distill_dir(grid, method, alpha, teacher, student, seed)
+                    extra = {"teacher": teacher, "alpha": float(alpha), "teacher_weights": weights[teacher],
+                             "method_settings": method_settings(grid, method)}
+                    inputs = [weights[teacher]]
+                    if method == "ft":
+                        extra["paraphraser"] = paraphraser_path(grid, teacher, method_settings(grid, "ft"))
+                        inputs.append(extra["paraphraser"])
+                    add(Job("distill", d, [f"{d}/metrics.json", f"{d}/model.pth"],
+                            run_config(grid, "distill", student, seed, method, **extra), inputs))
+    return list(jobs.values())

@@ -1,0 +1,130 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab.data import (AugmentingSampler, DataError, ImageDataset, load_cifar_pickles, load_npz,
+                        make_loaders, make_synthetic)
+
+
+def write_cifar(root, name, n_train=6, n_test=4, seed=0):
+    """Small archives in CIFAR's own python-pickle format: rows of 3072 bytes, CHW order."""
+    rng = np.random.default_rng(seed)
+    folder, files, label_key, classes = {
+        "Cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
+        "Cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+    }[name]
+    (root / folder).mkdir(parents=True)
+    written = {}
+    for file in files:
+        n = n_test if "test" in file else n_train
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, size=n).tolist()
+        with open(root / folder / file, "wb") as f:
+            pickle.dump({b"data": data, label_key: labels, b"batch_label": b"x"}, f)
+        written[file] = (data, labels)
+    return written
+
+
+@pytest.mark.parametrize("name", ["Cifar10", "Cifar100"])
+def test_reads_cifar_archives(tmp_path, name):
+    written = write_cifar(tmp_path, name)
+    arrays = load_cifar_pickles(name, tmp_path)
+    train_files = [f for f in written if "test" not in f]
+    assert arrays.train_x.shape == (6 * len(train_files), 32, 32, 3)
+    assert arrays.num_classes == (10 if name == "Cifar10" else 100)
+    data, labels = written[train_files[0]]
+    # Row layout is R plane, G plane, B plane: pixel (y, x) channel c sits at c*1024 + y*32 + x.
+    assert arrays.train_x[0, 5, 7, 2] == data[0, 2 * 1024 + 5 * 32 + 7]
+    assert arrays.train_y[: len(labels)].tolist() == labels
+    test_data, test_labels = written["test_batch" if name == "Cifar10" else "test"]
+    assert np.array_equal(arrays.test_x, test_data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert arrays.test_y.tolist() == test_labels
+
+
+def test_missing_cifar_says_where_to_put_which_files(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_cifar_pickles("Cifar100", tmp_path)
+    message = str(e.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in message
+    assert "cifar-100-python.tar.gz" in message and "download" in message
+
+
+def test_corrupt_and_misshapen_cifar_files_are_named(tmp_path):
+    write_cifar(tmp_path, "Cifar100")
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=r"cifar-100-python/test is not a readable CIFAR archive"):
+        load_cifar_pickles("Cifar100", tmp_path)
+    with open(tmp_path / "cifar-100-python" / "test", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"fine_labels": [0, 1]}, f)
+    with pytest.raises(DataError, match=r"cifar-100-python/test holds data of shape \(2, 100\)"):
+        load_cifar_pickles("Cifar100", tmp_path)
+
+
+def test_npz_dataset_and_its_errors(tmp_path):
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    path = tmp_path / "mine.npz"
+    np.savez(path, train_x=x, train_y=np.array([0, 1, 2, 1]), test_x=x[:2], test_y=np.array([2, 0]))
+    arrays = load_npz(path)
+    assert arrays.num_classes == 3 and arrays.train_y.tolist() == [0, 1, 2, 1]
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 2\)"):
+        load_npz(path, num_classes=2)
+    np.savez(path, train_x=x[:, :16], train_y=np.zeros(4, int), test_x=x, test_y=np.zeros(4, int))
+    with pytest.raises(DataError, match=r"mine.npz: train images must be uint8 of shape \(N, 32, 32, 3\)"):
+        load_npz(path)
+    np.savez(path, train_x=x, train_y=np.zeros(4, int))
+    with pytest.raises(DataError, match=r"mine.npz lacks array\(s\) test_x, test_y"):
+        load_npz(path)
+    with pytest.raises(DataError, match=r"nothere.npz is missing"):
+        load_npz(tmp_path / "nothere.npz")
+
+
+def test_synthetic_is_reproducible_and_label_dependent():
+    a, b = make_synthetic(4, 50, 20, seed=3), make_synthetic(4, 50, 20, seed=3)
+    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
+    assert not np.array_equal(a.train_x, make_synthetic(4, 50, 20, seed=4).train_x)
+    # Learnable: images of one class are much closer to their class mean than to the others'.
+    x = a.train_x.reshape(50, -1).astype(float)
+    means = np.stack([x[a.train_y == c].mean(0) for c in range(4)])
+    nearest = ((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (nearest == a.train_y).mean() > 0.9
+
+
+def test_crop_and_flip_follow_the_padding_definition():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    dataset = ImageDataset(images, np.zeros(1, int))
+    padded = np.pad(images[0], ((4, 4), (4, 4), (0, 0)))
+    for dy in range(9):
+        for dx in range(9):
+            for flip in (0, 1):
+                expected = padded[dy:dy + 32, dx:dx + 32]
+                if flip:
+                    expected = expected[:, ::-1]
+                got = dataset[(0, dy, dx, flip)][0].numpy().transpose(1, 2, 0)
+                assert np.array_equal(got, expected)
+    assert np.array_equal(dataset[0][0].numpy().transpose(1, 2, 0), images[0])  # test time: unchanged
+
+
+def test_epoch_randomness_depends_only_on_seed_and_epoch():
+    sampler = AugmentingSampler(100, seed=1)
+    first = list(sampler)
+    assert list(sampler) == first
+    sampler.epoch = 1
+    assert list(sampler) != first
+    assert sorted(i for i, *_ in first) == list(range(100))
+
+
+def test_loaders_give_the_same_batches_with_and_without_workers():
+    arrays = make_synthetic(3, 40, 10, seed=0)
+    batches = {}
+    for workers in (0, 2):
+        train, test = make_loaders(arrays, batch_size=16, num_workers=workers, seed=5, pin_memory=False)
+        assert train.persistent_workers == (workers > 0) and test.persistent_workers == (workers > 0)
+        out = []
+        for epoch in (0, 1):
+            train.sampler.epoch = epoch
+            out += [torch.cat([x.flatten(), y]) for x, y in train]
+        batches[workers] = torch.cat(out)
+    assert torch.equal(batches[0], batches[2])

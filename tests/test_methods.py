@@ -1,0 +1,186 @@
+"""Each method's loss against a float64 reference written from the formulas in methods.md."""
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab.config import ConfigError, resolve_run
+from kdlab.methods import METHODS, fitnets, ft, kd, rkd
+from kdlab.runio import atomic_torch_save
+
+from conftest import tiny_run
+
+FT_SETTINGS = {"rate": 0.5, "weight": 500.0, "translator_bn": False, "paraphraser_loss": "l1",
+               "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
+
+
+def features(batch, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64,), (10,)]
+    return tuple((torch.randn(batch, *s, generator=g) * scale).relu() if len(s) == 3 else
+                 torch.randn(batch, *s, generator=g) * scale for s in shapes)
+
+
+def huber(x):
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def rel_close(value, reference, rtol=1e-5):
+    return abs(value - reference) <= rtol * abs(reference)
+
+
+def test_kd_matches_reference():
+    s, t = features(8, 0), features(8, 1)
+    T = 3.0
+    value = kd.Loss({"temperature": T}, {})(s, t, torch.zeros(8, dtype=torch.long))["kd"].item()
+    reference = 0.0
+    for b in range(8):
+        zs, zt = s[-1][b].double().numpy() / T, t[-1][b].double().numpy() / T
+        log_ps = zs - math.log(np.exp(zs).sum())
+        pt = np.exp(zt) / np.exp(zt).sum()
+        reference += sum(pt[c] * (math.log(pt[c]) - log_ps[c]) for c in range(10))
+    reference = T * T * reference / 8
+    assert rel_close(value, reference)
+
+
+@pytest.mark.parametrize("guided,hint,kind", [(0, 1, nn_kind) for nn_kind in ["conv3x3_stride2"]] +
+                         [(1, 0, "deconv4x4_stride2"), (2, 2, "conv1x1")])
+def test_fitnets_connector_and_loss_match_reference(guided, hint, kind):
+    settings = {"guided_layer": guided, "hint_layer": hint, "weight": 100.0}
+    loss = fitnets.Loss(settings, {})
+    assert fitnets.connector_kind(*[[32, 16, 8][i] for i in (guided, hint)]) == kind
+    s, t = features(4, 2), features(4, 3)
+    value = loss(s, t, torch.zeros(4, dtype=torch.long))["fitnets_hint"].item()
+    regressed = copy.deepcopy(loss.connector).double()(s[guided].double())
+    assert regressed.shape == t[hint].shape
+    diff = (regressed - t[hint].double()).detach().numpy().ravel()
+    reference = 100.0 * sum(d * d for d in diff) / diff.size
+    assert rel_close(value, reference)
+
+
+def test_fitnets_rejects_unmappable_layers_at_start_up():
+    with pytest.raises(ConfigError, match=r"config key 'methods.fitnets': .*guided_layer 0 \(32x32\) cannot be "
+                                          r"mapped onto hint_layer 2 \(8x8\)"):
+        resolve_run(tiny_run(kind="distill", method="fitnets", teacher="ResNet8", teacher_weights="x",
+                             alpha=0.5, method_settings={"guided_layer": 0, "hint_layer": 2}))
+
+
+def rkd_reference(s, t, distance_weight, angle_weight):
+    s, t = s.double().numpy(), t.double().numpy()
+    b = len(s)
+
+    def distances(e):
+        d = np.zeros((b, b))
+        for i, j in itertools.product(range(b), range(b)):
+            if i != j:
+                d[i, j] = math.sqrt(sum((e[i] - e[j]) ** 2))
+        return d / (d.sum() / (b * b - b))
+
+    def angles(e):
+        a = np.zeros((b, b, b))
+        for i, j, k in itertools.product(range(b), repeat=3):
+            if j != i and k != i:
+                u, v = e[j] - e[i], e[k] - e[i]
+                a[i, j, k] = u @ v / (math.sqrt(u @ u) * math.sqrt(v @ v))
+        return a
+
+    ds, dt, as_, at = distances(s), distances(t), angles(s), angles(t)
+    distance = sum(huber(x) for x in (ds - dt).ravel()) / ds.size
+    angle = sum(huber(x) for x in (as_ - at).ravel()) / as_.size
+    return distance_weight * distance, angle_weight * angle
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_rkd_distance_and_triplet_angle_match_reference(scale):
+    s, t = features(7, 4), features(7, 5, scale=scale)
+    settings = {"distance_weight": 1.5, "angle_weight": 2.0, "angle": "triplet"}
+    terms = rkd.Loss(settings, {})(s, t, torch.zeros(7, dtype=torch.long))
+    distance, angle = rkd_reference(s[-2], t[-2], 1.5, 2.0)
+    assert rel_close(terms["rkd_distance"].item(), distance)
+    assert rel_close(terms["rkd_angle"].item(), angle)
+
+
+def test_rkd_pairwise_cosine_is_an_explicit_other_variant():
+    s, t = features(6, 6), features(6, 7)
+    triplet = rkd.Loss({"distance_weight": 1, "angle_weight": 1, "angle": "triplet"}, {})(s, t, None or torch.zeros(6))
+    pairwise = rkd.Loss({"distance_weight": 1, "angle_weight": 1, "angle": "pairwise_cosine"}, {})(s, t, torch.zeros(6))
+    es, et = s[-2].double().numpy(), t[-2].double().numpy()
+    cos = lambda e: (e / np.linalg.norm(e, axis=1, keepdims=True)) @ (e / np.linalg.norm(e, axis=1, keepdims=True)).T  # noqa: E731
+    reference = sum(huber(x) for x in (cos(es) - cos(et)).ravel()) / 36
+    assert rel_close(pairwise["rkd_angle"].item(), reference)
+    assert not rel_close(pairwise["rkd_angle"].item(), triplet["rkd_angle"].item(), rtol=1e-2)
+
+
+def make_paraphraser(path, settings=FT_SETTINGS, seed=0):
+    torch.manual_seed(seed)
+    paraphraser = ft.Paraphraser(settings["rate"])
+    atomic_torch_save(path, {"state_dict": paraphraser.state_dict(), "settings": settings})
+    return paraphraser
+
+
+def test_ft_factor_loss_matches_reference(tmp_path):
+    paraphraser = make_paraphraser(tmp_path / "paraphraser.pth")
+    loss = ft.Loss(FT_SETTINGS, {"paraphraser": str(tmp_path / "paraphraser.pth")})
+    s, t = features(3, 8), features(3, 9)
+    value = loss(s, t, torch.zeros(3))["ft_factor"].item()
+    enc_t = paraphraser.encoder.double()(t[2].double()).detach().numpy().reshape(3, -1)
+    enc_s = copy.deepcopy(loss.translator).double()(s[2].double()).detach().numpy().reshape(3, -1)
+    assert enc_t.shape == (3, 32 * 8 * 8)  # rate 0.5: k * 64 channels
+    total = 0.0
+    for b in range(3):
+        fs, ft_ = enc_s[b] / math.sqrt(enc_s[b] @ enc_s[b]), enc_t[b] / math.sqrt(enc_t[b] @ enc_t[b])
+        total += sum(abs(x) for x in fs - ft_)
+    assert rel_close(value, 500.0 * total / enc_t.size)
+    # The paraphraser is frozen and stays in eval mode; only the translator trains.
+    loss.train()
+    assert not loss.paraphraser.training
+    assert all(not p.requires_grad for p in loss.paraphraser.parameters())
+
+
+def test_ft_stage_two_refuses_to_start_without_paraphraser(tmp_path):
+    with pytest.raises(ft.MissingParaphraser, match=r"stage 2 needs the pre-trained paraphraser, but .*missing.pth "
+                                                   r"does not exist; run stage 1 first"):
+        ft.Loss(FT_SETTINGS, {"paraphraser": str(tmp_path / "missing.pth")})
+
+
+def loss_module(method, tmp_path):
+    if method == "rkd":
+        return rkd.Loss({"distance_weight": 1.0, "angle_weight": 2.0, "angle": "triplet"}, {})
+    if method == "fitnets":
+        return fitnets.Loss({"guided_layer": 0, "hint_layer": 1, "weight": 100.0}, {})
+    make_paraphraser(tmp_path / "p.pth")
+    return ft.Loss(FT_SETTINGS, {"paraphraser": str(tmp_path / "p.pth")})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["rkd", "fitnets", "ft"])
+@pytest.mark.parametrize("case", ["duplicates", "large", "batch_of_one"])
+def test_gradients_stay_finite_under_autocast(method, dtype, case, tmp_path):
+    loss_fn = loss_module(method, tmp_path)
+    batch = 1 if case == "batch_of_one" else 6
+    s, t = features(batch, 10, scale=1e4 if case == "large" else 1.0), features(batch, 11)
+    if case == "duplicates":  # every sample twice: zero distances and zero difference vectors
+        s = tuple(torch.cat([x[:3], x[:3]]) for x in s)
+        t = tuple(torch.cat([x[:3], x[:3]]) for x in t)
+    s = tuple(x.to(dtype).requires_grad_() for x in s)  # what autocast hands the loss
+    assert all(torch.isfinite(x).all() for x in s)  # large, yet representable in fp16
+    with torch.autocast("cpu", dtype=dtype):
+        terms = loss_fn(s, tuple(x.to(dtype) for x in t), torch.zeros(batch, dtype=torch.long))
+        total = sum(terms.values())
+    total.backward()
+    assert torch.isfinite(total)
+    grads = [x.grad for x in s if x.grad is not None] + [p.grad for p in loss_fn.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    if case == "batch_of_one" and method == "rkd":
+        assert total.item() == 0.0  # no pairs: skipped, not NaN
+
+
+def test_every_method_declares_documented_settings():
+    for name, module in METHODS.items():
+        assert isinstance(module.VERSION, int) and module.VERSION >= 1
+        for key, spec in module.SETTINGS.items():
+            assert "default" in spec and len(spec.get("description", "")) > 20, (name, key)

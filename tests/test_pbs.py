@@ -1,0 +1,664 @@
+"""Tests of the PBS profile (profiles/pbs) against a local PBS stand-in
+(tests/pbs_standin: qsub/qstat/qdel that run jobs in the background and answer
+in OpenPBS's formats). No PBS server needed; runs on CPU in about a minute.
+"""
+
+import ast
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "pbs"
+STANDIN = REPO / "tests" / "pbs_standin"
+TEST_SNAKEFILE = STANDIN / "Snakefile"
+VENV_BIN = REPO / ".venv" / "bin"
+SNAKEMAKE = VENV_BIN / "snakemake"
+if not SNAKEMAKE.exists():
+    SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+sys.path.insert(0, str(PROFILE))
+sys.path.insert(0, str(STANDIN))
+pbs = importlib.import_module("pbs_lib")
+standin = importlib.import_module("standin")
+
+TEST_SITE = """
+[pbs]
+status_poll_interval = 1
+qstat_retries = 2
+qstat_retry_sleep = 0.1
+qstat_timeout = 10
+vanished_grace = 3
+"""
+
+
+# ----------------------------------------------------------------- fixtures
+
+@pytest.fixture
+def pbs_env(tmp_path, monkeypatch):
+    """Environment with the stand-in first on PATH and test site settings."""
+    sdir = tmp_path / "standin"
+    sdir.mkdir()
+    site = tmp_path / "site-test.cfg"
+    site.write_text(TEST_SITE)
+    env = dict(os.environ)
+    env["PATH"] = "%s:%s" % (STANDIN, env.get("PATH", "/usr/bin:/bin"))
+    env["PBS_STANDIN_DIR"] = str(sdir)
+    env["KDLAB_PBS_SITE"] = str(site)
+    env.pop("SNAKEMAKE_PROFILE", None)
+    env.pop("SNAKEMAKE_CLUSTER_SIDECAR_VARS", None)
+    for key in ("PATH", "PBS_STANDIN_DIR", "KDLAB_PBS_SITE"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("SNAKEMAKE_CLUSTER_SIDECAR_VARS", raising=False)
+    yield env
+    standin.cleanup(str(sdir))
+
+
+def set_control(env, **faults):
+    with open(os.path.join(env["PBS_STANDIN_DIR"], "control.json"), "w") as f:
+        json.dump(faults, f)
+
+
+def read_log(env, name):
+    path = os.path.join(env["PBS_STANDIN_DIR"], name + ".log")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def qsub_requests(env):
+    """{job name: [(walltime, select/nodes spec), ...]} from the recorded qsub calls."""
+    out = {}
+    for rec in read_log(env, "qsub"):
+        argv = rec["argv"]
+        name = argv[argv.index("-N") + 1]
+        ls = [argv[i + 1] for i, a in enumerate(argv) if a == "-l"]
+        wall = [x.split("=", 1)[1] for x in ls if x.startswith("walltime=")]
+        spec = [x for x in ls if not x.startswith("walltime=")]
+        out.setdefault(name, []).append((wall[0] if wall else None, spec))
+    return out
+
+
+def snakemake_cmd(workdir, *extra):
+    return [
+        str(SNAKEMAKE), "--profile", str(PROFILE), "-s", str(TEST_SNAKEFILE),
+        "--directory", str(workdir),
+        "--seconds-between-status-checks", "1", "--latency-wait", "5",
+    ] + list(extra)
+
+
+def run_snakemake(env, workdir, *extra, timeout=150):
+    p = subprocess.run(snakemake_cmd(workdir, *extra), env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
+    return p.returncode, p.stdout
+
+
+def starts(workdir, run_dir):
+    with open(os.path.join(str(workdir), run_dir, "starts.txt")) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def status(env, jobid, extra_env=None):
+    e = dict(env)
+    e.update(extra_env or {})
+    p = subprocess.run([str(PROFILE / "pbs-status"), jobid], env=e, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                       cwd=e.get("_cwd"))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 1, p.stdout
+    return lines[0]
+
+
+# ----------------------------------------------------------------- profile files
+
+def test_profile_commands_are_bare_existing_executables():
+    import yaml
+
+    cfg = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    assert cfg["executor"] == "cluster-generic"
+    for key in ("submit", "status", "cancel", "sidecar"):
+        value = cfg["cluster-generic-%s-cmd" % key]
+        # Snakemake rewrites the value to <profile>/<value> only if it is an existing
+        # path as a whole: no arguments allowed
+        assert " " not in value
+        path = PROFILE / value
+        assert path.is_file() and os.access(str(path), os.X_OK), path
+        assert path.read_text().startswith("#!/usr/bin/env python3\n")
+    assert cfg["retries"] >= 1
+    assert cfg["max-status-checks-per-second"] > 0
+
+
+def test_profile_code_is_python36_compatible():
+    for path in [PROFILE / "pbs_lib.py"] + [PROFILE / ("pbs-" + n) for n in
+                                             ("submit", "status", "cancel", "sidecar")]:
+        ast.parse(path.read_text(), feature_version=(3, 6))
+
+
+def test_site_cfg_defaults_match_code():
+    s = pbs.load_settings([str(PROFILE / "site.cfg")])
+    for key in ("resource_syntax", "gpu_resource", "job_history", "qstat_json", "log_dir",
+                "job_name_max_length", "job_shell"):
+        assert s[key] == pbs.DEFAULTS[key], key
+
+
+# ----------------------------------------------------------------- submit: request building
+
+@pytest.mark.parametrize("raw,expected", [
+    ("distill.Cifar100.rkd.0.5.ResNet110.ResNet20.0", "distill.Cifar100.rkd.0.5.ResNet110.ResNet20.0"),
+    ("distill.alpha=0.5,seed=1", "distill.alpha-0.5-seed-1"),
+    ("train teacher/x y", "train-teacher-x-y"),
+    ("0abc", "j0abc"),
+    ("_x", "j_x"),
+    ("", "j"),
+    ("a;rm -rf $HOME`x`", "a-rm-rf-HOME-x"),
+    ("Model+v2.1e-05", "Model+v2.1e-05"),
+])
+def test_sanitize_job_name(raw, expected):
+    assert pbs.sanitize_job_name(raw) == expected
+
+
+def test_sanitize_job_name_length_limit_keeps_names_distinct():
+    a = pbs.sanitize_job_name("distill.Cifar100.rkd.0.5.ResNet110.ResNet20.0", 15)
+    b = pbs.sanitize_job_name("distill.Cifar100.rkd.0.5.ResNet110.ResNet20.1", 15)
+    assert len(a) <= 15 and len(b) <= 15 and a != b
+    assert re.match(r"^[A-Za-z][A-Za-z0-9._+-]*$", a)
+    long_name = "distill." + "x" * 300
+    assert len(pbs.sanitize_job_name(long_name)) == 236
+
+
+@pytest.mark.parametrize("minutes,expected", [
+    (1, "00:01:00"), (90, "01:30:00"), (720, "12:00:00"), (2880, "48:00:00"),
+    (1.5, "00:01:30"), (0.1, "00:01:00"), ("45", "00:45:00"),
+])
+def test_walltime_from_minutes(minutes, expected):
+    assert pbs.minutes_to_walltime(minutes) == expected
+
+
+def single_props(threads=4, **resources):
+    return {"type": "single", "rule": "distill", "threads": threads,
+            "wildcards": {"method": "rkd", "alpha": "0.5", "seed": "0"},
+            "resources": resources, "jobid": 7}
+
+
+def test_request_select_form():
+    s = pbs.load_settings([str(PROFILE / "site.cfg")])
+    args, summary = pbs.build_request(single_props(4, mem_mb=16000, runtime=720, gpu=1, gpu_share=25), s)
+    assert args == ["-l", "select=1:ncpus=4:ngpus=1:mem=16000mb", "-l", "walltime=12:00:00"]
+    assert summary == {"ncpus": 4, "ngpus": 1, "mem_mb": 16000, "walltime": "12:00:00"}
+
+
+def test_request_torque_form_and_site_options():
+    s = pbs.load_settings([str(PROFILE / "site.cfg")])
+    s.update(resource_syntax="nodes", gpu_resource="gpus", queue="cpuq", gpu_queue="gpuq",
+             account="proj1", extra_qsub_args="-W group_list=kd -m n", select_extra=":gpu_model=a100")
+    argv, summary = pbs.build_qsub_argv(single_props(2, mem_mb=4000, runtime=30, gpu=1), s,
+                                        "distill.x", "/tmp/job.sh", "/tmp/out")
+    assert argv[:7] == ["qsub", "-N", "distill.x", "-q", "gpuq", "-A", "proj1"]
+    assert ["-l", "nodes=1:ppn=2:gpus=1:gpu_model=a100"] == argv[7:9]
+    assert ["-l", "mem=4000mb", "-l", "walltime=00:30:00"] == argv[9:13]
+    assert argv[-5:] == ["-W", "group_list=kd", "-m", "n", "/tmp/job.sh"]
+    # CPU-only job: the CPU queue, no GPU part
+    argv, summary = pbs.build_qsub_argv(single_props(2, mem_mb=4000, runtime=30, gpu=0), s,
+                                        "x", "/tmp/job.sh", "/tmp/out")
+    assert argv[3:5] == ["-q", "cpuq"] and "nodes=1:ppn=2:gpu_model=a100" in argv
+
+
+def test_request_walltime_clamped_to_site_maximum():
+    s = pbs.load_settings([str(PROFILE / "site.cfg")])
+    s["max_walltime"] = "48:00:00"
+    args, summary = pbs.build_request(single_props(runtime=720 * 8), s)
+    assert summary["walltime"] == "48:00:00"
+
+
+@pytest.mark.parametrize("resources,expected", [
+    ({"gpu": 1}, 1),
+    ({"gpu": 1, "gpu_share": 25}, 1),          # a single job: one whole GPU
+    ({"gpu": 4, "gpu_share": 100}, 1),         # 4 packed jobs, 25 % each: ONE GPU
+    ({"gpu": 3, "gpu_share": 75}, 1),
+    ({"gpu": 8, "gpu_share": 200}, 2),
+    ({"gpu": 4}, 4),                           # no share declared: summed gpu
+    ({"gpu": 0, "gpu_share": 25}, 0),          # CPU-only configuration
+    ({}, 0),
+    ({"gpu_share": 50}, 1),
+])
+def test_gpu_count_for_single_and_group_jobs(resources, expected):
+    assert pbs.count_gpus(resources) == expected
+
+
+def test_group_job_name_and_request():
+    s = pbs.load_settings([str(PROFILE / "site.cfg")])
+    props = {"type": "group", "groupid": "pack", "threads": 16, "jobid": "4899f629-04ab",
+             "resources": {"mem_mb": 64000, "runtime": 600, "gpu": 4, "gpu_share": 100}}
+    text = ("#!/bin/sh\n# properties = {}\ncd /w && python -m snakemake --target-jobs "
+            "'distill:seed=0' 'distill:seed=1' 'distill:seed=2' 'distill:seed=3' --allowed-rules distill "
+            "--cores all --attempt 2\n")
+    assert pbs.job_name(props, text) == "pack.distill.x4.4899f629"
+    assert pbs.exec_details(text)["attempt"] == "2"
+    args, summary = pbs.build_request(props, s)
+    assert args == ["-l", "select=1:ncpus=16:ngpus=1:mem=64000mb", "-l", "walltime=10:00:00"]
+
+
+def test_submit_show_request_and_job_script(tmp_path, pbs_env):
+    jobscript = tmp_path / "snakejob.distill.7.sh"
+    props = single_props(4, mem_mb=2000, runtime=5, gpu=1, gpu_share=25)
+    props["wildcards"] = {"method": "rkd", "alpha": "0.5", "x": "a b;c"}
+    jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(props))
+    p = subprocess.run([str(PROFILE / "pbs-submit"), "--show-request", str(jobscript)],
+                       stdout=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
+                       env=pbs_env, check=True)
+    assert "-N distill.rkd.0.5.a-b-c" in p.stdout
+    assert "select=1:ncpus=4:ngpus=1:mem=2000mb" in p.stdout and "walltime=00:05:00" in p.stdout
+    # a real submission to the stand-in: the first (only) line is the job id
+    p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
+                       env=pbs_env, check=True)
+    assert re.match(r"^\d+\.server\n$", p.stdout), p.stdout
+    jobid = p.stdout.strip()
+    log = tmp_path / "logs" / "pbs" / ("distill.rkd.0.5.a-b-c.%s.log" % jobid)
+    exitfile = tmp_path / "logs" / "pbs" / "exit" / jobid
+    for _ in range(100):
+        if exitfile.exists():
+            break
+        time.sleep(0.1)
+    assert exitfile.read_text().split()[0] == "0"
+    assert "hello" in log.read_text()
+    script = read_log(pbs_env, "qsub")[0]["argv"][-1]
+    subprocess.run(["bash", "-n", script], check=True)
+
+
+# ----------------------------------------------------------------- status: parsing
+
+JSON_OUT = {
+    "timestamp": 1700000000, "pbs_version": "22.05.11", "pbs_server": "server",
+    "Jobs": {
+        "12.server": {"Job_Name": "a", "job_state": "F", "substate": 92, "Exit_status": 0,
+                      "comment": "Job run at ... and finished", "run_count": 1},
+        "13.server": {"job_state": "F", "substate": 93, "Exit_status": -29,
+                      "comment": "Job run at ... and exceeded resource walltime"},
+        "14.server": {"job_state": "R", "substate": 42},
+    },
+}
+
+
+def test_parse_qstat_json():
+    jobs = pbs.parse_qstat_json(json.dumps(JSON_OUT))
+    assert pbs.classify(jobs["12.server"]) == ("success", "exit status 0")
+    st, reason = pbs.classify(jobs["13.server"])
+    assert st == "failed" and "walltime" in reason
+    assert pbs.classify(jobs["14.server"])[0] == "running"
+    # a differing server suffix still matches
+    assert pbs.find_job(jobs, "12.server.cluster.org") is jobs["12.server"]
+    assert pbs.find_job(jobs, "112.server") is None
+
+
+@pytest.mark.parametrize("bad", [
+    '{"Jobs": {"1.server": {"Variable_List": {"X": "a"b"}}}}',
+    "<html>502</html>",
+    "[1, 2]",
+])
+def test_parse_qstat_json_rejects_invalid(bad):
+    with pytest.raises(ValueError):
+        pbs.parse_qstat_json(bad)
+
+
+def test_parse_qstat_text_with_wrapped_lines():
+    text = (
+        "Job Id: 15.server\n"
+        "    Job_Name = distill.Cifar100.rkd.0.5\n"
+        "    job_state = F\n"
+        "    comment = Job run at Mon Jan 01 at 10:00 on (node1:ncpus=4:ngpus=1) and exceed\n"
+        "\ted resource walltime\n"
+        "    Exit_status = -29\n"
+        "    substate = 93\n"
+        "\n"
+        "Job Id: 16.server\n"
+        "    job_state = Q\n"
+        "    Variable_List = PBS_O_HOME=/home/u,X=\"quoted\",BASH_FUNC_x%%=() {  echo\n"
+        "\t }\n"
+    )
+    jobs = pbs.parse_qstat_text(text)
+    assert jobs["15.server"]["exit_status"] == "-29"
+    assert "exceeded resource walltime" in jobs["15.server"]["comment"]
+    assert pbs.classify(jobs["15.server"])[0] == "failed"
+    assert pbs.classify(jobs["16.server"])[0] == "running"
+    with pytest.raises(ValueError):
+        pbs.parse_qstat_text("qstat: <garbage>\n%%%")
+    # Torque: job_state C, lower-case exit_status
+    torque = "Job Id: 17.head.cluster\n    job_state = C\n    exit_status = 0\n"
+    assert pbs.classify(pbs.parse_qstat_text(torque)["17.head.cluster"])[0] == "success"
+
+
+@pytest.mark.parametrize("state", list("QRHWTSUEBM"))
+def test_every_active_state_is_running(state):
+    assert pbs.classify({"job_state": state, "run_count": 2})[0] == "running"
+
+
+@pytest.mark.parametrize("code,expected,words", [
+    (0, "success", ""),
+    (1, "failed", "Snakemake"),
+    (-29, "failed", "walltime"),
+    (-27, "failed", "memory"),
+    (-11, "failed", "rerun"),
+    (271, "failed", "SIGTERM"),
+    (265, "failed", "SIGKILL"),
+])
+def test_exit_status_meanings(code, expected, words):
+    st, reason = pbs.classify({"job_state": "F", "substate": 92, "Exit_status": code})
+    assert st == expected and words in reason
+
+
+def test_finished_without_exit_status():
+    assert pbs.classify({"job_state": "F", "substate": 91})[0] == "failed"
+    assert pbs.classify({"job_state": "F", "substate": 92}, (0, ""))[0] == "success"
+    assert pbs.classify({"job_state": "F", "substate": 92}, (271, "SIGTERM"))[0] == "failed"
+
+
+# ----------------------------------------------------------------- status: the program
+
+def test_status_program_against_standin(tmp_path, pbs_env):
+    d = pbs_env["PBS_STANDIN_DIR"]
+    env = dict(pbs_env, _cwd=str(tmp_path))
+    for num, state, sub, code in [(1, "Q", 10, None), (2, "R", 42, None), (3, "H", 20, None),
+                                  (4, "E", 51, None), (5, "F", 92, 0), (6, "F", 93, -29),
+                                  (7, "F", 93, 265), (8, "F", 92, 2), (9, "F", 91, None),
+                                  (10, "Q", 10, None)]:
+        standin.fake_job(d, num, state=state, substate=sub, exit_status=code,
+                         run_count=1 if num == 10 else 0)
+    expected = {1: "running", 2: "running", 3: "running", 4: "running", 5: "success",
+                6: "failed", 7: "failed", 8: "failed", 9: "failed", 10: "running"}
+    for num, want in expected.items():
+        assert status(env, "%d.server" % num) == want, num
+    log = (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    assert "6.server failed: Exit_status -29: killed: walltime exceeded" in log
+    assert "7.server failed: Exit_status 265: job shell killed by SIGKILL" in log
+
+
+def test_status_unknown_job_uses_exit_code_file(tmp_path, pbs_env):
+    env = dict(pbs_env, _cwd=str(tmp_path))
+    exitdir = tmp_path / "logs" / "pbs" / "exit"
+    exitdir.mkdir(parents=True)
+    (exitdir / "501.server").write_text("0 \n")
+    (exitdir / "502.server").write_text("271 SIGTERM\n")
+    assert status(env, "501.server") == "success"      # qstat: 153, file says 0
+    assert status(env, "502.server") == "failed"
+    # no file: running during the grace period (3 s in the test), then failed
+    assert status(env, "503.server") == "running"
+    time.sleep(3.2)
+    assert status(env, "503.server") == "failed"
+    # the file appears within the grace period
+    assert status(env, "504.server") == "running"
+    (exitdir / "504.server").write_text("0 \n")
+    assert status(env, "504.server") == "success"
+    # $PBS_JOBID with a longer server name than qsub printed
+    (exitdir / "505.server.cluster.org").write_text("0 \n")
+    (exitdir / "506.server.tmp.77").write_text("0 \n")
+    assert status(env, "505.server") == "success"
+    assert status(env, "506.server") == "running"
+
+
+def test_status_survives_qstat_failures_and_bad_output(tmp_path, pbs_env):
+    d = pbs_env["PBS_STANDIN_DIR"]
+    env = dict(pbs_env, _cwd=str(tmp_path))
+    standin.fake_job(d, 20, state="F", substate=92, exit_status=0)
+    set_control(pbs_env, qstat_fail_until=time.time() + 60)
+    t = time.time()
+    assert status(env, "20.server") == "running"   # retried, then reported running
+    assert time.time() - t < 5
+    set_control(pbs_env, qstat_garbage_until=time.time() + 60)
+    assert status(env, "20.server") == "running"
+    set_control(pbs_env, qstat_badjson_until=time.time() + 60)
+    assert status(env, "20.server") == "success"   # falls back to plain qstat -f
+    calls = [c["argv"] for c in read_log(pbs_env, "qstat")]
+    assert calls[-2][-3:] == ["-F", "json", "20.server"] and "-F" not in calls[-1]
+    set_control(pbs_env)
+    assert status(env, "20.server") == "success"
+    assert status(env, "not-a-job-id;rm") == "failed"
+    log = (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    assert "qstat failed 2 times" in log
+
+
+def test_status_reads_sidecar_cache(tmp_path, pbs_env):
+    env = dict(pbs_env, _cwd=str(tmp_path))
+    active = tmp_path / "active"
+    active.mkdir()
+    cache = tmp_path / "cache.json"
+    now = time.time()
+    cache.write_text(json.dumps({
+        "updated": now, "attempted": now, "poll_started": now - 0.1, "error": None,
+        "jobs": {"30.server": {"job_state": "F", "exit_status": 0},
+                 "31.server": {"job_state": "R"},
+                 "32.server": {"unknown": True}}}))
+    (active / "33.server").write_text("")
+    side = {"SNAKEMAKE_CLUSTER_SIDECAR_VARS": json.dumps(
+        {"cache": str(cache), "active": str(active), "interval": 1})}
+    assert status(env, "30.server", side) == "success"
+    assert status(env, "31.server", side) == "running"
+    assert status(env, "32.server", side) == "running"   # forgotten, grace running
+    assert status(env, "33.server", side) == "running"   # submitted after last poll
+    assert read_log(pbs_env, "qstat") == []               # none of these ran qstat
+    # a stale cache (sidecar gone) is ignored: qstat is asked directly
+    cache.write_text(json.dumps({"updated": now - 100, "attempted": now - 100, "jobs": {
+        "30.server": {"job_state": "R"}}}))
+    standin.fake_job(pbs_env["PBS_STANDIN_DIR"], 30, state="F", substate=92, exit_status=0)
+    assert status(env, "30.server", side) == "success"
+    assert len(read_log(pbs_env, "qstat")) == 1
+
+
+# ----------------------------------------------------------------- integration
+
+def test_workflow_completes_on_standin(tmp_path, pbs_env):
+    wd = tmp_path / "wd"
+    t = time.time()
+    rc, out = run_snakemake(pbs_env, wd, "--config", "threads=2", "steps=4")
+    elapsed = time.time() - t
+    assert rc == 0, out
+    assert (wd / "results" / "summary.txt").exists()
+    req = qsub_requests(pbs_env)
+    assert req["train_teacher.T1.0"] == [("00:01:00", ["select=1:ncpus=2:ngpus=1:mem=1000mb"])]
+    assert req["distill.kd.0.5.T1.S1.0"] == [("00:01:00", ["select=1:ncpus=2:ngpus=1:mem=1500mb"])]
+    assert "distill.kd.0.5.T1.S1.1" in req
+    assert not any(n.startswith("aggregate") for n in req)   # localrule: not submitted
+    for rec in read_log(pbs_env, "qsub"):
+        argv = rec["argv"]
+        assert argv[argv.index("-j") + 1] == "oe"
+        assert "/logs/pbs/pbs-output/" in argv[argv.index("-o") + 1]
+    # per-job logs next to the rules' logs, named <jobname>.<jobid>.log
+    logs = sorted(p.name for p in (wd / "logs" / "pbs").glob("*.log"))
+    assert any(re.match(r"train_teacher\.T1\.0\.\d+\.server\.log$", n) for n in logs), logs
+    # the job ran in the project's virtualenv (mimic_train checks it)
+    teacher_log = (wd / "logs" / "train_teacher" / "T1_0.log").read_text()
+    assert "(venv: True)" in teacher_log
+    ledger = (wd / "logs" / "pbs" / "jobs.tsv").read_text().splitlines()
+    assert len(ledger) == 4
+    # status polling is cheap: one qstat per sidecar round for all jobs
+    calls = read_log(pbs_env, "qstat")
+    assert any(len([a for a in c["argv"] if a.endswith(".server")]) >= 2 for c in calls)
+    assert len(calls) <= elapsed / 1.0 + 5
+
+
+def test_faults_walltime_kill_history_off_and_bad_qstat(tmp_path, pbs_env):
+    wd = tmp_path / "wd"
+    now = time.time()
+    teacher_dir = "experiments/Synthetic/teachers/T1/0"
+    set_control(
+        pbs_env,
+        history=False,                      # finished jobs vanish: qstat exit 153
+        qstat_fail_until=now + 5,           # qstat cannot connect for 5 s,
+        qstat_garbage_until=now + 9,        # then prints garbage,
+        qstat_badjson_until=now + 40,       # then invalid JSON (plain text still fine)
+        walltime_kill=[{"name_regex": "^train_teacher", "file": teacher_dir + "/train.log",
+                        "contains": "step 3 saved", "count": 1}],
+    )
+    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=8")
+    assert rc == 0, out
+    assert (wd / "results" / "summary.txt").exists()
+    req = qsub_requests(pbs_env)
+    # killed by "walltime", resubmitted with a doubled walltime
+    assert [w for w, _ in req["train_teacher.T1.0"]] == ["00:01:00", "00:02:00"]
+    # ... and resumed from its checkpoint instead of starting over
+    s = starts(wd, teacher_dir)
+    assert len(s) == 2 and s[0] == 0 and 3 <= s[1] < 8, s
+    for seed in (0, 1):
+        assert starts(wd, "experiments/Synthetic/kd/alpha_0.5/T1_to_S1/%d" % seed) == [0]
+        assert len(req["distill.kd.0.5.T1.S1.%d" % seed]) == 1
+    log = (wd / "logs" / "pbs" / "status.log").read_text()
+    assert "qstat failed" in log
+    assert "SIGTERM" in log
+
+
+def test_packing_group_asks_for_one_gpu(tmp_path, pbs_env):
+    wd = tmp_path / "wd"
+    rc, out = run_snakemake(pbs_env, wd, "--config", "alphas=0.5,0.75", "seeds=0,1", "threads=1",
+                            "steps=3", "--groups", "distill=pack", "--group-components", "pack=4")
+    assert rc == 0, out
+    req = qsub_requests(pbs_env)
+    groups = [n for n in req if n.startswith("pack.")]
+    assert len(groups) == 1 and groups[0].startswith("pack.distill.x4."), req
+    assert req[groups[0]] == [("00:01:00", ["select=1:ncpus=4:ngpus=1:mem=6000mb"])]
+    assert len(req) == 2   # the teacher and the one group job
+    for a in ("0.5", "0.75"):
+        for seed in (0, 1):
+            assert (wd / "experiments/Synthetic/kd" / ("alpha_" + a) / "T1_to_S1" / str(seed)
+                    / "model.json").exists()
+
+
+def test_cancel_with_ctrl_c_calls_qdel(tmp_path, pbs_env):
+    """Ctrl-C in a terminal: SIGINT to snakemake's whole process group."""
+    wd = tmp_path / "wd"
+    p = subprocess.Popen(
+        snakemake_cmd(wd, "--config", "steps=200"), env=pbs_env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, universal_newlines=True, start_new_session=True)
+    d = pbs_env["PBS_STANDIN_DIR"]
+    try:
+        deadline = time.time() + 60
+        running = []
+        while time.time() < deadline and not running:
+            time.sleep(0.3)
+            running = [j["id"] for j in standin.all_jobs(d) if j["state"] == "R"]
+        assert running, "no job started"
+        time.sleep(1.0)
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0
+    assert "Terminating processes on user request" in out
+    deleted = [a for c in read_log(pbs_env, "qdel") for a in c["argv"]]
+    assert set(running) <= set(deleted), (running, deleted, out)
+    for _ in range(50):
+        if all(j["state"] == "F" for j in standin.all_jobs(d)):
+            break
+        time.sleep(0.1)
+    jobs = standin.all_jobs(d)
+    assert jobs and all(j["state"] == "F" and j["substate"] == 91 for j in jobs), jobs
+    assert "qdel" in (wd / "logs" / "pbs" / "cancel.log").read_text()
+    # the sidecar's state is cleaned up
+    assert not list((wd / ".snakemake" / "pbs").glob("sidecar.*"))
+
+
+def test_cancel_program_also_deletes_jobs_registered_with_sidecar(tmp_path, pbs_env):
+    d = pbs_env["PBS_STANDIN_DIR"]
+    for num in (40, 41, 42):
+        standin.fake_job(d, num, state="Q")
+    active = tmp_path / "sidecar" / "active"
+    active.mkdir(parents=True)
+    (active / "41.server").write_text("")
+    (active / "42.server").write_text("")
+    env = dict(pbs_env, SNAKEMAKE_CLUSTER_SIDECAR_VARS=json.dumps({"active": str(active)}))
+    subprocess.run([str(PROFILE / "pbs-cancel"), "40.server"], env=env, cwd=str(tmp_path),
+                   check=True, timeout=10)
+    for _ in range(50):
+        if read_log(pbs_env, "qdel"):
+            break
+        time.sleep(0.1)
+    assert read_log(pbs_env, "qdel")[0]["argv"] == ["40.server", "41.server", "42.server"]
+    marker = (tmp_path / "sidecar" / "cancel").read_text().split()
+    assert marker == ["40.server", "41.server", "42.server"]
+
+
+def test_restart_after_snakemake_died_reattaches_running_job(tmp_path, pbs_env):
+    """Snakemake killed hard while a training job runs; the restarted Snakemake must
+    watch that PBS job instead of submitting a second one on the same checkpoint."""
+    wd = tmp_path / "wd"
+    d = pbs_env["PBS_STANDIN_DIR"]
+    cmd = snakemake_cmd(wd, "--config", "steps=30")
+    p = subprocess.Popen(cmd, env=pbs_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(j["state"] == "R" for j in standin.all_jobs(d)):
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    first = [j["id"] for j in standin.all_jobs(d)]
+    assert len(first) == 1 and standin.all_jobs(d)[0]["state"] == "R"
+    subprocess.run(cmd + ["--unlock"], env=pbs_env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=30")
+    assert rc == 0, out
+    assert "watching it instead of submitting it again" in out
+    assert len(qsub_requests(pbs_env)["train_teacher.T1.0"]) == 1
+    assert starts(wd, "experiments/Synthetic/teachers/T1/0") == [0]
+    assert (wd / "results" / "summary.txt").exists()
+
+
+# ----------------------------------------------------------------- the real workflow
+
+REAL_READY = (REPO / "Snakefile").exists() and (REPO / "config" / "demo.yaml").exists() \
+    and (VENV_BIN / "kdlab").exists()
+
+
+@pytest.mark.skipif(not REAL_READY, reason="the real workflow / config/demo.yaml / kdlab not there yet")
+def test_real_demo_through_profile(tmp_path, pbs_env):
+    """The real workflow (config/demo.yaml, shrunk) through the profile: a teacher
+    killed by "walltime" after its first epoch is resubmitted with twice the
+    walltime and kdlab resumes it from its checkpoint; then a distilled student."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg.update(seeds=[0], alphas=[0.5], plain_students=False)
+    cfg["training"].update(epochs=2, milestones=[1])
+    cfg["data"].setdefault("synthetic", {}).update(train_size=256, test_size=64)
+    pair = cfg["pairs"][0]
+    config = tmp_path / "demo-small.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    wd = tmp_path / "wd"
+    teacher = "experiments/Synthetic/teachers/%s/0" % pair["teacher"]
+    target = "experiments/Synthetic/kd/alpha_0.5/%s_to_%s/0/metrics.json" % (pair["teacher"], pair["student"])
+    set_control(pbs_env, walltime_kill=[{
+        "name_regex": "^train_teacher", "file": teacher + "/progress.json",
+        "contains": '"epochs_done": 1,', "count": 1}])
+    env = dict(pbs_env, PATH="%s:%s" % (VENV_BIN, pbs_env["PATH"]))
+    cmd = [str(SNAKEMAKE), "--profile", str(PROFILE), "-s", str(REPO / "Snakefile"),
+           "--directory", str(wd), "--configfile", str(config),
+           "--seconds-between-status-checks", "1", "--latency-wait", "5", target]
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=300)
+    assert p.returncode == 0, p.stdout
+    req = qsub_requests(pbs_env)
+    name = "train_teacher.Synthetic.%s.0" % pair["teacher"]
+    base = cfg.get("resources", {}).get("runtime", {}).get("train_teacher", 720)
+    assert [w for w, _ in req[name]] == [pbs.minutes_to_walltime(base), pbs.minutes_to_walltime(2 * base)]
+    assert req[name][0][1] == ["select=1:ncpus=%d:mem=%dmb" % (cfg["resources"]["threads"],
+                                                               cfg["resources"]["mem_mb"])]
+    metrics = json.loads((wd / teacher / "metrics.json").read_text())
+    assert metrics["status"] == "complete" and metrics["epochs_done"] == 2
+    assert metrics["resumed_at_epochs"] == [1], metrics["resumed_at_epochs"]
+    assert metrics["provenance"]["pbs_job_id"] == p.stdout.split("external jobid '")[2].split("'")[0]
+    assert "Exit_status -29" in (wd / "logs" / "pbs" / "status.log").read_text()
+    student = json.loads((wd / target).read_text())
+    assert student["status"] == "complete"

@@ -1,0 +1,450 @@
+"""Tests of ``kdlab results`` on fabricated run directories (CPU, JSON only)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdlab import results as R
+
+REPO = Path(__file__).resolve().parents[1]
+VERSIONS = {"kd": 1, "fitnet": 1, "rkd": 2, "ft": 1}
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+# ------------------------------------------------------------------ fabrication
+
+def run_rel(kind, dataset, method=None, alpha=None, teacher=None, student=None, seed=0,
+            **_):
+    if kind == "teacher":
+        return f"{dataset}/teachers/{student}/{seed}"
+    if kind == "student":
+        return f"{dataset}/none/{student}/{seed}"
+    return f"{dataset}/{method}/alpha_{format(alpha, 'g')}/{teacher}_to_{student}/{seed}"
+
+
+def write_run(root, kind, *, dataset="Cifar100", method=None, alpha=None, teacher=None,
+              student=None, seed=0, best=70.0, last=None, status="complete", error=None,
+              version=1, progress_only=False, epochs=12, done=None, num_classes=100):
+    """Write a run directory following docs/run-files.md; return its relative path."""
+    rel = run_rel(kind, dataset, method, alpha, teacher, student, seed)
+    d = Path(root, rel)
+    d.mkdir(parents=True, exist_ok=True)
+    done = epochs if done is None else done
+    last = best - 0.3 if last is None else last
+    # test_acc rises to `best` at the second-to-last epoch and ends at `last`.
+    acc = [best * (e + 1) / max(done - 1, 1) for e in range(done - 1)] + [last]
+    acc = [min(a, best) for a in acc]
+    if done >= 2:
+        acc[-2] = best
+    history = {
+        "train_loss": [3.0 / (e + 1) for e in range(done)],
+        "train_acc": [min(99.0, a + 4) for a in acc],
+        "test_loss": [3.2 / (e + 1) + 0.2 for e in range(done)],
+        "test_acc": acc,
+        "lr": [0.05 if e < epochs // 2 else 0.005 for e in range(done)],
+        "epoch_seconds": [1.0] * done,
+        "skipped_steps": [0] * done,
+        "nonfinite_losses": [0] * done,
+        "terms": {"ce": [2.5 / (e + 1) for e in range(done)],
+                  **({method or "x": [0.5 / (e + 1) for e in range(done)]}
+                     if kind == "distill" else {})},
+        "grad_share": [0.3] * done if kind == "distill" else [None] * done,
+    }
+    run = {"kind": kind, "dataset": dataset,
+           "method": method if kind == "distill" else "none",
+           "alpha": alpha, "teacher": teacher if kind == "distill" else None,
+           "student": student, "seed": seed, "num_classes": num_classes}
+    data = {"status": status, "error": error, "run": run, "method_version": version,
+            "epochs_planned": epochs, "epochs_done": done, "history": history,
+            "best_acc": best, "best_epoch": acc.index(best) + 1 if best in acc else None,
+            "last_acc": acc[-1], "teacher_acc": 74.0 if kind == "distill" else None,
+            "config": {"epochs": epochs}, "provenance": {"git_commit": "abc"}}
+    (d / "progress.json").write_text(json.dumps(data))
+    if not progress_only:
+        (d / "metrics.json").write_text(json.dumps(data))
+    return rel
+
+
+def fabricate(root):
+    """A small campaign with planted problems. Returns the expectations."""
+    T, S = "ResNet56", "ResNet20"
+    values = {}  # table key -> list of (seed, best, last) that must be in the table
+
+    def complete(kind, key, **kw):
+        rel = write_run(root, kind, **kw)
+        values.setdefault(key, []).append((kw.get("seed", 0), kw["best"], kw["last"]))
+        return rel
+
+    for seed, (b, l) in enumerate([(72.1, 71.9), (72.6, 72.2)]):
+        complete("teacher", ("teacher", ""), student=T, seed=seed, best=b, last=l)
+    for seed, (b, l) in enumerate([(69.0, 68.7), (69.4, 69.1), (68.8, 68.8)]):
+        complete("student", ("none", ""), student=S, seed=seed, best=b, last=l)
+    base = {"kd": 70.5, "fitnet": 69.3, "rkd": 69.8}
+    planted = {"incomplete": set(), "failed": set(), "near_chance": set(), "outdated": set()}
+    for method, b0 in base.items():
+        for alpha in (0.5, 0.9):
+            for seed in range(3):
+                kw = dict(method=method, alpha=alpha, teacher=T, student=S, seed=seed,
+                          version=VERSIONS[method])
+                best = round(b0 + alpha + 0.37 * seed - 0.11 * seed * seed, 2)
+                last = round(best - 0.05 * (seed + 1), 2)
+                if (method, alpha, seed) == ("rkd", 0.5, 2):      # the old RKD failure
+                    best, last = 1.8, 1.2
+                    planted["near_chance"].add(run_rel("distill", "Cifar100", **kw))
+                if (method, alpha, seed) == ("rkd", 0.9, 0):      # made with loss v1
+                    rel = write_run(root, "distill", **{**kw, "version": 1}, best=best, last=last)
+                    planted["outdated"].add(rel)
+                    continue
+                if (method, alpha, seed) == ("fitnet", 0.9, 1):   # stopped by the guard
+                    rel = write_run(root, "distill", **kw, best=12.0, status="failed",
+                                    error="non-finite loss in 50 consecutive steps",
+                                    progress_only=True, done=4)
+                    planted["failed"].add(rel)
+                    continue
+                if (method, alpha, seed) == ("kd", 0.9, 2):       # still training
+                    rel = write_run(root, "distill", **kw, best=40.0, status="running",
+                                    progress_only=True, done=5)
+                    planted["incomplete"].add(rel)
+                    continue
+                complete("distill", (method, format(alpha, "g")), **kw, best=best, last=last)
+    # A single seed (std must be empty, not 0 or an error).
+    complete("distill", ("ft", "0.5"), method="ft", alpha=0.5, teacher=T, student=S, seed=0,
+             best=70.2, last=70.0, version=1)
+    # A running run one epoch in: low accuracy, but incomplete, not "near chance".
+    planted["incomplete"].add(write_run(root, "distill", method="ft", alpha=0.5, teacher=T,
+                                        student=S, seed=1, best=3.0, status="running",
+                                        progress_only=True, done=1))
+    # progress.json says complete but metrics.json is missing: not complete.
+    planted["incomplete"].add(write_run(root, "student", student=S, seed=7, best=69.9,
+                                        status="complete", progress_only=True))
+    return values, planted, (T, S)
+
+
+def png_size(path):
+    """(width, height) from the IHDR chunk; asserts a complete PNG."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIG, f"{path}: not a PNG"
+    assert data[12:16] == b"IHDR", f"{path}: no IHDR"
+    assert data.endswith(PNG_END), f"{path}: truncated PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(prog="kdlab")
+    R.add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def cli(*argv):
+    args = make_parser().parse_args(["results", *map(str, argv)])
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("campaign")
+    exp, out = root / "experiments", root / "results"
+    values, planted, pair = fabricate(exp)
+    report = R.run_results(str(exp), str(out), chance_margin=5.0, method_versions=VERSIONS,
+                           jobs=2, log=lambda m: None)
+    return exp, out, values, planted, pair, report
+
+
+# ------------------------------------------------------------------------ table
+
+def test_table_values_equal_independent_mean_and_sample_std(campaign):
+    exp, out, values, planted, (T, S), report = campaign
+    rows = read_csv(out / R.TABLE_CSV)
+    assert list(rows[0].keys()) == R.CSV_COLUMNS
+    got = {(r["method"] if r["role"] != "teacher" else "teacher", r["alpha"]): r for r in rows}
+    assert set(got) == set(values), "one row per method/alpha plus teacher and student"
+    assert len(rows) == len(values)
+    for key, vals in values.items():
+        r = got[key]
+        assert (r["dataset"], r["teacher"], r["student"]) == ("Cifar100", T, S)
+        assert int(r["n_seeds"]) == len(vals)
+        assert r["seeds"].split() == [str(s) for s, _, _ in sorted(vals)]
+        for col, idx in (("best", 1), ("last", 2)):
+            xs = [v[idx] for v in vals]
+            assert float(r[f"{col}_mean"]) == pytest.approx(statistics.mean(xs), abs=1e-6)
+            if len(xs) > 1:
+                assert float(r[f"{col}_std"]) == pytest.approx(statistics.stdev(xs), abs=1e-6)
+                assert float(r[f"{col}_std"]) != pytest.approx(statistics.pstdev(xs), abs=1e-9)
+            else:
+                assert r[f"{col}_std"] == ""
+    # The outdated run is left out (2 seeds left); the near-chance run stays in, flagged.
+    assert int(got[("rkd", "0.9")]["n_seeds"]) == 2
+    assert int(got[("rkd", "0.5")]["n_near_chance"]) == 1
+    assert sum(int(r["n_near_chance"]) for r in rows) == 1
+    # CRD order: teacher, plain student, then methods (kd, fitnet, rkd, ft), alpha rising.
+    order = [(r["role"], r["method"], r["alpha"]) for r in rows]
+    assert order[:2] == [("teacher", "", ""), ("student", "none", "")]
+    assert [m for _, m, _ in order[2:]] == ["kd", "kd", "fitnet", "fitnet", "rkd", "rkd", "ft"]
+    assert [a for _, _, a in order[2:4]] == ["0.5", "0.9"]
+
+
+def test_markdown_table_shows_mean_pm_std_in_crd_order(campaign):
+    exp, out, values, planted, (T, S), report = campaign
+    md = (out / R.TABLE_MD).read_text()
+    kd = [v[1] for v in values[("kd", "0.5")]]
+    cell = f"{statistics.mean(kd):.2f} ± {statistics.stdev(kd):.2f}"
+    assert f"| {T} → {S} | KD | 0.5 | {cell} |" in md
+    # Single seed: the value alone, no "±".
+    assert "| FT | 0.5 | 70.20 | 70.00 | 1 |" in md
+    assert md.index(f"Teacher ({T})") < md.index(f"Student ({S}") < md.index("| KD | 0.5")
+    assert "outdated method version are left out" in md
+    # CRD-style summary: each method at its best alpha.
+    kd9 = [v[1] for v in values[("kd", "0.9")]]
+    best_kd = max(statistics.mean(kd), statistics.mean(kd9))
+    assert f"{best_kd:.2f} ± " in md.split("## All runs")[0]
+
+
+# ----------------------------------------------------------------------- health
+
+def test_health_names_exactly_the_planted_runs(campaign):
+    exp, out, values, planted, pair, report = campaign
+    h = json.loads((out / R.HEALTH_JSON).read_text())
+    for key in ("incomplete", "failed", "near_chance", "outdated"):
+        assert {e["run"] for e in h[key]} == planted[key], key
+    assert h["unreadable"] == []
+    (failed,) = h["failed"]
+    assert failed["error"] == "non-finite loss in 50 consecutive steps"
+    assert failed["epochs_done"] == 4
+    (near,) = h["near_chance"]
+    assert near["best_acc"] == 1.8 and near["chance"] == pytest.approx(1.0)
+    (old,) = h["outdated"]
+    assert (old["method_version"], old["current_version"]) == (1, 2)
+    statuses = {e["run"]: e["status"] for e in h["incomplete"]}
+    assert sorted(statuses.values()) == ["finishing", "running", "running"]
+    n_runs = sum(1 for _ in exp.rglob("progress.json"))
+    assert h["counts"]["runs"] == n_runs
+    md = (out / R.HEALTH_MD).read_text()
+    for runs in planted.values():
+        for rel in runs:
+            assert f"`{rel}`" in md
+    assert "non-finite loss in 50 consecutive steps" in md
+
+
+def test_chance_margin_and_include_outdated(campaign, tmp_path):
+    exp, out, values, planted, pair, report = campaign
+    s = R.run_results(str(exp), str(tmp_path / "o"), chance_margin=0.5, curves=False,
+                      method_versions=VERSIONS, include_outdated=True, log=lambda m: None)
+    assert s["health"]["near_chance"] == []          # 1.8 > 1.0 + 0.5
+    rows = read_csv(tmp_path / "o" / R.TABLE_CSV)
+    rkd9 = next(r for r in rows if r["method"] == "rkd" and r["alpha"] == "0.9")
+    assert rkd9["n_seeds"] == "3"
+    # Without --method-versions nothing is outdated and the table keeps every run.
+    s = R.run_results(str(exp), str(tmp_path / "p"), curves=False, log=lambda m: None)
+    assert s["health"]["outdated"] == [] and s["health"]["method_versions"] is None
+    assert "Not checked" in (tmp_path / "p" / R.HEALTH_MD).read_text()
+
+
+# ---------------------------------------------------------------------- figures
+
+def test_every_figure_is_a_valid_png_of_sensible_size(campaign):
+    exp, out, values, planted, pair, report = campaign
+    assert report["errors"] == []
+    for name in (R.FIG_ALPHA, R.FIG_BEST):
+        w, h = png_size(out / name)
+        assert 1200 <= w <= 12000 and 600 <= h <= 8000, (name, w, h)
+    curves = sorted((out / R.CURVES_DIR).glob("*.png"))
+    runs = sorted(p.parent for p in exp.rglob("progress.json"))
+    assert len(curves) == len(runs)          # running and failed runs get curves too
+    expected = {R.curve_name(p.relative_to(exp).as_posix()) for p in runs}
+    assert {p.name for p in curves} == expected
+    for p in curves:
+        w, h = png_size(p)
+        assert 1000 <= w <= 4000 and 600 <= h <= 3000, (p.name, w, h)
+        assert p.stat().st_size > 20_000     # not blank
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_mean_std_helper():
+    assert R.mean_std([70.0])[0] == 70.0 and math.isnan(R.mean_std([70.0])[1])
+    m, s = R.mean_std([1.0, 2.0, 4.0])
+    assert m == pytest.approx(statistics.mean([1, 2, 4]))
+    assert s == pytest.approx(statistics.stdev([1, 2, 4]))
+    assert all(math.isnan(x) for x in R.mean_std([]))
+
+
+# ------------------------------------------------------------------ entry point
+
+def test_argparse_entry_point(campaign, tmp_path, capsys):
+    exp, out, values, planted, pair, report = campaign
+    o = tmp_path / "cli"
+    rc = cli(exp, "--out", o, "--chance-margin", 5, "--method-versions",
+             json.dumps(VERSIONS), "--no-curves")
+    assert rc == 0
+    assert read_csv(o / R.TABLE_CSV) == read_csv(out / R.TABLE_CSV)
+    assert not (o / R.CURVES_DIR).exists()
+    for name in R.OUTPUT_FILES:
+        assert (o / name).is_file(), name
+    assert "runs (" in capsys.readouterr().err
+    vfile = tmp_path / "versions.json"
+    vfile.write_text(json.dumps({"rkd": 3}))
+    assert cli(exp, "--out", o, "--method-versions", vfile, "--no-curves", "--quiet") == 0
+    h = json.loads((o / R.HEALTH_JSON).read_text())
+    assert len(h["outdated"]) == sum(1 for p in exp.glob("Cifar100/rkd/*/*/*"))
+    # Teachers and plain students are trained with method "none": its version counts.
+    assert cli(exp, "--out", o, "--method-versions", '{"none": 2}', "--no-curves",
+               "--quiet") == 0
+    h = json.loads((o / R.HEALTH_JSON).read_text())
+    assert {e["run"].split("/")[1] for e in h["outdated"]} == {"teachers", "none"}
+    assert {r["role"] for r in read_csv(o / R.TABLE_CSV)} == {"distill"}
+    assert cli(exp, "--out", o, "--method-versions", "{not json", "--quiet") == 2
+    args = make_parser().parse_args(["results"])
+    assert (args.experiments, args.out, args.chance_margin, args.method_versions) == \
+        ("experiments", "results", 5.0, None)
+
+
+def test_runs_while_a_run_is_in_progress(tmp_path, capsys):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    rel = write_run(exp, "distill", method="kd", alpha=0.5, teacher="A", student="B",
+                    status="running", progress_only=True, done=3, best=20.0)
+    assert cli(exp, "--out", out, "--jobs", 1) == 0
+    h = json.loads((out / R.HEALTH_JSON).read_text())
+    assert [e["run"] for e in h["incomplete"]] == [rel]
+    assert h["incomplete"][0]["epochs_done"] == 3
+    assert read_csv(out / R.TABLE_CSV) == []               # header only: nothing complete
+    assert (out / R.TABLE_CSV).read_text().startswith(",".join(R.CSV_COLUMNS))
+    png_size(out / R.CURVES_DIR / R.curve_name(rel))
+    png_size(out / R.FIG_ALPHA)
+
+
+@pytest.mark.parametrize("missing", [False, True])
+def test_empty_or_missing_experiments_directory(tmp_path, capsys, missing):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    if not missing:
+        exp.mkdir()
+    assert cli(exp, "--out", out) == 0
+    err = capsys.readouterr().err
+    assert ("does not exist" if missing else "no runs") in err
+    assert str(exp) in err
+    assert (out / R.TABLE_CSV).read_text() == ",".join(R.CSV_COLUMNS) + "\n"
+    assert "No completed runs yet" in (out / R.TABLE_MD).read_text()
+    h = json.loads((out / R.HEALTH_JSON).read_text())
+    assert h["counts"]["runs"] == 0 and h["failed"] == [] and h["incomplete"] == []
+    assert "# Run health" in (out / R.HEALTH_MD).read_text()
+    for name in (R.FIG_ALPHA, R.FIG_BEST):   # placeholders, so declared outputs exist
+        png_size(out / name)
+
+
+# ----------------------------------------------------------------- incremental
+
+def test_figures_redrawn_only_when_inputs_change(tmp_path):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    rels = [write_run(exp, "distill", method="kd", alpha=a, teacher="A", student="B",
+                      seed=s, best=60 + a + s) for a in (0.5, 0.9) for s in (0, 1)]
+    running = write_run(exp, "distill", method="rkd", alpha=0.5, teacher="A", student="B",
+                        status="running", progress_only=True, done=2, best=10.0)
+
+    def go(**kw):  # low dpi: this test is about when figures are drawn, not how
+        return R.run_results(str(exp), str(out), **{"jobs": 1, "dpi": 80, "curve_dpi": 60,
+                                                     "log": lambda m: None, **kw})
+
+    def mtimes():
+        return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns
+                for p in out.rglob("*.png")}
+
+    first = go()
+    curve = {rel: f"{R.CURVES_DIR}/{R.curve_name(rel)}" for rel in rels + [running]}
+    assert set(first["drawn"]) == {R.FIG_ALPHA, R.FIG_BEST, *curve.values()}
+    t0 = mtimes()
+
+    again = go()                                 # nothing changed: nothing drawn
+    assert again["drawn"] == [] and again["parsed"] == 0
+    assert set(again["skipped"]) == set(first["drawn"])
+    assert mtimes() == t0
+
+    # A touch changes the stat but not the content: re-read, not redrawn.
+    os.utime(exp / rels[0] / "metrics.json", ns=(1, 1))
+    touched = go()
+    assert touched["parsed"] == 1 and touched["drawn"] == []
+
+    # A completed run's numbers change: its curve and both aggregates are redrawn.
+    write_run(exp, "distill", method="kd", alpha=0.5, teacher="A", student="B", seed=0,
+              best=75.0)
+    changed = go()
+    assert set(changed["drawn"]) == {R.FIG_ALPHA, R.FIG_BEST, curve[rels[0]]}
+    t1 = mtimes()
+    for rel in rels[1:] + [running]:
+        assert t1[curve[rel]] == t0[curve[rel]]
+    assert float(read_csv(out / R.TABLE_CSV)[0]["best_mean"]) == pytest.approx(
+        statistics.mean([75.0, 61.5]))
+
+    # A running run finishes another epoch: only its curve (the table has complete runs).
+    write_run(exp, "distill", method="rkd", alpha=0.5, teacher="A", student="B",
+              status="running", progress_only=True, done=3, best=12.0)
+    assert go()["drawn"] == [curve[running]]
+
+    # A deleted figure is redrawn; --force redraws everything.
+    (out / R.FIG_BEST).unlink()
+    assert go()["drawn"] == [R.FIG_BEST]
+    assert set(go(force=True)["drawn"]) == set(first["drawn"])
+    # So does a change of resolution (it is part of each figure's fingerprint).
+    assert set(go(dpi=81)["drawn"]) == {R.FIG_ALPHA, R.FIG_BEST}
+    assert set(go()["drawn"]) == {R.FIG_ALPHA, R.FIG_BEST}
+
+    # A removed run takes its curve with it.
+    shutil.rmtree(exp / rels[3])
+    gone = go()
+    assert gone["removed"] == [curve[rels[3]]]
+    assert not (out / curve[rels[3]]).exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_unreadable_file_is_reported_not_fatal(tmp_path):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    write_run(exp, "teacher", student="A", best=70.0, last=69.0)
+    bad = Path(exp, "Cifar100/teachers/A/1")
+    bad.mkdir(parents=True)
+    (bad / "metrics.json").write_text('{"status": "comp')
+    rep = R.run_results(str(exp), str(out), curves=False, log=lambda m: None)
+    assert [e["run"] for e in rep["health"]["unreadable"]] == ["Cifar100/teachers/A/1"]
+    (row,) = read_csv(out / R.TABLE_CSV)
+    assert (row["role"], row["n_seeds"], row["best_mean"]) == ("teacher", "1", "70.0")
+
+
+def test_identity_falls_back_to_the_path(tmp_path):
+    exp = tmp_path / "e"
+    rel = write_run(exp, "distill", method="rkd", alpha=0.75, teacher="T", student="S",
+                    seed=3, best=50.0)
+    p = exp / rel / "metrics.json"
+    data = json.loads(p.read_text())
+    del data["run"]
+    p.write_text(json.dumps(data))
+    data["best_epoch"] = 10                        # 0-based by some writers: not trusted
+    p.write_text(json.dumps(data))
+    (s,) = R.load_runs(str(exp))[0]
+    assert (s["kind"], s["method"], s["alpha"], s["teacher"], s["student"], s["seed"]) == \
+        ("distill", "rkd", "0.75", "T", "S", 3)
+    assert s["num_classes"] == 100                 # from the dataset name
+    assert s["best_epoch"] == 11                   # 1-based, from the history itself
+
+
+def test_module_does_not_import_torch(tmp_path):
+    exp = tmp_path / "e"
+    write_run(exp, "teacher", student="A", best=70.0, last=69.0)
+    code = ("import sys; from kdlab import results as R; "
+            f"R.run_results({str(exp)!r}, {str(tmp_path / 'o')!r}, curves=False, "
+            "log=lambda m: None); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -1,0 +1,206 @@
+"""The training loop: learning, determinism, checkpoints, resume after SIGKILL, the guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+from kdlab import methods
+from kdlab.methods.base import MethodLoss, no_check
+from kdlab.runio import torch_load
+from kdlab.train import GuardError, train
+
+from conftest import REPO, comparable, read_json, tiny_run
+
+CHANCE = 100 / 5
+
+
+def test_teacher_learns_and_same_seed_gives_identical_metrics(trained_teacher, tmp_path):
+    run_dir, metrics = trained_teacher
+    assert metrics["best_acc"] > CHANCE + 50, metrics["history"]["test_acc"]
+    assert metrics["history"]["train_loss"][-1] < metrics["history"]["train_loss"][0]
+    again = train(tiny_run(training={"epochs": 4, "milestones": [3]}), tmp_path)
+    assert comparable(again) == comparable(read_json(run_dir / "metrics.json"))
+    other_seed = train(tiny_run(seed=1, training={"epochs": 1}), tmp_path / "seed1")
+    assert other_seed["history"]["train_loss"][0] != again["history"]["train_loss"][0]
+
+
+def test_run_directory_contract(trained_teacher):
+    run_dir, metrics = trained_teacher
+    saved = read_json(run_dir / "metrics.json")
+    assert saved["status"] == "complete" and read_json(run_dir / "progress.json")["status"] == "complete"
+    h = saved["history"]
+    assert {len(v) for k, v in h.items() if k != "terms"} == {4} and list(h["terms"]) == ["ce"]
+    assert h["lr"] == pytest.approx([0.05, 0.05, 0.05, 0.005])
+    assert saved["best_acc"] == max(h["test_acc"]) and saved["last_acc"] == h["test_acc"][-1]
+    assert h["test_acc"][saved["best_epoch"] - 1] == saved["best_acc"]
+    prov = saved["provenance"]
+    assert prov["torch_version"] == torch.__version__ and prov["device"] == "cpu" and prov["finished"]
+    assert len(prov["git_commit"] or "") == 40 and isinstance(prov["git_dirty"], bool)
+    assert saved["config"]["training"]["label_smoothing"] == 0.1
+    # Checkpoint and final weights load with weights_only=True.
+    ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
+    assert ckpt["finished"] and ckpt["epoch"] == 4 and "scaler" in ckpt and "optimizer" in ckpt
+    weights = torch.load(run_dir / "model.pth", weights_only=True)
+    assert set(weights) == set(ckpt["model"])
+
+
+def test_truncated_checkpoint_is_reported_and_moved_aside(tmp_path, capsys):
+    run = tiny_run(training={"epochs": 2})
+    train(run, tmp_path)
+    data = (tmp_path / "checkpoint.pth").read_bytes()
+    (tmp_path / "checkpoint.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="truncated or corrupt"):
+        torch_load(tmp_path / "checkpoint.pth")
+    metrics = train(run, tmp_path)
+    out = capsys.readouterr().out
+    assert "checkpoint.pth is truncated or corrupt" in out and "starting fresh" in out
+    assert (tmp_path / "checkpoint.corrupt.pth").exists() and metrics["status"] == "complete"
+
+
+def test_changed_config_or_finished_checkpoint_starts_fresh(tmp_path, capsys):
+    train(tiny_run(training={"epochs": 2}), tmp_path)
+    train(tiny_run(training={"epochs": 2}), tmp_path)
+    assert "checkpoint is of a finished run: starting fresh" in capsys.readouterr().out
+    # Workers and device do not change the result: not part of the fingerprint.
+    from kdlab.config import fingerprint, resolve_run
+    a = fingerprint(resolve_run(tiny_run()), {})
+    assert a == fingerprint(resolve_run(tiny_run(training={"num_workers": 3})), {})
+    assert a != fingerprint(resolve_run(tiny_run(training={"lr": 0.1})), {})
+
+
+# A run in a subprocess that SIGKILLs itself at a chosen instant (the kill is the test's,
+# the code under test is unchanged).
+KILLER = r"""
+import json, os, signal, sys, torch
+torch.set_num_threads(1)
+import kdlab.runio as runio
+run, run_dir, point = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+writes = {"n": 0}
+original = runio.atomic_write_bytes
+def write(path, data):
+    if str(path).endswith(point.split(":")[0]):
+        writes["n"] += 1
+        if writes["n"] == int(point.split(":")[1]):
+            if point.endswith("mid-write"):  # half of the temporary file, then death
+                with open(os.path.join(run_dir, ".checkpoint.pth.partial.tmp"), "wb") as f:
+                    f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(path, data)
+runio.atomic_write_bytes = write
+import kdlab.train
+kdlab.train.atomic_write_bytes = write
+from kdlab.train import train
+train(run, run_dir)
+"""
+
+
+def run_killed(run, run_dir, point):
+    proc = subprocess.run([sys.executable, "-c", KILLER, json.dumps(run), str(run_dir), point],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def kill_at_random_instant(run, run_dir, after_epochs, delay):
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, json.dumps(run), str(run_dir), "never:0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    progress = run_dir / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and read_json(progress)["epochs_done"] >= after_epochs:
+            break
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+    for workers in (0, 2):
+        run = tiny_run(training={"epochs": 4, "milestones": [3], "num_workers": workers})
+        runs[workers] = (run, comparable(train(run, tmp_path_factory.mktemp(f"ref{workers}"))))
+    return runs
+
+
+@pytest.mark.parametrize("workers,kill", [
+    (0, "checkpoint.pth:2"),            # after the temp file is complete, before the rename
+    (0, "checkpoint.pth:2:mid-write"),  # halfway through writing the temporary file
+    (0, "metrics.json:1"),              # at completion, before metrics.json exists
+    (0, "random:1"),                    # an arbitrary instant inside epoch 2
+    (2, "random:2"),                    # the same with DataLoader worker processes
+])
+def test_killed_run_resumes_to_identical_metrics(uninterrupted, tmp_path, workers, kill):
+    run, reference = uninterrupted[workers]
+    if kill.startswith("random"):
+        kill_at_random_instant(run, tmp_path, after_epochs=int(kill.split(":")[1]), delay=0.15)
+    else:
+        run_killed(run, tmp_path, kill)
+    assert not (tmp_path / "metrics.json").exists()
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)  # never corrupt
+    metrics = train(run, tmp_path)
+    assert metrics["resumed_at_epochs"] == [ckpt["epoch"]] and ckpt["epoch"] >= 1
+    assert comparable(metrics) == reference
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+class PoisonLoss(MethodLoss):
+    """A method whose loss is NaN on the calls that `poisoned(call number)` picks."""
+    calls, poisoned = 0, None
+
+    def __init__(self, settings, run):
+        super().__init__()
+
+    def terms(self, student_out, teacher_out, labels):
+        PoisonLoss.calls += 1
+        zero = student_out[-1].sum() * 0.0
+        return {"poison": zero * float("nan") if PoisonLoss.poisoned(PoisonLoss.calls) else zero}
+
+
+@pytest.fixture
+def poison_method(monkeypatch):
+    module = types.SimpleNamespace(NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check,
+                                   Loss=PoisonLoss)
+    monkeypatch.setitem(methods.METHODS, "poison", module)
+    PoisonLoss.calls = 0
+
+    def set_poison(rule):
+        PoisonLoss.poisoned = staticmethod(rule)
+    return set_poison
+
+
+def test_guard_stops_a_nonfinite_loss_outside_amp(poison_method, trained_teacher, tmp_path):
+    poison_method(lambda call: call >= 15)  # 10 steps and 1 gradient-share call per epoch: epoch 2, step 3
+    run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
+                   teacher_weights=str(trained_teacher[0] / "model.pth"))
+    with pytest.raises(GuardError, match=r"health guard: method 'poison', epoch 2, step 3: loss term 'poison' "
+                                         r"went non-finite; amp is 'off'"):
+        train(run, tmp_path)
+    progress = read_json(tmp_path / "progress.json")
+    assert progress["status"] == "failed" and "'poison'" in progress["error"] and progress["epochs_done"] == 1
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1  # last good one kept
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_guard_counts_skipped_fp16_steps_then_stops(poison_method, trained_teacher, tmp_path):
+    # 2 steps per epoch (+1 call per epoch for the gradient share): epoch 1 poisons one
+    # step, then every step is poisoned until the guard gives up after 2 skipped in a row.
+    poison_method(lambda call: call == 2 or call >= 4)
+    run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8", seed=0,
+                   teacher_weights=str(trained_teacher[0] / "model.pth"),
+                   data={"synthetic": {"num_classes": 5, "train_size": 64, "test_size": 32, "seed": 0}},
+                   training={"amp": "fp16", "epochs": 4, "max_skipped_steps": 2})
+    with pytest.raises(GuardError, match=r"method 'poison', epoch 2, step 2: 2 consecutive optimizer steps skipped "
+                                         r"by the fp16 GradScaler; loss term 'poison' went non-finite"):
+        train(run, tmp_path)
+    progress = read_json(tmp_path / "progress.json")
+    assert progress["history"]["skipped_steps"] == [1] and progress["history"]["nonfinite_losses"] == [1]
+    assert progress["status"] == "failed"
