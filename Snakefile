@@ -3,17 +3,21 @@
 #   snakemake --cores all --configfile config/demo.yaml
 # Rules are thin: each calls one `kdlab` command. See README.md and config/README.md.
 import json
-import shlex
+import os
+import sys
 
-from kdlab.config import resolve_grid
+from kdlab.config import ConfigError, resolve_grid
 from kdlab.grid import expand_grid, split_runtime
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
 
-if not config:
+if not workflow.overwrite_configfiles:  # --configfile replaces the default, --config amends it
     configfile: "config/config.yaml"
 
-GRID = resolve_grid(config)  # the whole config is validated before any job is planned
+try:
+    GRID = resolve_grid(config)  # the whole config is validated before any job is planned
+except ConfigError as e:
+    sys.exit(f"kdlab: {e}")  # the message alone, no stack of frames
 JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}
 EXP, RESULTS = GRID["experiments_dir"], GRID["results_dir"]
 RES = GRID["resources"]
@@ -26,5 +30,8 @@ include: "workflow/rules/results.smk"
 
 rule all:
     input:
+        # Every run's outputs, not only the aggregate's: a deleted metrics.json is then a
+        # missing target that gets rebuilt, even while the tables are up to date.
+        [out for job in JOBS.values() for out in job.outputs],
         rules.aggregate.output,
     default_target: True

@@ -25,6 +25,13 @@ class ConfigError(ValueError):
     pass
 
 
+# JSON Schema counts 3.0 as an integer; a seed 1.0 would make a run directory ".../1.0".
+StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, x: isinstance(x, int) and not isinstance(x, bool)))
+
+
 def grid_schema():
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     alphas = {k: v for k, v in schema["properties"]["alphas"].items() if k not in ("default", "description")}
@@ -64,7 +71,7 @@ def key_name(path):
 
 
 def validate(instance, schema, prefix=""):
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = StrictValidator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
@@ -74,17 +81,24 @@ def validate(instance, schema, prefix=""):
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
+def resolve_ref(schema, root):
+    while "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].split("/")[-1]]
+    return schema
+
+
 def with_defaults(instance, schema, root=None):
     """A copy of instance with every missing key that has a schema default filled in."""
     root = root or schema
-    while "$ref" in schema:
-        schema = root["$defs"][schema["$ref"].split("/")[-1]]
+    schema = resolve_ref(schema, root)
     if not isinstance(instance, dict) or "properties" not in schema:
         return instance
     out = dict(instance)
     for key, sub in schema["properties"].items():
-        if key not in out and "default" in sub:
-            out[key] = copy.deepcopy(sub["default"])
+        # A default next to a $ref (experiments_dir) wins over the referenced block's (data, training).
+        default = sub if "default" in sub else resolve_ref(sub, root)
+        if key not in out and "default" in default:
+            out[key] = copy.deepcopy(default["default"])
         if key in out:
             out[key] = with_defaults(out[key], sub, root)
     return out

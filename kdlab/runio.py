@@ -47,6 +47,8 @@ class UnreadableFile(Exception):
 
 def torch_load(path):
     """Load a file saved by this package (weights_only=True), with a clear error if it is damaged."""
+    if not Path(path).exists():
+        raise UnreadableFile(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

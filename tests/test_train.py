@@ -196,8 +196,8 @@ def test_guard_counts_skipped_fp16_steps_then_stops(poison_method, trained_teach
     poison_method(lambda call: call == 2 or call >= 4)
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8", seed=0,
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
-                   data={"synthetic": {"num_classes": 5, "train_size": 64, "test_size": 32, "seed": 0}},
-                   training={"amp": "fp16", "epochs": 4, "max_skipped_steps": 2})
+                   data={"synthetic": {"num_classes": 5, "train_size": 16, "test_size": 8, "seed": 0}},
+                   training={"amp": "fp16", "epochs": 4, "batch_size": 8, "max_skipped_steps": 2})
     with pytest.raises(GuardError, match=r"method 'poison', epoch 2, step 2: 2 consecutive optimizer steps skipped "
                                          r"by the fp16 GradScaler; loss term 'poison' went non-finite"):
         train(run, tmp_path)

@@ -1,11 +1,14 @@
 # Paths (docs/run-files.md), wildcard constraints and the lookups that give each job
 # its config. A run's config is split in two: `run` (a param: changing it reruns the
-# run) and `runtime` (workers, device, data_dir: changing it reruns nothing).
+# run) and its runtime settings (workers, device, data_dir: changing them reruns
+# nothing), which reach `kdlab` through the environment variables set below, so that
+# they are neither params nor part of the shell command's text.
 
-TEACHER = EXP + "/{dataset}/teachers/{teacher}/{seed}"
-STUDENT = EXP + "/{dataset}/none/{student}/{seed}"
-DISTILL = EXP + "/{dataset}/{method}/alpha_{alpha}/{teacher}_to_{student}/{seed}"
-PARAPHRASER = TEACHER + "/paraphraser_{setting}/paraphraser.pth"
+TEACHER = f"{EXP}/{{dataset}}/teachers/{{teacher}}/{{seed}}"
+STUDENT = f"{EXP}/{{dataset}}/none/{{student}}/{{seed}}"
+DISTILL = f"{EXP}/{{dataset}}/{{method}}/alpha_{{alpha}}/{{teacher}}_to_{{student}}/{{seed}}"
+PARAPHRASER = f"{TEACHER}/paraphraser_{{setting}}/paraphraser.pth"
+ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefile's .venv is the default
 
 
 wildcard_constraints:
@@ -27,15 +30,18 @@ def run_param(first_output):
     return lambda wildcards: json.dumps(split_runtime(job(first_output)(wildcards).run)[0], sort_keys=True)
 
 
-def runtime_arg(kind):
-    """Quoted JSON of the runtime settings of a kind of run (a global, so not a rerun trigger)."""
+def runtime_settings(kind):
     training = {**GRID["training"], **GRID["teacher_training"]} if kind == "teacher" else GRID["training"]
-    return shlex.quote(json.dumps(split_runtime({"data": GRID["data"], "training": training})[1]))
+    return json.dumps(split_runtime({"data": GRID["data"], "training": training})[1])
 
 
-RUNTIME_TEACHER = runtime_arg("teacher")
-RUNTIME_STUDENT = runtime_arg("student")
-VERSIONS = shlex.quote(json.dumps(method_versions()))
+os.environ["KDLAB_RUNTIME_TEACHER"] = runtime_settings("teacher")
+os.environ["KDLAB_RUNTIME_STUDENT"] = runtime_settings("student")
+
+
+envvars:
+    "KDLAB_RUNTIME_TEACHER",
+    "KDLAB_RUNTIME_STUDENT",
 
 
 def runtime_minutes(rule_name):

@@ -9,13 +9,19 @@ rule aggregate:
     input:
         [out for job in JOBS.values() if job.rule != "pretrain_paraphraser" for out in job.outputs[:1]],
     output:
-        table_csv=RESULTS + "/results.csv",
-        table_md=report(RESULTS + "/results.md", category="Results table"),
-        health=report(RESULTS + "/health.md", category="Health"),
-        health_json=RESULTS + "/health.json",
-        accuracy_vs_alpha=report(RESULTS + "/accuracy_vs_alpha.png", category="Figures"),
-        methods_at_best_alpha=report(RESULTS + "/methods_at_best_alpha.png", category="Figures"),
+        table_csv=f"{RESULTS}/results.csv",
+        table_md=report(f"{RESULTS}/results.md", category="Results table"),
+        health=report(f"{RESULTS}/health.md", category="Health"),
+        health_json=f"{RESULTS}/health.json",
+        accuracy_vs_alpha=report(f"{RESULTS}/accuracy_vs_alpha.png", category="Figures"),
+        methods_at_best_alpha=report(f"{RESULTS}/methods_at_best_alpha.png", category="Figures"),
+    params:
+        experiments=lambda w: EXP,
+        out=lambda w, output: os.path.dirname(output.table_csv),
+        method_versions=json.dumps(method_versions()),
     log:
         "logs/aggregate.log",
+    conda:
+        ENV
     shell:
-        "kdlab results {EXP:q} --out {RESULTS:q} --method-versions {VERSIONS} > {log:q} 2>&1"
+        "kdlab results {params.experiments:q} --out {params.out:q} --method-versions {params.method_versions:q} > {log:q} 2>&1"

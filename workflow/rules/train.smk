@@ -4,24 +4,25 @@
 
 rule train_teacher:
     output:
-        metrics=TEACHER + "/metrics.json",
-        model=TEACHER + "/model.pth",
+        metrics=f"{TEACHER}/metrics.json",
+        model=f"{TEACHER}/model.pth",
     params:
-        run=run_param(TEACHER + "/metrics.json"),
+        run=run_param(f"{TEACHER}/metrics.json"),
         method_version=METHODS["none"].VERSION,
-        run_dir=lambda w, output: output.metrics.rsplit("/", 1)[0],
     log:
         "logs/train_teacher/{dataset}/{teacher}/{seed}.log",
     benchmark:
         "logs/benchmarks/train_teacher/{dataset}/{teacher}/{seed}.tsv"
     threads: RES["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=RES["mem_mb"],
         gpu=RES["gpu"],
         gpu_share=RES["gpu_share"],
         runtime=runtime_minutes("train_teacher"),
     shell:
-        "kdlab train --config {params.run:q} --runtime {RUNTIME_TEACHER} --threads {threads} --run-dir {params.run_dir:q} > {log:q} 2>&1"
+        "kdlab train --config {params.run:q} --runtime \"$KDLAB_RUNTIME_TEACHER\" --threads {threads} --run-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
 
 
 rule pretrain_paraphraser:
@@ -37,58 +38,62 @@ rule pretrain_paraphraser:
     benchmark:
         "logs/benchmarks/pretrain_paraphraser/{dataset}/{teacher}/{seed}/{setting}.tsv"
     threads: RES["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=RES["mem_mb"],
         gpu=RES["gpu"],
         gpu_share=RES["gpu_share"],
         runtime=runtime_minutes("pretrain_paraphraser"),
     shell:
-        "kdlab pretrain-paraphraser --config {params.run:q} --runtime {RUNTIME_STUDENT} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        "kdlab pretrain-paraphraser --config {params.run:q} --runtime \"$KDLAB_RUNTIME_STUDENT\" --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule train_student:
     output:
-        metrics=STUDENT + "/metrics.json",
-        model=STUDENT + "/model.pth",
+        metrics=f"{STUDENT}/metrics.json",
+        model=f"{STUDENT}/model.pth",
     params:
-        run=run_param(STUDENT + "/metrics.json"),
+        run=run_param(f"{STUDENT}/metrics.json"),
         method_version=METHODS["none"].VERSION,
-        run_dir=lambda w, output: output.metrics.rsplit("/", 1)[0],
     log:
         "logs/train_student/{dataset}/{student}/{seed}.log",
     benchmark:
         "logs/benchmarks/train_student/{dataset}/{student}/{seed}.tsv"
     threads: RES["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=RES["mem_mb"],
         gpu=RES["gpu"],
         gpu_share=RES["gpu_share"],
         runtime=runtime_minutes("train_student"),
     shell:
-        "kdlab train --config {params.run:q} --runtime {RUNTIME_STUDENT} --threads {threads} --run-dir {params.run_dir:q} > {log:q} 2>&1"
+        "kdlab train --config {params.run:q} --runtime \"$KDLAB_RUNTIME_STUDENT\" --threads {threads} --run-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
 
 
 rule distill:
     input:
-        lambda w: job(DISTILL + "/metrics.json")(w).inputs,
+        lambda w: job(f"{DISTILL}/metrics.json")(w).inputs,
     output:
-        metrics=DISTILL + "/metrics.json",
-        model=DISTILL + "/model.pth",
+        metrics=f"{DISTILL}/metrics.json",
+        model=f"{DISTILL}/model.pth",
     params:
-        run=run_param(DISTILL + "/metrics.json"),
+        run=run_param(f"{DISTILL}/metrics.json"),
         # The method's loss version: bumping it in the code makes `--list-changes params`
         # list exactly that method's runs (and the params trigger rerun them).
         method_version=lambda w: METHODS[w.method].VERSION,
-        run_dir=lambda w, output: output.metrics.rsplit("/", 1)[0],
     log:
         "logs/distill/{dataset}/{method}/alpha_{alpha}/{teacher}_to_{student}/{seed}.log",
     benchmark:
         "logs/benchmarks/distill/{dataset}/{method}/alpha_{alpha}/{teacher}_to_{student}/{seed}.tsv"
     threads: RES["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=RES["mem_mb"],
         gpu=RES["gpu"],
         gpu_share=RES["gpu_share"],
         runtime=runtime_minutes("distill"),
     shell:
-        "kdlab train --config {params.run:q} --runtime {RUNTIME_STUDENT} --threads {threads} --run-dir {params.run_dir:q} > {log:q} 2>&1"
+        "kdlab train --config {params.run:q} --runtime \"$KDLAB_RUNTIME_STUDENT\" --threads {threads} --run-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"

@@ -1,0 +1,349 @@
+"""The grid config: its documentation, the shipped configs, and the rejection of bad
+configs (in Python, through `kdlab check-config` and through Snakemake)."""
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdlab.cli import main as kdlab_main
+from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid
+from kdlab.grid import expand_grid
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "config" / "README.md"
+SHIPPED = ["config.yaml", "demo.yaml", "crd.yaml"]
+
+
+def read_config(name):
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+def demo(**top):
+    config = read_config("demo.yaml")
+    config.update(copy.deepcopy(top))
+    return config
+
+
+# --- the documentation covers every key -------------------------------------------
+
+def schema_keys():
+    """{dotted key: schema node} for every key of the grid, per-method settings included."""
+    schema = grid_schema()
+
+    def resolve(node):
+        while "$ref" in node:  # a sibling default (e.g. experiments_dir) wins over the $ref's
+            target = schema["$defs"][node["$ref"].split("/")[-1]]
+            node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return node
+
+    keys = {}
+
+    def walk(node, prefix):
+        node = resolve(node)
+        for name, sub in node.get("properties", {}).items():
+            keys[prefix + name] = resolve(sub)
+            walk(sub, prefix + name + ".")
+        items = resolve(node.get("items", {}))
+        if "properties" in items:
+            walk(items, prefix[:-1] + "[].")
+
+    walk(schema, "")
+    return keys
+
+
+def readme_rows():
+    """{key: default cell} from every Markdown table of config/README.md whose first
+    cell is one `key` (the default cell is None in tables without a default column)."""
+    rows, default_col = {}, None
+    for line in README.read_text().splitlines():
+        if not line.startswith("|"):
+            default_col = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "key":  # a header row
+            default_col = cells.index("default") if "default" in cells else None
+            continue
+        match = re.fullmatch(r"`([^`]+)`", cells[0])
+        if match:
+            rows[match.group(1)] = cells[default_col] if default_col is not None else None
+    return rows
+
+
+def test_schema_walk_sees_every_level():
+    keys = schema_keys()
+    for key in ("data.synthetic.seed", "resources.runtime.distill", "pairs[].student", "teacher_training",
+                "methods.kd.temperature", "methods.fitnets.hint_layer", "methods.rkd.angle",
+                "methods.ft.paraphraser_lr", "methods.ft.alphas", "training.max_skipped_steps"):
+        assert key in keys
+    assert len(keys) > 60
+
+
+def test_readme_documents_every_key_with_its_default():
+    rows = readme_rows()
+    missing = [key for key in schema_keys() if key not in rows]
+    assert not missing, f"config/README.md has no table row for: {', '.join(missing)}"
+    wrong = []
+    for key, node in schema_keys().items():
+        if "default" in node and rows[key] is not None:
+            cell = re.fullmatch(r"`([^`]*)`", rows[key])
+            if cell is None or yaml.safe_load(cell.group(1)) != node["default"]:
+                wrong.append(f"{key}: README says {rows[key]}, the schema {node['default']!r}")
+    assert not wrong, "stale defaults in config/README.md:\n" + "\n".join(wrong)
+
+
+def test_readme_names_the_runtime_keys():
+    from kdlab.config import RUNTIME_KEYS
+    text = README.read_text()
+    for block, keys in RUNTIME_KEYS.items():
+        for key in keys:
+            assert f"`{block}.{key}`" in text
+
+
+# --- the shipped configs ----------------------------------------------------------
+
+def expected_counts(grid):
+    teachers = {p["teacher"] for p in grid["pairs"]}
+    students = {p["student"] for p in grid["pairs"]}
+    counts = {"train_teacher": len(teachers) * len(grid["teacher_seeds"])}
+    if "ft" in grid["methods"]:
+        counts["pretrain_paraphraser"] = len(teachers)
+    if grid["plain_students"]:
+        counts["train_student"] = len(students) * len(grid["seeds"])
+    distill = sum(len(block.get("alphas", grid["alphas"])) for block in grid["methods"].values())
+    if distill:
+        counts["distill"] = distill * len(grid["pairs"]) * len(grid["seeds"])
+    return counts
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_validates_and_expands(name):
+    raw = read_config(name)
+    grid = load_grid(REPO / "config" / name)
+    counts = Counter(job.rule for job in expand_grid(grid))
+    assert counts == expected_counts(grid)
+    assert set(raw["methods"]) == {"kd", "fitnets", "rkd", "ft"}  # every shipped grid runs every method
+
+
+def test_shipped_counts():
+    """The numbers config/README.md quotes."""
+    got = {name: dict(Counter(j.rule for j in expand_grid(load_grid(REPO / "config" / name)))) for name in SHIPPED}
+    assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108}
+    assert got["demo.yaml"] == {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 2, "distill": 16}
+    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 36}
+
+
+def test_expansion_follows_the_grid():
+    grid = resolve_grid(demo(plain_students=False, seeds=[3], teacher_seeds=[0, 1], teacher_seed=1,
+                             methods={"kd": {"alphas": [0.1, 0.2, 0.3]}, "rkd": {}}))
+    counts = Counter(job.rule for job in expand_grid(grid))
+    assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2}
+    distilled = [job for job in expand_grid(grid) if job.rule == "distill"]
+    assert all(job.run["teacher_weights"].endswith("/teachers/ResNet14/1/model.pth") for job in distilled)
+
+
+def test_missing_blocks_take_their_defaults():
+    grid = resolve_grid({"pairs": [{"teacher": "ResNet14", "student": "ResNet8"}], "data": {},
+                         "training": {}, "resources": {}})
+    assert grid["training"]["epochs"] == 240 and grid["data"]["dataset"] == "Cifar100"
+    assert grid["resources"]["runtime"]["distill"] == 600 and grid["experiments_dir"] == "experiments"
+    assert grid["methods"] == {} and grid["teacher_training"] == {}
+    assert Counter(j.rule for j in expand_grid(grid)) == {"train_teacher": 1, "train_student": 3}
+
+
+def test_omitted_blocks_take_their_defaults():
+    grid = resolve_grid({"pairs": [{"teacher": "ResNet14", "student": "ResNet8"}]})
+    assert grid["data"]["dataset"] == "Cifar100" and grid["training"]["epochs"] == 240
+    assert grid["resources"]["threads"] == 4
+
+
+# --- bad configs ------------------------------------------------------------------
+
+def set_in(config, dotted, value):
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+    node[last] = value
+    return config
+
+
+BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must name, text it must contain)
+    "unknown method": ("methods.crd", {}, "methods", "'crd'"),
+    "unknown method none": ("methods.none", {}, "methods", "'none'"),
+    "unknown teacher": ("pairs.0.teacher", "ResNet1000", "pairs[0].teacher", "unknown model 'ResNet1000'"),
+    "unknown student": ("pairs.0.student", "ResNet9", "pairs[0].student", "unknown model 'ResNet9'"),
+    "alpha above 1": ("alphas", [0.5, 1.5], "alphas[1]", "1.5"),
+    "alpha below 0": ("alphas", [-0.1], "alphas[0]", "-0.1"),
+    "method alpha above 1": ("methods.kd.alphas", [1.01], "methods.kd.alphas[0]", "1.01"),
+    "method alpha below 0": ("methods.rkd.alphas", [0.5, -0.5], "methods.rkd.alphas[1]", "-0.5"),
+    "empty alphas": ("alphas", [], "alphas", "non-empty"),
+    "fitnets layers": ("methods.fitnets", {"guided_layer": 0, "hint_layer": 2}, "methods.fitnets",
+                       "guided_layer 0"),
+    "fitnets layer range": ("methods.fitnets.hint_layer", 3, "methods.fitnets.hint_layer", "3"),
+    "zero epochs": ("training.epochs", 0, "training.epochs", "minimum"),
+    "negative epochs": ("training.epochs", -5, "training.epochs", "minimum"),
+    "negative teacher epochs": ("teacher_training.epochs", -1, "teacher_training.epochs", "minimum"),
+    "zero paraphraser epochs": ("methods.ft.paraphraser_epochs", 0, "methods.ft.paraphraser_epochs", "minimum"),
+    "model name with /": ("pairs.0.student", "ResNet8/../x", "pairs[0].student", "does not match"),
+    "model name with space": ("pairs.0.student", "ResNet 8", "pairs[0].student", "does not match"),
+    "model name with ;": ("pairs.0.teacher", "ResNet14;rm", "pairs[0].teacher", "does not match"),
+    "model name with $(": ("pairs.0.teacher", "$(reboot)", "pairs[0].teacher", "does not match"),
+    "experiments_dir with ;": ("experiments_dir", "exp;touch x", "experiments_dir", "does not match"),
+    "experiments_dir with $(": ("experiments_dir", "exp$(id)", "experiments_dir", "does not match"),
+    "results_dir with backquote": ("results_dir", "res`id`", "results_dir", "does not match"),
+    "data_dir with quote": ("data.data_dir", "da'ta", "data.data_dir", "does not match"),
+    "unknown top-level key": ("epochs", 3, "(top level)", "'epochs' was unexpected"),
+    "unknown training key": ("training.epoch", 3, "training", "'epoch' was unexpected"),
+    "unknown teacher_training key": ("teacher_training.lrate", 0.1, "teacher_training", "'lrate' was unexpected"),
+    "unknown method key": ("methods.kd.temp", 3, "methods.kd", "'temp' was unexpected"),
+    "unknown data key": ("data.synthetic.classes", 3, "data.synthetic", "'classes' was unexpected"),
+    "unknown resources key": ("resources.runtime.train", 3, "resources.runtime", "'train' was unexpected"),
+    "unknown pair key": ("pairs.0.assistant", "ResNet8", "pairs[0]", "'assistant' was unexpected"),
+    "teacher_seed not trained": ("teacher_seed", 1, "teacher_seed", "teacher_seeds"),
+    "npz without npz_path": ("data.dataset", "npz", "data.npz_path", "npz"),
+    "unknown dataset": ("data.dataset", "cifar100", "data.dataset", "'cifar100'"),
+    "seeds not a list": ("seeds", 0, "seeds", "not of type 'array'"),
+    "duplicate seeds": ("seeds", [0, 0], "seeds", "non-unique"),
+    "epochs as a string": ("training.epochs", "240", "training.epochs", "not of type 'integer'"),
+    "epochs as a bool": ("training.epochs", True, "training.epochs", "not of type 'integer'"),
+    "lr as a string": ("training.lr", "fast", "training.lr", "not of type 'number'"),
+    "download as a string": ("data.download", "yes", "data.download", "not of type 'boolean'"),
+    "amp off unquoted": ("training.amp", False, "training.amp", "is not one of"),
+    "methods as a list": ("methods", ["kd"], "methods", "not of type 'object'"),
+    "method settings null": ("methods.kd", None, "methods.kd", "not of type 'object'"),
+    "temperature as a string": ("methods.kd.temperature", "4", "methods.kd.temperature", "not of type 'number'"),
+    "pairs empty": ("pairs", [], "pairs", "non-empty"),
+    "teacher_training not a mapping": ("teacher_training", [1], "teacher_training", "not of type 'object'"),
+}
+
+
+def bad_config(name):
+    dotted, value, _, _ = BAD[name]
+    return set_in(demo(), dotted, copy.deepcopy(value))
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_config_is_rejected_naming_the_key(name):
+    _, _, key, text = BAD[name]
+    with pytest.raises(ConfigError) as error:
+        resolve_grid(bad_config(name))
+    message = str(error.value)
+    assert f"config key '{key}'" in message
+    assert text in message
+
+
+def test_missing_pairs_and_empty_config():
+    for config in ({}, {"seeds": [0]}):
+        with pytest.raises(ConfigError, match=r"config key '\(top level\)': 'pairs' is a required property"):
+            resolve_grid(config)
+
+
+def test_every_problem_is_listed():
+    config = set_in(set_in(demo(), "training.epochs", 0), "alphas", [2])
+    with pytest.raises(ConfigError) as error:
+        resolve_grid(config)
+    assert "config key 'training.epochs'" in str(error.value) and "config key 'alphas[0]'" in str(error.value)
+
+
+@pytest.mark.parametrize("dotted,value", [("seeds", [1.0]), ("training.epochs", 3.0), ("training.batch_size", 64.0)])
+def test_integer_valued_floats_are_rejected(dotted, value):
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{dotted}")):
+        resolve_grid(set_in(demo(), dotted, value))
+
+
+# --- kdlab check-config -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_check_config_prints_the_job_counts(name, capsys):
+    assert kdlab_main(["check-config", str(REPO / "config" / name)]) == 0
+    out = capsys.readouterr().out
+    assert "valid" in out
+    for rule, n in expected_counts(load_grid(REPO / "config" / name)).items():
+        assert f"{n} {rule}" in out
+
+
+def test_check_config_rejects_unreadable_files(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pairs: [teacher: {\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- pairs\n")
+    for path, text in ((tmp_path / "missing.yaml", "cannot read the config"),
+                       (broken, "cannot read the config"), (listed, "config key '(top level)'")):
+        assert kdlab_main(["check-config", str(path)]) == 2
+        assert text in capsys.readouterr().err
+
+
+def kdlab(*args):
+    return subprocess.run([sys.executable, "-m", "kdlab.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_check_config_cli(tmp_path):
+    good = kdlab("check-config", str(REPO / "config" / "demo.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert "1 train_teacher, 1 pretrain_paraphraser, 2 train_student, 16 distill" in good.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(bad_config("zero epochs")))
+    result = kdlab("check-config", str(bad))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert re.search(r"kdlab check-config: error: .*\n\s*config key 'training.epochs'", result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- through Snakemake ------------------------------------------------------------
+
+def tree(root):
+    """Every path under root with what would show a change to it."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns,
+                                                path.read_bytes() if path.is_file() else None)
+    return out
+
+
+@pytest.fixture
+def workflow_copy(tmp_path):
+    """The workflow (Snakefile, rules, configs) in a scratch directory with an existing
+    experiments directory holding a file, so no test touches the repository's runs."""
+    root = tmp_path / "wf"
+    root.mkdir()
+    shutil.copy(REPO / "Snakefile", root)
+    shutil.copytree(REPO / "workflow", root / "workflow")
+    shutil.copytree(REPO / "config", root / "config")
+    (root / "experiments" / "Synthetic").mkdir(parents=True)
+    (root / "experiments" / "Synthetic" / "keep.txt").write_text("an earlier run\n")
+    return root
+
+
+SNAKEMAKE_BAD = ["unknown student", "experiments_dir with ;", "unknown method key"]
+
+
+@pytest.mark.parametrize("name", SNAKEMAKE_BAD)
+def test_snakemake_rejects_bad_config_before_touching_anything(name, workflow_copy, tmp_path):
+    _, _, key, text = BAD[name]
+    config = bad_config(name)
+    if name == "experiments_dir with ;":
+        config["experiments_dir"] = "experiments;touch PWNED"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    before = tree(tmp_path)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(bad)],
+                            cwd=workflow_copy, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"config key '{key}'" in output and text in output, output
+    assert "Traceback" not in output, output
+    assert tree(tmp_path) == before, "snakemake -n with a bad config changed files"

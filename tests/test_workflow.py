@@ -1,0 +1,173 @@
+"""The Snakemake workflow: plan, demo end to end, reruns, resume after a kill."""
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from kdlab.config import load_grid
+from kdlab.train import train
+
+from conftest import REPO, comparable, read_json
+
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+# The demo, shrunk: one pair of tiny nets, one seed, one alpha, two epochs.
+OVERLAY = {
+    "data": {"synthetic": {"num_classes": 5, "train_size": 160, "test_size": 80}},
+    "pairs": [{"teacher": "ResNet8", "student": "ResNet8"}],
+    "seeds": [0], "alphas": [0.5],
+    "methods": {"ft": {"paraphraser_epochs": 1}},
+    "training": {"epochs": 2, "milestones": [1]},
+}
+DISTILL = "experiments/Synthetic/{}/alpha_0.5/ResNet8_to_ResNet8/0"
+
+
+def snakemake(workdir, *args, overlay=None, check=True, timeout=600):
+    configs = [str(REPO / "config" / "demo.yaml"), str(workdir / "overlay.yaml")]
+    if overlay is not None:
+        (workdir / "extra.yaml").write_text(yaml.safe_dump(overlay))
+        configs.append(str(workdir / "extra.yaml"))
+    cmd = ["snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2",
+           "--configfile", *configs, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def planned(output):
+    """Jobs per rule from Snakemake's 'Job stats' table."""
+    table = output.split("Job stats:")[1] if "Job stats:" in output else ""
+    return collections.Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+                                if m[1] not in ("total", "all")})
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
+    proc = snakemake(workdir)
+    return workdir, proc.stdout + proc.stderr
+
+
+def test_plan_of_the_group_grid_and_lint():
+    grid = load_grid(REPO / "config" / "config.yaml")
+    pairs, seeds = grid["pairs"], grid["seeds"]
+    teachers = {p["teacher"] for p in pairs}
+    expected = {
+        "train_teacher": len(teachers) * len(grid["teacher_seeds"]),
+        "pretrain_paraphraser": len(teachers) if "ft" in grid["methods"] else 0,
+        "train_student": len({p["student"] for p in pairs}) * len(seeds),
+        "distill": sum(len(m.get("alphas", grid["alphas"])) for m in grid["methods"].values()) * len(pairs) * len(seeds),
+        "aggregate": 1,
+    }
+    proc = subprocess.run(["snakemake", "-n", "--quiet", "rules"], cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert planned(proc.stdout + proc.stderr) == collections.Counter({k: v for k, v in expected.items() if v})
+    assert expected["distill"] == 4 * 3 * 3 * 3
+    lint = subprocess.run(["snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_demo_runs_end_to_end_and_a_second_run_does_nothing(demo):
+    workdir, output = demo
+    grid = load_grid(REPO / "config" / "demo.yaml")
+    for method in grid["methods"]:
+        run = workdir / DISTILL.format(method)
+        assert read_json(run / "metrics.json")["status"] == "complete" and (run / "model.pth").exists()
+    for run in ("experiments/Synthetic/teachers/ResNet8/0", "experiments/Synthetic/none/ResNet8/0"):
+        assert (workdir / run / "metrics.json").exists() and (workdir / run / "model.pth").exists()
+    assert list((workdir / "experiments/Synthetic/teachers/ResNet8/0").glob("paraphraser_*/paraphraser.pth"))
+    for name in ("results.csv", "results.md", "health.md", "health.json", "accuracy_vs_alpha.png",
+                 "methods_at_best_alpha.png"):
+        assert (workdir / "results" / name).stat().st_size > 0
+    assert (workdir / "logs/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text().count("epoch ") >= 2
+    assert (workdir / "logs/benchmarks/train_teacher/Synthetic/ResNet8/0.tsv").exists()
+    again = snakemake(workdir)
+    assert "Nothing to be done" in again.output
+
+
+def test_forcerun_distill_reruns_only_distillations_from_scratch(demo):
+    workdir, _ = demo
+    teacher = workdir / "experiments/Synthetic/teachers/ResNet8/0/metrics.json"
+    before = teacher.stat().st_mtime_ns
+    proc = snakemake(workdir, "-R", "distill")
+    assert planned(proc.output) == collections.Counter({"distill": 4, "aggregate": 1})
+    assert teacher.stat().st_mtime_ns == before
+    for method in ("kd", "fitnets", "rkd", "ft"):
+        log = (workdir / f"logs/distill/Synthetic/{method}/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text()
+        assert "checkpoint is of a finished run: starting fresh" in log
+        assert read_json(workdir / DISTILL.format(method) / "metrics.json")["resumed_at_epochs"] == []
+
+
+def test_deleted_metrics_or_changed_setting_reruns_exactly_those_runs(demo):
+    workdir, _ = demo
+    (workdir / DISTILL.format("rkd") / "metrics.json").unlink()
+    proc = snakemake(workdir, "-n")
+    assert planned(proc.output) == collections.Counter({"distill": 1, "aggregate": 1})
+    assert DISTILL.format("rkd") + "/metrics.json" in proc.output
+    snakemake(workdir)
+    # A method's setting: only that method's runs (and the aggregate).
+    proc = snakemake(workdir, "-n", overlay={"methods": {"kd": {"temperature": 2.0}}})
+    assert planned(proc.output) == collections.Counter({"distill": 1, "aggregate": 1})
+    assert DISTILL.format("kd") in proc.output
+    # Runtime settings (workers, device) change nothing that was computed: nothing reruns.
+    proc = snakemake(workdir, "-n", overlay={"training": {"num_workers": 2}})
+    assert "Nothing to be done" in proc.output
+
+
+def test_a_method_version_bump_plans_exactly_that_methods_runs(demo):
+    workdir, _ = demo
+    # What a developer does when fixing a loss: VERSION += 1 in its module. The version is a
+    # param of the distill rule, so Snakemake's params trigger sees it.
+    bump = ("import sys, kdlab.methods.rkd as m; m.VERSION += 1; from snakemake.cli import main; "
+            "sys.argv[0] = 'snakemake'; main()")
+    cmd = [sys.executable, "-c", bump, "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(REPO / "config/demo.yaml"), str(workdir / "overlay.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert planned(output) == collections.Counter({"distill": 1, "aggregate": 1})
+    assert DISTILL.format("rkd") + "/metrics.json" in output and "params have changed" in output.lower()
+
+
+def test_killed_distillation_resumes_from_its_checkpoint(demo, monkeypatch):
+    workdir, _ = demo
+    run = workdir / DISTILL.format("kd")
+    longer = {"training": {"epochs": 5, "milestones": [4]}}
+    target = DISTILL.format("kd") + "/metrics.json"
+    configs = [str(REPO / "config/demo.yaml"), str(workdir / "overlay.yaml"), str(workdir / "extra.yaml")]
+    (workdir / "extra.yaml").write_text(yaml.safe_dump(longer))
+    cmd = ["snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "1",
+           "--configfile", *configs, "--allowed-rules", "distill", "--", target]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        progress = run / "progress.json"
+        if progress.exists() and read_json(progress)["epochs_done"] >= 2 and read_json(progress)["status"] == "running":
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and its job, as a node failure would
+    proc.wait()
+    epoch_at_kill = read_json(run / "progress.json")["epochs_done"]
+    assert not (run / "metrics.json").exists() and 2 <= epoch_at_kill < 5
+    snakemake(workdir, "--unlock", overlay=longer)  # a SIGKILLed Snakemake leaves its lock behind
+    snakemake(workdir, "--allowed-rules", "distill", "--", target, overlay=longer)
+    metrics = read_json(run / "metrics.json")
+    assert metrics["resumed_at_epochs"] == [epoch_at_kill]
+    log = (workdir / "logs/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text()
+    assert f"resuming from the checkpoint at epoch {epoch_at_kill}/5" in log
+    # The same run, uninterrupted, gives the same metrics.
+    monkeypatch.chdir(workdir)  # the run config's paths are relative to the workflow's directory
+    reference = train(metrics["config"], workdir / "reference")
+    assert comparable(metrics) == comparable(reference)
