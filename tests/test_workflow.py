@@ -171,3 +171,12 @@ def test_killed_distillation_resumes_from_its_checkpoint(demo, monkeypatch):
     monkeypatch.chdir(workdir)  # the run config's paths are relative to the workflow's directory
     reference = train(metrics["config"], workdir / "reference")
     assert comparable(metrics) == comparable(reference)
+
+
+def test_report_is_a_single_html_page_with_table_and_figures(demo):
+    workdir, _ = demo
+    snakemake(workdir, "--report", str(workdir / "report.html"))
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:2000].lower()
+    for name in ("results.md", "health.md", "accuracy_vs_alpha.png", "methods_at_best_alpha.png"):
+        assert name in html
