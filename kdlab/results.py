@@ -28,8 +28,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Iterable
+
+from .runio import atomic_write_bytes
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache), and
 # STYLE_VERSION when the drawing code changes (forces every figure to be redrawn).
@@ -86,39 +87,6 @@ RC = {
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-_UMASK: int | None = None
-
-
-def _file_mode() -> int:
-    """Mode a normal ``open()`` would give (mkstemp uses 0600, unreadable by the group)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def atomic_write_text(path: str, text: str, only_if_changed: bool = True) -> bool:
@@ -754,8 +722,8 @@ def draw_accuracy_vs_alpha(panels: list[dict], path: str, dpi: int, metric: str,
                 ax.fill_between(xs, lo, hi, color=c, alpha=0.12, linewidth=0)
                 handles.setdefault(method_label(method), h)
             for ref, colour, ls, label in (
-                    (p["teacher_acc"], TEACHER_COLOUR, "--", f"Teacher"),
-                    (p["student_acc"], STUDENT_COLOUR, ":", f"Student (no KD)")):
+                    (p["teacher_acc"], TEACHER_COLOUR, "--", "Teacher"),
+                    (p["student_acc"], STUDENT_COLOUR, ":", "Student (no KD)")):
                 if ref and ref["mean"] is not None:
                     ax.axhline(ref["mean"], color=colour, ls=ls, lw=1.2)
                     if ref["std"]:

@@ -1,4 +1,8 @@
-"""Run-directory files: atomic writes, checkpoints, provenance."""
+"""Run-directory files: atomic writes, checkpoints, provenance.
+
+torch is imported only by the functions that need it, so that the results tool can
+use the atomic writes without loading torch.
+"""
 
 import datetime
 import hashlib
@@ -10,9 +14,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch
-
 from . import __version__
+
+
+def file_mode():
+    """The mode a plain open() would give (mkstemp's 0600 would hide results from the group)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_bytes(path, data):
@@ -25,6 +34,7 @@ def atomic_write_bytes(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -36,6 +46,7 @@ def atomic_write_json(path, obj):
 
 
 def atomic_torch_save(path, obj):
+    import torch
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -47,6 +58,7 @@ class UnreadableFile(Exception):
 
 def torch_load(path):
     """Load a file saved by this package (weights_only=True), with a clear error if it is damaged."""
+    import torch
     if not Path(path).exists():
         raise UnreadableFile(f"{path} does not exist")
     try:
@@ -81,6 +93,7 @@ def git_state():
 
 
 def provenance(device, started):
+    import torch
     commit, dirty = git_state()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"git_commit": commit, "git_dirty": dirty, "package_version": __version__,

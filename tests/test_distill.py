@@ -7,7 +7,7 @@ from kdlab.methods.ft import MissingParaphraser, paraphraser_setting
 from kdlab.pretrain import pretrain_paraphraser
 from kdlab.train import train
 
-from conftest import read_json, tiny_run
+from conftest import tiny_run
 
 CHANCE = 100 / 5  # five classes
 MARGIN = 40  # points above chance every distilled student must reach

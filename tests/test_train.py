@@ -1,7 +1,6 @@
 """The training loop: learning, determinism, checkpoints, resume after SIGKILL, the guard."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

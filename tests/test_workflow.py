@@ -1,7 +1,6 @@
 """The Snakemake workflow: plan, demo end to end, reruns, resume after a kill."""
 
 import collections
-import json
 import os
 import re
 import signal

@@ -1,0 +1,83 @@
+"""kdlab's training loop against a bare PyTorch loop: same model, data, loaders and epochs.
+
+The bare loop has none of kdlab's per-step bookkeeping (one host sync per step for the
+loss terms and the health guard, gradient-norm check, per-epoch log line). Both time
+train + evaluate per epoch; kdlab's checkpoint and progress writes come after its
+epoch timer and are not in the figure. The ratio is the price of the bookkeeping.
+
+    .venv/bin/python bench/bench_train.py [--model ResNet20] [--device auto] [--epochs 3]
+"""
+
+import argparse
+import contextlib
+import io
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kdlab.data import make_loaders, make_synthetic
+from kdlab.models import build_model
+from kdlab.train import Normalize, evaluate, pick_device, train
+
+
+def bare_loop(args, device):
+    arrays = make_synthetic(10, args.train_size, 500, seed=0)
+    loader, test_loader = make_loaders(arrays, args.batch_size, args.workers, 0, device.type == "cuda")
+    normalize = Normalize(arrays.mean, arrays.std, device)
+    torch.manual_seed(0)
+    model = build_model(args.model, 10).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    seconds = []
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        loader.sampler.epoch = epoch
+        model.train()
+        for images, labels in loader:
+            x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x)[-1], y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        evaluate(model, test_loader, normalize, device, contextlib.nullcontext)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def kdlab_loop(args, device):
+    run = {"kind": "teacher", "model": args.model, "seed": 0, "method": "none",
+           "data": {"dataset": "Synthetic", "synthetic": {"num_classes": 10, "train_size": args.train_size,
+                                                          "test_size": 500, "seed": 0}},
+           "training": {"epochs": args.epochs, "batch_size": args.batch_size, "num_workers": args.workers,
+                        "device": str(device), "amp": "off", "milestones": [args.epochs + 1]}}
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
+        return train(run, run_dir)["history"]["epoch_seconds"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ResNet20")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    # Alternate the two, twice, and keep each one's best epoch after the first (warm-up).
+    best = {"bare": float("inf"), "kdlab": float("inf")}
+    for _ in range(2):
+        best["bare"] = min(best["bare"], min(bare_loop(args, device)[1:]))
+        best["kdlab"] = min(best["kdlab"], min(kdlab_loop(args, device)[1:]))
+    images = args.train_size + 500
+    print(f"{args.model} on {device}, {args.train_size} train + 500 test images per epoch, batch {args.batch_size}")
+    for name in ("bare", "kdlab"):
+        print(f"  {name:6s} {best[name]:7.3f} s/epoch  {images / best[name]:8.0f} images/s")
+    print(f"  kdlab / bare time ratio: {best['kdlab'] / best['bare']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
