@@ -51,7 +51,7 @@ def run_schema():
             "kind": {"enum": ["teacher", "student", "distill", "paraphraser"]},
             "model": {"$ref": "#/$defs/safe_name"},
             "teacher": {"anyOf": [{"$ref": "#/$defs/safe_name"}, {"type": "null"}], "default": None},
-            "seed": {"type": "integer", "minimum": 0},
+            "seed": {"type": "integer", "minimum": 0, "maximum": 2147483647},
             "method": {"enum": list(METHODS)},
             "alpha": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0},
             "method_settings": {"type": "object", "default": {}},
@@ -116,6 +116,10 @@ def resolve_run(run):
     schema = run_schema()
     validate(run, schema)
     run = with_defaults(run, schema)
+    if run["kind"] == "distill":
+        if run["method"] == "none":
+            raise ConfigError("config key 'method': a distilled student needs a distillation method, not 'none'")
+        run["training"] = {**run["training"], "label_smoothing": 0.0}  # hard labels for every distilled student
     run["method_settings"] = method_settings(run["method"], run["method_settings"], "method_settings")
     check_models_and_methods(run["model"], run["teacher"], run["method"], run["method_settings"], "")
     if get_method(run["method"]).NEEDS_TEACHER and not (run["teacher"] and run["teacher_weights"]):
@@ -148,6 +152,14 @@ def resolve_grid(config):
     data = grid["data"]
     if data["dataset"] == "npz" and not data["npz_path"]:
         raise ConfigError("config key 'data.npz_path': dataset npz needs the path of its .npz file")
+    if data["dataset"] == "npz" and not Path(data["npz_path"]).exists():
+        raise ConfigError(f"config key 'data.npz_path': {data['npz_path']} does not exist")
+    for where, alphas in [("alphas", grid["alphas"])] + [(f"methods.{m}.alphas", b["alphas"])
+                                                          for m, b in grid["methods"].items() if "alphas" in b]:
+        names = [format_alpha(a) for a in alphas]
+        if any(float(n) != float(a) or "e" in n for n, a in zip(names, alphas)) or len(set(names)) < len(names):
+            raise ConfigError(f"config key '{where}': {alphas} must be plain decimals (at most 6 significant "
+                              f"digits, no exponent) that name distinct run directories alpha_<value>")
     for i, pair in enumerate(grid["pairs"]):
         for name, settings in grid["methods"].items():
             settings = {k: v for k, v in settings.items() if k != "alphas"}

@@ -53,8 +53,17 @@ def method_settings(grid, method):
     return {k: v for k, v in grid["methods"][method].items() if k != "alphas"}
 
 
+# Stage 1 of FT uses only these training keys (and the runtime ones); leaving out the rest
+# keeps a change of, say, the students' epochs from rerunning the paraphrasers.
+PARAPHRASER_TRAINING_KEYS = {"batch_size", "weight_decay", "deterministic"} | RUNTIME_KEYS["training"]
+
+
 def run_config(grid, kind, model, seed, method="none", **extra):
     training = {**grid["training"], **grid["teacher_training"]} if kind == "teacher" else grid["training"]
+    if kind == "distill":
+        training = {k: v for k, v in training.items() if k != "label_smoothing"}  # always hard labels
+    if kind == "paraphraser":
+        training = {k: v for k, v in training.items() if k in PARAPHRASER_TRAINING_KEYS}
     return {"kind": kind, "model": model, "seed": seed, "method": method, "data": grid["data"],
             "training": training, **extra}
 

@@ -18,6 +18,9 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
         raise ConfigError("config keys 'kind' and 'method': a paraphraser run has kind 'paraphraser' and method 'ft'")
     settings, tr = run["method_settings"], run["training"]
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out_path.parent.glob(".*.tmp"):  # from a write that a kill interrupted
+        leftover.unlink()
     device = pick_device(tr["device"])
     seed_everything(run["seed"], tr["deterministic"])
     arrays = load_dataset(run["data"])

@@ -63,6 +63,8 @@ def torch_load(path):
         raise UnreadableFile(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # an I/O failure is not a damaged file: never a reason to start over
     except Exception as e:
         raise UnreadableFile(f"{path} is truncated or corrupt and cannot be loaded "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None

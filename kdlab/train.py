@@ -23,6 +23,7 @@ from .models import build_model
 from .runio import atomic_torch_save, atomic_write_json, file_sha256, now, provenance, torch_load, UnreadableFile
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+MIN_LOSS_SCALE = 2.0 ** -14  # below this, fp16-scaled gradients underflow to zero
 
 
 class GuardError(RuntimeError):
@@ -170,7 +171,6 @@ def train(run, run_dir, force_restart=False):
     teacher = load_frozen_teacher(run, arrays.num_classes, device) if method.NEEDS_TEACHER else None
     distilled = run["kind"] == "distill"
     alpha = run["alpha"] if distilled else 0.0
-    label_smoothing = 0.0 if distilled else tr["label_smoothing"]  # hard labels for every distilled student
     params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
     amp_dtype = AMP_DTYPES.get(tr["amp"])
@@ -191,9 +191,11 @@ def train(run, run_dir, force_restart=False):
         state["resumed_at_epochs"].append(ckpt["epoch"])
         log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
     else:
+        for stale in ("metrics.json", "model.pth"):  # a previous run's completion marks
+            (run_dir / stale).unlink(missing_ok=True)
         teacher_acc = evaluate(teacher, test_loader, normalize, device, autocast)[1] if teacher else None
-        state = {"history": new_history(),
-                 "teacher_acc": teacher_acc, "started": now(), "resumed_at_epochs": []}
+        state = {"history": new_history(), "teacher_acc": teacher_acc, "started": now(), "resumed_at_epochs": [],
+                 "consecutive_skipped": 0}  # in the checkpoint: a streak of skipped steps survives a resume
         if teacher:
             log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
     prov = provenance(device, state["started"])
@@ -204,7 +206,6 @@ def train(run, run_dir, force_restart=False):
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
         f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
-    consecutive_skipped = 0
 
     for epoch in range(start_epoch, tr["epochs"]):
         t0 = time.perf_counter()
@@ -223,9 +224,9 @@ def train(run, run_dir, force_restart=False):
                 student_out = model(x)
                 with torch.no_grad():
                     teacher_out = teacher(x) if teacher else None
-                terms = {"ce": F.cross_entropy(student_out[-1].float(), y, label_smoothing=label_smoothing),
-                         **loss_fn(student_out, teacher_out, y)}
-                loss = (1 - alpha) * terms["ce"] + alpha * sum(v for k, v in terms.items() if k != "ce")
+                ce = F.cross_entropy(student_out[-1].float(), y, label_smoothing=tr["label_smoothing"])
+                terms = {"ce": ce, **loss_fn(student_out, teacher_out, y)}
+                loss = (1 - alpha) * ce + alpha * sum(v for k, v in terms.items() if k != "ce")
             optimizer.zero_grad(set_to_none=True)
             scale_before = scaler.get_scale()  # 1.0 when the scaler is off
             scaler.scale(loss).backward()
@@ -243,14 +244,20 @@ def train(run, run_dir, force_restart=False):
                      f"GradScaler to skip the step. The last good checkpoint is kept.")
             scaler.step(optimizer)
             scaler.update()
-            if scaler.get_scale() < scale_before:  # the GradScaler skipped this step
+            scale = scaler.get_scale()
+            if scale < scale_before or scale == 0:  # the GradScaler skipped this step
                 skipped += 1
-                consecutive_skipped += 1
-                if consecutive_skipped >= tr["max_skipped_steps"]:
-                    stop(record, run_dir, f"{where}: {consecutive_skipped} consecutive optimizer steps skipped "
-                         f"by the fp16 GradScaler; {what_went_wrong(bad)}. The last good checkpoint is kept.")
+                state["consecutive_skipped"] += 1
+                if state["consecutive_skipped"] >= tr["max_skipped_steps"]:
+                    stop(record, run_dir, f"{where}: {state['consecutive_skipped']} consecutive optimizer steps "
+                         f"skipped by the fp16 GradScaler; {what_went_wrong(bad)}. The last good checkpoint is kept.")
                 continue
-            consecutive_skipped = 0
+            if scaler.is_enabled() and scale < MIN_LOSS_SCALE:
+                # Intermittent overflows halve the scale faster than it regrows: the scaled
+                # gradients underflow to zero and the weights stop moving, without a streak.
+                stop(record, run_dir, f"{where}: the fp16 GradScaler's scale fell to {scale:.3g}; gradients "
+                     f"overflow too often to train. The last good checkpoint is kept.")
+            state["consecutive_skipped"] = 0
             seen += len(y)
             for name, value in [*zip(terms, term_values), ("loss", total)]:
                 sums[name] = sums.get(name, 0.0) + value * len(y)
@@ -261,6 +268,9 @@ def train(run, run_dir, force_restart=False):
         if show_bar:
             print("\r", end="", file=sys.stderr)
 
+        if skipped > len(train_loader) // 2:
+            stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: the fp16 GradScaler "
+                 f"skipped {skipped} of {len(train_loader)} optimizer steps. The last good checkpoint is kept.")
         test_loss, test_acc = evaluate(model, test_loader, normalize, device, autocast)
         seen = max(seen, 1)
         for name in terms:

@@ -14,8 +14,8 @@ from kdlab.runio import atomic_torch_save
 
 from conftest import tiny_run
 
-FT_SETTINGS = {"rate": 0.5, "weight": 500.0, "translator_bn": False, "paraphraser_loss": "l1",
-               "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
+FT_SETTINGS = {"rate": 0.5, "weight": 500.0, "factor": "flatten", "translator_bn": False,
+               "paraphraser_loss": "l1", "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
 
 
 def features(batch, seed, scale=1.0):
@@ -139,6 +139,22 @@ def test_ft_factor_loss_matches_reference(tmp_path):
     loss.train()
     assert not loss.paraphraser.training
     assert all(not p.requires_grad for p in loss.paraphraser.parameters())
+
+
+def test_ft_channel_mean_factor_matches_reference(tmp_path):
+    paraphraser = make_paraphraser(tmp_path / "paraphraser.pth")
+    settings = {**FT_SETTINGS, "factor": "channel_mean_sq", "weight": 200.0}
+    loss = ft.Loss(settings, {"paraphraser": str(tmp_path / "paraphraser.pth")})
+    s, t = features(2, 12), features(2, 13)
+    value = loss(s, t, torch.zeros(2))["ft_factor"].item()
+    enc_t = paraphraser.encoder.double()(t[2].double()).detach().numpy()
+    enc_s = copy.deepcopy(loss.translator).double()(s[2].double()).detach().numpy()
+    total = 0.0
+    for b in range(2):
+        at = (enc_t[b] ** 2).mean(0).ravel()  # mean over channels of the squared map: H*W values
+        as_ = (enc_s[b] ** 2).mean(0).ravel()
+        total += sum(abs(x) for x in as_ / math.sqrt(as_ @ as_) - at / math.sqrt(at @ at))
+    assert rel_close(value, 200.0 * total / (2 * 64))
 
 
 def test_ft_stage_two_refuses_to_start_without_paraphraser(tmp_path):

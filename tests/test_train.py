@@ -203,3 +203,27 @@ def test_guard_counts_skipped_fp16_steps_then_stops(poison_method, trained_teach
     progress = read_json(tmp_path / "progress.json")
     assert progress["history"]["skipped_steps"] == [1] and progress["history"]["nonfinite_losses"] == [1]
     assert progress["status"] == "failed"
+
+
+def test_guard_stops_when_most_of_an_epochs_fp16_steps_are_skipped(poison_method, trained_teacher, tmp_path):
+    # 4 steps per epoch; steps 1, 2 and 4 poisoned: never 3 in a row, but 3 of 4 skipped.
+    poison_method(lambda call: call in (2, 3, 5))
+    run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
+                   teacher_weights=str(trained_teacher[0] / "model.pth"),
+                   data={"synthetic": {"num_classes": 5, "train_size": 32, "test_size": 8, "seed": 0}},
+                   training={"amp": "fp16", "epochs": 2, "batch_size": 8, "max_skipped_steps": 3})
+    with pytest.raises(GuardError, match=r"epoch 1: the fp16 GradScaler skipped 3 of 4 optimizer steps"):
+        train(run, tmp_path)
+    assert read_json(tmp_path / "progress.json")["status"] == "failed"
+
+
+def test_guard_stops_when_the_fp16_loss_scale_collapses(poison_method, trained_teacher, tmp_path, monkeypatch):
+    # Stand-in for many scattered overflows: one skipped step halves the scale below the floor.
+    monkeypatch.setattr("kdlab.train.MIN_LOSS_SCALE", 2.0 ** 16)
+    poison_method(lambda call: call == 2)
+    run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
+                   teacher_weights=str(trained_teacher[0] / "model.pth"),
+                   data={"synthetic": {"num_classes": 5, "train_size": 16, "test_size": 8, "seed": 0}},
+                   training={"amp": "fp16", "epochs": 2, "batch_size": 8})
+    with pytest.raises(GuardError, match=r"epoch 1, step 2: the fp16 GradScaler's scale fell to 3.28e\+04"):
+        train(run, tmp_path)

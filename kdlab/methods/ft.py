@@ -4,7 +4,8 @@ Stage 1 (`kdlab pretrain-paraphraser`, kdlab/pretrain.py) trains a paraphraser
 (autoencoder) on the frozen teacher's last-stage features and saves paraphraser.pth.
 Stage 2 (this loss) trains a translator jointly with the student; the paraphraser
 stays frozen in eval mode. Factors are encoder outputs, flattened and L2-normalised
-per sample; the loss is their mean absolute difference (the authors' code).
+per sample; the loss is their mean absolute difference (the authors' code; RepDistiller's
+channel-averaged factor is the setting factor: channel_mean_sq).
 """
 
 from pathlib import Path
@@ -25,6 +26,10 @@ SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 500.0,
                "description": "Weight (beta) of the factor L1 loss; 500 as the authors (with CE 1: the same "
                               "balance as alpha 0.5 here). Large because the mean runs over C*H*W values."},
+    "factor": {"type": "string", "enum": ["flatten", "channel_mean_sq"], "default": "flatten",
+               "description": "'flatten': the encoder output flattened (C*H*W) and L2-normalised, as the authors; "
+                              "'channel_mean_sq': the squared output averaged over channels (H*W), then "
+                              "L2-normalised, as RepDistiller (which pairs it with beta 200)."},
     "translator_bn": {"type": "boolean", "default": False,
                       "description": "BatchNorm in the translator: false as the authors, true as RepDistiller."},
     "paraphraser_loss": {"type": "string", "enum": ["l1", "mse"], "default": "l1",
@@ -70,8 +75,10 @@ class Paraphraser(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def factor(x):
-    return F.normalize(x.flatten(1), dim=1)
+FACTORS = {
+    "flatten": lambda x: F.normalize(x.flatten(1), dim=1),
+    "channel_mean_sq": lambda x: F.normalize(x.pow(2).mean(1).flatten(1), dim=1),
+}
 
 
 class MissingParaphraser(Exception):
@@ -97,7 +104,7 @@ def load_paraphraser(path, settings):
 class Loss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
-        self.weight = settings["weight"]
+        self.weight, self.factor = settings["weight"], FACTORS[settings["factor"]]
         self.paraphraser = load_paraphraser(run.get("paraphraser"), settings).requires_grad_(False).eval()
         c = STAGE_CHANNELS[-1]
         self.translator = conv_stack([c, c] + [factor_channels(settings["rate"])] * 2,
@@ -109,6 +116,6 @@ class Loss(MethodLoss):
         return self
 
     def terms(self, student_out, teacher_out, labels):
-        factor_t = factor(self.paraphraser.encoder(teacher_out[2])).detach()
-        factor_s = factor(self.translator(student_out[2]))
+        factor_t = self.factor(self.paraphraser.encoder(teacher_out[2])).detach()
+        factor_s = self.factor(self.translator(student_out[2]))
         return {"ft_factor": self.weight * F.l1_loss(factor_s, factor_t)}
