@@ -644,7 +644,7 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
     env = dict(pbs_env, PATH="%s:%s" % (VENV_BIN, pbs_env["PATH"]))
     cmd = [str(SNAKEMAKE), "--profile", str(PROFILE), "-s", str(REPO / "Snakefile"),
            "--directory", str(wd), "--configfile", str(config),
-           "--seconds-between-status-checks", "1", "--latency-wait", "5", target]
+           "--seconds-between-status-checks", "1", "--latency-wait", "5"]  # the whole (shrunk) demo
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        universal_newlines=True, timeout=300)
     assert p.returncode == 0, p.stdout
@@ -661,3 +661,7 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
     assert "Exit_status -29" in (wd / "logs" / "pbs" / "status.log").read_text()
     student = json.loads((wd / target).read_text())
     assert student["status"] == "complete"
+    for method in cfg["methods"]:  # every distillation, the paraphraser and the (local) aggregate
+        assert (wd / target.replace("/kd/", "/%s/" % method)).exists()
+    assert len(req["pretrain_paraphraser.Synthetic.%s.0.%s" % (pair["teacher"], "k0.5_l1_2ep_lr0.1")]) == 1
+    assert (wd / "results" / "results.md").exists() and "aggregate" not in "".join(req)
