@@ -7,7 +7,6 @@ which may change without rerunning anything.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .config import RUNTIME_KEYS, format_alpha
 from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
@@ -16,7 +15,6 @@ from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
 @dataclass
 class Job:
     rule: str
-    run_dir: str
     outputs: list
     run: dict = field(repr=False)
     inputs: list = field(default_factory=list)
@@ -79,14 +77,14 @@ def expand_grid(grid):
     for teacher in teachers:
         for seed in grid["teacher_seeds"]:
             d = teacher_dir(grid, teacher, seed)
-            add(Job("train_teacher", d, [f"{d}/metrics.json", f"{d}/model.pth"],
+            add(Job("train_teacher", [f"{d}/metrics.json", f"{d}/model.pth"],
                     run_config(grid, "teacher", teacher, seed)))
     weights = {t: f"{teacher_dir(grid, t, grid['teacher_seed'])}/model.pth" for t in teachers}
     if "ft" in grid["methods"]:
         settings = method_settings(grid, "ft")
         for teacher in teachers:
             out = paraphraser_path(grid, teacher, settings)
-            add(Job("pretrain_paraphraser", str(Path(out).parent), [out],
+            add(Job("pretrain_paraphraser", [out],
                     run_config(grid, "paraphraser", teacher, grid["teacher_seed"], "ft", teacher=teacher,
                                teacher_weights=weights[teacher],
                                method_settings={k: settings[k] for k in PARAPHRASER_KEYS}),
@@ -95,7 +93,7 @@ def expand_grid(grid):
         for student in dict.fromkeys(p["student"] for p in grid["pairs"]):
             for seed in grid["seeds"]:
                 d = student_dir(grid, student, seed)
-                add(Job("train_student", d, [f"{d}/metrics.json", f"{d}/model.pth"],
+                add(Job("train_student", [f"{d}/metrics.json", f"{d}/model.pth"],
                         run_config(grid, "student", student, seed)))
     for method, block in grid["methods"].items():
         for alpha in block.get("alphas", grid["alphas"]):
@@ -109,6 +107,6 @@ def expand_grid(grid):
                     if method == "ft":
                         extra["paraphraser"] = paraphraser_path(grid, teacher, method_settings(grid, "ft"))
                         inputs.append(extra["paraphraser"])
-                    add(Job("distill", d, [f"{d}/metrics.json", f"{d}/model.pth"],
+                    add(Job("distill", [f"{d}/metrics.json", f"{d}/model.pth"],
                             run_config(grid, "distill", student, seed, method, **extra), inputs))
     return list(jobs.values())
