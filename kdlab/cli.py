@@ -102,7 +102,7 @@ def main(argv=None):
     from .train import GuardError
     try:
         return args.func(args)
-    except (ConfigError, DataError, MissingParaphraser, UnreadableFile, GuardError) as e:
+    except (ConfigError, DataError, MissingParaphraser, UnreadableFile, GuardError, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 
