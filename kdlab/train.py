@@ -206,6 +206,7 @@ def train(run, run_dir, force_restart=False):
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
         f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
+    loss_scale = scaler.get_scale()  # 1.0 when the scaler is off; it changes only in update()
 
     for epoch in range(start_epoch, tr["epochs"]):
         t0 = time.perf_counter()
@@ -228,7 +229,6 @@ def train(run, run_dir, force_restart=False):
                 terms = {"ce": ce, **loss_fn(student_out, teacher_out, y)}
                 loss = (1 - alpha) * ce + alpha * sum(v for k, v in terms.items() if k != "ce")
             optimizer.zero_grad(set_to_none=True)
-            scale_before = scaler.get_scale()  # 1.0 when the scaler is off
             scaler.scale(loss).backward()
             grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
                 [p.grad for p in params if p.grad is not None])
@@ -244,18 +244,18 @@ def train(run, run_dir, force_restart=False):
                      f"GradScaler to skip the step. The last good checkpoint is kept.")
             scaler.step(optimizer)
             scaler.update()
-            scale = scaler.get_scale()
-            if scale < scale_before or scale == 0:  # the GradScaler skipped this step
+            scale_before, loss_scale = loss_scale, scaler.get_scale()
+            if loss_scale < scale_before or loss_scale == 0:  # the GradScaler skipped this step
                 skipped += 1
                 state["consecutive_skipped"] += 1
                 if state["consecutive_skipped"] >= tr["max_skipped_steps"]:
                     stop(record, run_dir, f"{where}: {state['consecutive_skipped']} consecutive optimizer steps "
                          f"skipped by the fp16 GradScaler; {what_went_wrong(bad)}. The last good checkpoint is kept.")
                 continue
-            if scaler.is_enabled() and scale < MIN_LOSS_SCALE:
+            if scaler.is_enabled() and loss_scale < MIN_LOSS_SCALE:
                 # Intermittent overflows halve the scale faster than it regrows: the scaled
                 # gradients underflow to zero and the weights stop moving, without a streak.
-                stop(record, run_dir, f"{where}: the fp16 GradScaler's scale fell to {scale:.3g}; gradients "
+                stop(record, run_dir, f"{where}: the fp16 GradScaler's scale fell to {loss_scale:.3g}; gradients "
                      f"overflow too often to train. The last good checkpoint is kept.")
             state["consecutive_skipped"] = 0
             seen += len(y)
