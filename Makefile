@@ -35,6 +35,7 @@ dag: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_results.py
+	$(PY) bench/bench_train.py
 
 clean-demo:
 	rm -rf experiments/Synthetic results/Synthetic logs/ .snakemake/
