@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from kdlab.config import ConfigError, resolve_grid
-from kdlab.grid import expand_grid, split_runtime
+from kdlab.config import ConfigError, resolve_grid, split_runtime
+from kdlab.grid import expand_grid
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
 

@@ -179,11 +179,18 @@ def format_alpha(alpha):
     return format(float(alpha), "g")
 
 
-def fingerprint(run, file_hashes):
-    """What a run computes: a checkpoint resumes only under the same fingerprint."""
-    semantic = {k: v for k, v in run.items() if k not in ("teacher_weights", "paraphraser")}
+def split_runtime(run):
+    """(what a run computes, how it runs): a run config without and with only RUNTIME_KEYS."""
+    semantic, runtime = dict(run), {}
     for block, keys in RUNTIME_KEYS.items():
         semantic[block] = {k: v for k, v in run[block].items() if k not in keys}
+        runtime[block] = {k: v for k, v in run[block].items() if k in keys}
+    return semantic, runtime
+
+
+def fingerprint(run, file_hashes):
+    """What a run computes: a checkpoint resumes only under the same fingerprint."""
+    semantic = {k: v for k, v in split_runtime(run)[0].items() if k not in ("teacher_weights", "paraphraser")}
     semantic["method_version"] = get_method(run["method"]).VERSION
     semantic["inputs"] = file_hashes
     return hashlib.sha256(json.dumps(semantic, sort_keys=True).encode()).hexdigest()[:16]

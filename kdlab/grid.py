@@ -20,15 +20,6 @@ class Job:
     inputs: list = field(default_factory=list)
 
 
-def split_runtime(run):
-    """(semantic run config, runtime settings) from a full run config."""
-    semantic, runtime = dict(run), {}
-    for block, keys in RUNTIME_KEYS.items():
-        semantic[block] = {k: v for k, v in run[block].items() if k not in keys}
-        runtime[block] = {k: v for k, v in run[block].items() if k in keys}
-    return semantic, runtime
-
-
 def teacher_dir(grid, teacher, seed):
     return f"{grid['experiments_dir']}/{grid['data']['dataset']}/teachers/{teacher}/{seed}"
 

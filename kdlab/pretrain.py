@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from .config import ConfigError, fingerprint, resolve_run
 from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
-from .runio import atomic_torch_save, file_sha256, torch_load, UnreadableFile
-from .train import GuardError, Normalize, load_frozen_teacher, log, pick_device, seed_everything
+from .runio import atomic_torch_save, file_sha256
+from .train import GuardError, Normalize, load_frozen_teacher, load_resume_state, log, pick_device, seed_everything
 
 
 def pretrain_paraphraser(run, out_path, force_restart=False):
@@ -36,18 +36,13 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
 
     # Resumable per epoch, like every run: a small checkpoint next to the output.
     checkpoint_path = out_path.with_name("paraphraser.checkpoint.pth")
+    ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart)
     losses = []
-    if checkpoint_path.exists() and not force_restart:
-        try:
-            ckpt = torch_load(checkpoint_path)
-        except UnreadableFile as e:
-            log(f"WARNING: {e}; starting fresh")
-            ckpt = None
-        if ckpt and ckpt["fingerprint"] == run_fingerprint and not ckpt["finished"]:
-            paraphraser.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            losses = ckpt["losses"]
-            log(f"resuming the paraphraser from epoch {len(losses)}")
+    if ckpt:
+        paraphraser.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        losses = ckpt["losses"]
+        log(f"resuming the paraphraser from epoch {len(losses)}")
 
     epochs = settings["paraphraser_epochs"]
     for epoch in range(len(losses), epochs):

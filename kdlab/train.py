@@ -140,7 +140,7 @@ def load_resume_state(path, run_fingerprint, force_restart):
     try:
         ckpt = torch_load(path)
     except UnreadableFile as e:
-        aside = path.with_name("checkpoint.corrupt.pth")
+        aside = path.with_name(f"{path.stem}.corrupt.pth")
         path.replace(aside)
         log(f"WARNING: {e}; moved it to {aside} and starting fresh")
         return None
@@ -238,10 +238,9 @@ def train(run, run_dir, force_restart=False):
                  (student_out[-1].argmax(1) == y).sum().float(), grad_norm.float()]).tolist()
             bad = [name for name, v in zip(terms, term_values) if not math.isfinite(v)]
             nonfinite += bool(bad) or not math.isfinite(total)
-            where = f"health guard: method {run['method']!r}, epoch {epoch + 1}, step {step + 1}"
             if not scaler.is_enabled() and (bad or not math.isfinite(norm)):
-                stop(record, run_dir, f"{where}: {what_went_wrong(bad)}; amp is {tr['amp']!r}, so there is no "
-                     f"GradScaler to skip the step. The last good checkpoint is kept.")
+                stop(record, run_dir, f"{guard_where(run, epoch, step)}: {what_went_wrong(bad)}; amp is "
+                     f"{tr['amp']!r}, so there is no GradScaler to skip the step. The last good checkpoint is kept.")
             scaler.step(optimizer)
             scaler.update()
             scale_before, loss_scale = loss_scale, scaler.get_scale()
@@ -249,14 +248,15 @@ def train(run, run_dir, force_restart=False):
                 skipped += 1
                 state["consecutive_skipped"] += 1
                 if state["consecutive_skipped"] >= tr["max_skipped_steps"]:
-                    stop(record, run_dir, f"{where}: {state['consecutive_skipped']} consecutive optimizer steps "
-                         f"skipped by the fp16 GradScaler; {what_went_wrong(bad)}. The last good checkpoint is kept.")
+                    stop(record, run_dir, f"{guard_where(run, epoch, step)}: {state['consecutive_skipped']} "
+                         f"consecutive optimizer steps skipped by the fp16 GradScaler; {what_went_wrong(bad)}. "
+                         f"The last good checkpoint is kept.")
                 continue
             if scaler.is_enabled() and loss_scale < MIN_LOSS_SCALE:
                 # Intermittent overflows halve the scale faster than it regrows: the scaled
                 # gradients underflow to zero and the weights stop moving, without a streak.
-                stop(record, run_dir, f"{where}: the fp16 GradScaler's scale fell to {loss_scale:.3g}; gradients "
-                     f"overflow too often to train. The last good checkpoint is kept.")
+                stop(record, run_dir, f"{guard_where(run, epoch, step)}: the fp16 GradScaler's scale fell to "
+                     f"{loss_scale:.3g}; gradients overflow too often to train. The last good checkpoint is kept.")
             state["consecutive_skipped"] = 0
             seen += len(y)
             for name, value in [*zip(terms, term_values), ("loss", total)]:
@@ -305,6 +305,10 @@ def checkpoint(run_fingerprint, epoch, finished, model, loss_fn, optimizer, scal
     return {"fingerprint": run_fingerprint, "epoch": epoch, "finished": finished,
             "model": model.state_dict(), "method": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "state": state}
+
+
+def guard_where(run, epoch, step):
+    return f"health guard: method {run['method']!r}, epoch {epoch + 1}, step {step + 1}"
 
 
 def what_went_wrong(bad_terms):

@@ -69,3 +69,26 @@ def test_ft_stage_two_refuses_to_start_without_the_paraphraser(trained_teacher, 
     with pytest.raises(MissingParaphraser, match="run stage 1 first"):
         train(run, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def test_paraphraser_stage_one_resumes_after_an_interruption(trained_teacher, paraphraser, tmp_path,
+                                                             monkeypatch, capsys):
+    import kdlab.pretrain
+    run = tiny_run(kind="paraphraser", method="ft", teacher="ResNet8", method_settings=FT_SETTINGS,
+                   teacher_weights=str(trained_teacher[0] / "model.pth"))
+    saves, real_save = [], kdlab.pretrain.atomic_torch_save
+
+    def dies_after_two_checkpoints(path, obj):
+        real_save(path, obj)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # stands in for a kill after epoch 2's checkpoint
+    monkeypatch.setattr(kdlab.pretrain, "atomic_torch_save", dies_after_two_checkpoints)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
+    monkeypatch.setattr(kdlab.pretrain, "atomic_torch_save", real_save)
+    pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
+    assert "resuming the paraphraser from epoch 2" in capsys.readouterr().out
+    resumed, reference = (torch.load(p, weights_only=True) for p in (tmp_path / "paraphraser.pth", paraphraser))
+    assert resumed["reconstruction_loss"] == reference["reconstruction_loss"]
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
