@@ -37,7 +37,7 @@ def bare_loop(args, device):
         t0 = time.perf_counter()
         loader.sampler.epoch = epoch
         model.train()
-        for images, labels in loader:
+        for images, labels, _ in loader:
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             with autocast():
                 loss = F.cross_entropy(model(x)[-1].float(), y, label_smoothing=0.1)

@@ -153,7 +153,10 @@ class AugmentingSampler(Sampler):
 
 
 class ImageDataset(Dataset):
-    """Items are uint8 CHW tensors; a key (i, dy, dx, flip) crops a zero-padded image and flips it."""
+    """Items are (uint8 CHW image, label, view); a key (i, dy, dx, flip) crops a zero-padded
+    image and flips it. `view` is the int64 tensor (i, dy, dx, flip) that made the item (the
+    plain image is (i, PAD, PAD, 0)): methods that need each sample's dataset index, and
+    anything that caches per-view outputs, read it from the batch."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
@@ -172,8 +175,9 @@ class ImageDataset(Dataset):
             if flip:
                 out = out[:, ::-1]
         else:
-            i, out = key, self.images[key]
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.labels[i])
+            (i, dy, dx, flip), out = (key, PAD, PAD, 0), self.images[key]
+        view = torch.tensor((i, dy, dx, flip), dtype=torch.int64)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.labels[i]), view
 
 
 def make_loaders(arrays, batch_size, num_workers, seed, pin_memory, eval_batch_size=None):

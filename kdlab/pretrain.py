@@ -49,7 +49,7 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
         loader.sampler.epoch = epoch
         paraphraser.train()
         total, seen = 0.0, 0
-        for images, _ in loader:
+        for images, _, _ in loader:
             with torch.no_grad():
                 features = teacher(normalize(images.to(device, non_blocking=True)))[2]
             loss = reconstruction(paraphraser(features), features)

@@ -75,7 +75,7 @@ def load_frozen_teacher(run, num_classes, device):
 def evaluate(model, loader, normalize, device, autocast):
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in loader:
+    for images, labels, _ in loader:
         x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         with autocast():
             logits = model(x)[-1].float()
@@ -85,7 +85,7 @@ def evaluate(model, loader, normalize, device, autocast):
     return loss_sum / count, 100.0 * correct / count
 
 
-def gradient_share(model, loss_fn, teacher, x, y, alpha):
+def gradient_share(model, loss_fn, teacher, x, y, index, alpha):
     """Fraction of the gradient norm on the student's weights that comes from alpha * L_method.
 
     Measured in float32 on one batch; BatchNorm running statistics are restored so the
@@ -97,7 +97,7 @@ def gradient_share(model, loss_fn, teacher, x, y, alpha):
         teacher_out = teacher(x) if teacher else None
     student_out = model(x)
     ce = (1 - alpha) * F.cross_entropy(student_out[-1], y)
-    method = alpha * sum(loss_fn(student_out, teacher_out, y).values())
+    method = alpha * sum(loss_fn(student_out, teacher_out, y, index).values())
     norms = []
     for part, retain in ((ce, True), (method, False)):
         grads = torch.autograd.grad(part, params, retain_graph=retain, allow_unused=True)
@@ -216,17 +216,19 @@ def train(run, run_dir, force_restart=False):
         train_loader.sampler.epoch = epoch
         model.train()
         loss_fn.train()
+        loss_fn.start_epoch(epoch)
         sums, seen, skipped, nonfinite, share = {}, 0, 0, 0, None
-        for step, (images, labels) in enumerate(train_loader):
+        for step, (images, labels, views) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            index = views[:, 0].to(device, non_blocking=True)
             if step == 0 and distilled:
-                share = gradient_share(model, loss_fn, teacher, x, y, alpha)
+                share = gradient_share(model, loss_fn, teacher, x, y, index, alpha)
             with autocast():
                 student_out = model(x)
                 with torch.no_grad():
                     teacher_out = teacher(x) if teacher else None
                 ce = F.cross_entropy(student_out[-1].float(), y, label_smoothing=tr["label_smoothing"])
-                terms = {"ce": ce, **loss_fn(student_out, teacher_out, y)}
+                terms = {"ce": ce, **loss_fn(student_out, teacher_out, y, index)}
                 loss = (1 - alpha) * ce + alpha * sum(v for k, v in terms.items() if k != "ce")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

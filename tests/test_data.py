@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.data import (AugmentingSampler, DataError, ImageDataset, load_cifar_pickles, load_npz,
+from kdlab.data import (PAD, AugmentingSampler, DataError, ImageDataset, load_cifar_pickles, load_npz,
                         make_loaders, make_synthetic)
 
 
@@ -102,9 +102,11 @@ def test_crop_and_flip_follow_the_padding_definition():
                 expected = padded[dy:dy + 32, dx:dx + 32]
                 if flip:
                     expected = expected[:, ::-1]
-                got = dataset[(0, dy, dx, flip)][0].numpy().transpose(1, 2, 0)
-                assert np.array_equal(got, expected)
+                got, _, view = dataset[(0, dy, dx, flip)]
+                assert np.array_equal(got.numpy().transpose(1, 2, 0), expected)
+                assert view.tolist() == [0, dy, dx, flip]
     assert np.array_equal(dataset[0][0].numpy().transpose(1, 2, 0), images[0])  # test time: unchanged
+    assert dataset[0][2].tolist() == [0, PAD, PAD, 0]
 
 
 def test_epoch_randomness_depends_only_on_seed_and_epoch():
@@ -125,6 +127,6 @@ def test_loaders_give_the_same_batches_with_and_without_workers():
         out = []
         for epoch in (0, 1):
             train.sampler.epoch = epoch
-            out += [torch.cat([x.flatten(), y]) for x, y in train]
+            out += [torch.cat([x.flatten(), y, v.flatten()]) for x, y, v in train]
         batches[workers] = torch.cat(out)
     assert torch.equal(batches[0], batches[2])

@@ -158,7 +158,7 @@ class PoisonLoss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         PoisonLoss.calls += 1
         zero = student_out[-1].sum() * 0.0
         return {"poison": zero * float("nan") if PoisonLoss.poisoned(PoisonLoss.calls) else zero}

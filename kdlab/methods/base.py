@@ -9,18 +9,23 @@ class MethodLoss(nn.Module):
 
     fp16 rounds small epsilons to zero, cancels in pairwise distances and overflows at
     65504; the method losses are cheap next to the network, so they always run in fp32.
-    Subclasses implement terms(student_out, teacher_out, labels) -> {name: scalar}.
+    Subclasses implement terms(student_out, teacher_out, labels, index) -> {name: scalar};
+    `index` holds each sample's dataset index (int64, on the device) during training and
+    is None where there is none (gradient-share probes use the batch's, tests may pass None).
     """
 
-    def forward(self, student_out, teacher_out, labels):
+    def forward(self, student_out, teacher_out, labels, index=None):
         device_type = labels.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             student_out = tuple(x.float() for x in student_out)
             teacher_out = tuple(x.float() for x in teacher_out) if teacher_out is not None else None
-            return self.terms(student_out, teacher_out, labels)
+            return self.terms(student_out, teacher_out, labels, index)
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         raise NotImplementedError
+
+    def start_epoch(self, epoch):
+        """Called before each training epoch (0-based), also after a resume: for schedules."""
 
 
 def no_check(settings, student, teacher):

@@ -63,6 +63,6 @@ class Loss(MethodLoss):
         kind = connector_kind(STAGE_SIZES[self.guided], STAGE_SIZES[self.hint])
         self.connector = make_connector(STAGE_CHANNELS[self.guided], STAGE_CHANNELS[self.hint], kind)
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         regressed = self.connector(student_out[self.guided])
         return {"fitnets_hint": self.weight * F.mse_loss(regressed, teacher_out[self.hint])}

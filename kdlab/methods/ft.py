@@ -115,7 +115,7 @@ class Loss(MethodLoss):
         self.paraphraser.eval()  # frozen, always in eval mode
         return self
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         factor_t = self.factor(self.paraphraser.encoder(teacher_out[2])).detach()
         factor_s = self.factor(self.translator(student_out[2]))
         return {"ft_factor": self.weight * F.l1_loss(factor_s, factor_t)}

@@ -20,7 +20,7 @@ class Loss(MethodLoss):
         super().__init__()
         self.temperature = settings["temperature"]
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         T = self.temperature
         # KL(p_t || p_s), summed over classes and averaged over the batch ("batchmean").
         kl = F.kl_div(F.log_softmax(student_out[-1] / T, dim=1), F.log_softmax(teacher_out[-1] / T, dim=1),

@@ -13,5 +13,5 @@ class Loss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         return {}

@@ -61,7 +61,7 @@ class Loss(MethodLoss):
         self.distance_weight, self.angle_weight = settings["distance_weight"], settings["angle_weight"]
         self.angles = triplet_cosines if settings["angle"] == "triplet" else pairwise_cosines
 
-    def terms(self, student_out, teacher_out, labels):
+    def terms(self, student_out, teacher_out, labels, index):
         s, t = scale_free(student_out[-2]), scale_free(teacher_out[-2]).detach()
         if s.shape[0] < 2:
             zero = s.sum() * 0.0
