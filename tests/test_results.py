@@ -19,7 +19,7 @@ import pytest
 from kdlab import results as R
 
 REPO = Path(__file__).resolve().parents[1]
-VERSIONS = {"kd": 1, "fitnet": 1, "rkd": 2, "ft": 1}
+VERSIONS = {"kd": 1, "fitnets": 1, "rkd": 2, "ft": 1}
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
@@ -92,7 +92,7 @@ def fabricate(root):
         complete("teacher", ("teacher", ""), student=T, seed=seed, best=b, last=l)
     for seed, (b, l) in enumerate([(69.0, 68.7), (69.4, 69.1), (68.8, 68.8)]):
         complete("student", ("none", ""), student=S, seed=seed, best=b, last=l)
-    base = {"kd": 70.5, "fitnet": 69.3, "rkd": 69.8}
+    base = {"kd": 70.5, "fitnets": 69.3, "rkd": 69.8}
     planted = {"incomplete": set(), "failed": set(), "near_chance": set(), "outdated": set()}
     for method, b0 in base.items():
         for alpha in (0.5, 0.9):
@@ -108,7 +108,7 @@ def fabricate(root):
                     rel = write_run(root, "distill", **{**kw, "version": 1}, best=best, last=last)
                     planted["outdated"].add(rel)
                     continue
-                if (method, alpha, seed) == ("fitnet", 0.9, 1):   # stopped by the guard
+                if (method, alpha, seed) == ("fitnets", 0.9, 1):   # stopped by the guard
                     rel = write_run(root, "distill", **kw, best=12.0, status="failed",
                                     error="non-finite loss in 50 consecutive steps",
                                     progress_only=True, done=4)
@@ -197,7 +197,7 @@ def test_table_values_equal_independent_mean_and_sample_std(campaign):
     # CRD order: teacher, plain student, then methods (kd, fitnet, rkd, ft), alpha rising.
     order = [(r["role"], r["method"], r["alpha"]) for r in rows]
     assert order[:2] == [("teacher", "", ""), ("student", "none", "")]
-    assert [m for _, m, _ in order[2:]] == ["kd", "kd", "fitnet", "fitnet", "rkd", "rkd", "ft"]
+    assert [m for _, m, _ in order[2:]] == ["kd", "kd", "fitnets", "fitnets", "rkd", "rkd", "ft"]
     assert [a for _, _, a in order[2:4]] == ["0.5", "0.9"]
 
 
@@ -206,10 +206,10 @@ def test_markdown_table_shows_mean_pm_std_in_crd_order(campaign):
     md = (out / R.TABLE_MD).read_text()
     kd = [v[1] for v in values[("kd", "0.5")]]
     cell = f"{statistics.mean(kd):.2f} ± {statistics.stdev(kd):.2f}"
-    assert f"| {T} → {S} | KD | 0.5 | {cell} |" in md
-    # Single seed: the value alone, no "±".
-    assert "| FT | 0.5 | 70.20 | 70.00 | 1 |" in md
-    assert md.index(f"Teacher ({T})") < md.index(f"Student ({S}") < md.index("| KD | 0.5")
+    assert f"| {T} → {S} | kd | α 0.5 | {cell} |" in md
+    # Single seed: the value alone, no "±"; no published number (the recipe is not CRD's).
+    assert "| ft | α 0.5 | 70.20 | 70.00 | – | – | – | 1 |" in md
+    assert md.index(f"Teacher ({T})") < md.index(f"Student ({S}") < md.index("| kd | α 0.5")
     assert "outdated method version are left out" in md
     # CRD-style summary: each method at its best alpha.
     kd9 = [v[1] for v in values[("kd", "0.9")]]

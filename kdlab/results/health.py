@@ -1,0 +1,114 @@
+"""The health list: incomplete, failed, near-chance, outdated and unreadable runs."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Callable
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def chance_level(s: dict) -> float | None:
+    try:
+        n = int(s.get("num_classes") or 0)
+    except (TypeError, ValueError):
+        return None
+    return 100.0 / n if n > 0 else None
+
+
+def is_near_chance(s: dict, margin: float) -> bool:
+    chance = chance_level(s)
+    return (chance is not None and s.get("best_acc") is not None
+            and s["best_acc"] <= chance + margin)
+
+
+def outdated_version(s: dict, method_versions: dict | None) -> int | None:
+    """The current version if this run was made with an older one, else None."""
+    if not method_versions or s.get("state") == "unreadable":
+        return None
+    method = s.get("version_method") or s.get("method")
+    current = method_versions.get(method)
+    if current is None:
+        return None
+    have = s.get("method_version")
+    try:
+        if have is not None and int(have) >= int(current):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return current
+
+
+def build_health(summaries: list[dict], chance_margin: float = 5.0,
+                 method_versions: dict | None = None) -> dict:
+    incomplete, failed, near, outdated, unreadable = [], [], [], [], []
+    for s in summaries:
+        rel, state = s["rel"], s.get("state")
+        if state == "unreadable":
+            unreadable.append({"run": rel, "error": s.get("error")})
+            continue
+        if state == "failed":
+            failed.append({"run": rel, "error": s.get("error"),
+                           "epochs_done": s.get("epochs_done"),
+                           "epochs_planned": s.get("epochs_planned")})
+        elif state in ("running", "finishing"):
+            incomplete.append({
+                "run": rel, "status": state, "epochs_done": s.get("epochs_done"),
+                "epochs_planned": s.get("epochs_planned"), "best_acc": s.get("best_acc"),
+                "last_update": _dt.datetime.fromtimestamp(s["mtime"]).astimezone()
+                .isoformat(timespec="seconds") if s.get("mtime") else None})
+        if state == "complete" and is_near_chance(s, chance_margin):
+            near.append({"run": rel, "best_acc": s["best_acc"], "chance": chance_level(s),
+                         "num_classes": s.get("num_classes")})
+        cur = outdated_version(s, method_versions)
+        if cur is not None:
+            outdated.append({"run": rel, "method": s.get("version_method") or s.get("method"),
+                             "method_version": s.get("method_version"),
+                             "current_version": cur, "state": state})
+    return {
+        "generated": now(), "chance_margin": chance_margin,
+        "method_versions": method_versions,
+        "counts": {"runs": len(summaries),
+                   "complete": sum(s.get("state") == "complete" for s in summaries),
+                   "incomplete": len(incomplete), "failed": len(failed),
+                   "near_chance": len(near), "outdated": len(outdated),
+                   "unreadable": len(unreadable)},
+        "incomplete": incomplete, "failed": failed, "near_chance": near,
+        "outdated": outdated, "unreadable": unreadable,
+    }
+
+
+def health_markdown(h: dict, experiments: str) -> str:
+    c = h["counts"]
+    lines = ["# Run health", "",
+             f"Generated {h['generated']} from `{experiments}`: {c['runs']} runs, "
+             f"{c['complete']} complete.", ""]
+
+    def section(title: str, entries: list, fmt: Callable[[dict], str], empty: str = "None."):
+        lines.extend([f"## {title} ({len(entries)})", ""])
+        lines.extend([f"- {fmt(e)}" for e in entries] or [empty])
+        lines.append("")
+
+    def epochs(e):
+        return f"{e.get('epochs_done')}/{e.get('epochs_planned') or '?'} epochs"
+
+    section("Incomplete (running, or progress file only)", h["incomplete"],
+            lambda e: f"`{e['run']}`: {e['status']}, {epochs(e)}"
+            + (f", best so far {e['best_acc']:.2f}%" if e.get("best_acc") is not None else "")
+            + f", last update {e['last_update']}")
+    section("Stopped by the training-health guard (status failed)", h["failed"],
+            lambda e: f"`{e['run']}` after {epochs(e)}: {e.get('error') or '(no message)'}")
+    section(f"Near chance (best accuracy within {h['chance_margin']:g} points of 100/classes)",
+            h["near_chance"],
+            lambda e: f"`{e['run']}`: best {e['best_acc']:.2f}% vs. chance {e['chance']:.2f}%")
+    if h["method_versions"]:
+        section("Outdated method version", h["outdated"],
+                lambda e: f"`{e['run']}`: {e['method']} version {e['method_version']}, "
+                f"current {e['current_version']} ({e['state']})")
+    else:
+        section("Outdated method version", [], str,
+                "Not checked: no `--method-versions` given.")
+    section("Unreadable run files", h["unreadable"], lambda e: f"`{e['run']}`: {e['error']}")
+    return "\n".join(lines)
