@@ -51,6 +51,13 @@ def cmd_pretrain(args):
     return 0
 
 
+def cmd_import_teacher(args):
+    from .teachers import import_teacher
+    set_threads(args)
+    import_teacher(full_run_config(args), args.run_dir)
+    return 0
+
+
 def cmd_check_config(args):
     from .grid import expand_grid
     from .config import load_grid
@@ -84,6 +91,15 @@ def build_parser():
     p.add_argument("--force-restart", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("import-teacher", help="a published teacher checkpoint (RepDistiller's layout or ours) "
+                       "as a teacher run: converted model.pth, metrics.json with its test accuracy")
+    p.add_argument("--config", required=True, help="the import's config (kind import_teacher, model, seed, "
+                   "checkpoint, data): inline JSON or a file")
+    p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
+    p.add_argument("--run-dir", required=True, type=Path, help="the teacher's run directory")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_import_teacher)
+
     p = sub.add_parser("check-config", help="validate an experiment grid config and count its jobs")
     p.add_argument("config", help="e.g. config/config.yaml")
     p.set_defaults(func=cmd_check_config)
@@ -95,14 +111,18 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command == "results":  # reads JSON only: no torch import (login nodes, cron)
+        return args.func(args)
     from .config import ConfigError
     from .data import DataError
     from .methods.ft import MissingParaphraser
     from .runio import UnreadableFile
+    from .teachers import ConversionError
     from .train import GuardError
     try:
         return args.func(args)
-    except (ConfigError, DataError, MissingParaphraser, UnreadableFile, GuardError, OSError) as e:
+    except (ConfigError, ConversionError, DataError, MissingParaphraser, UnreadableFile, GuardError,
+            OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 

@@ -149,6 +149,12 @@ def resolve_grid(config):
     if grid["teacher_seed"] not in grid["teacher_seeds"]:
         raise ConfigError(f"config key 'teacher_seed': {grid['teacher_seed']} is not one of "
                           f"teacher_seeds {grid['teacher_seeds']}")
+    teachers = {pair["teacher"] for pair in grid["pairs"]}
+    for name, path in grid["teacher_checkpoints"].items():
+        if name not in teachers:
+            raise ConfigError(f"config key 'teacher_checkpoints.{name}': {name} is not the teacher of any pair")
+        if not Path(path).is_file():
+            raise ConfigError(f"config key 'teacher_checkpoints.{name}': {path} does not exist")
     data = grid["data"]
     if data["dataset"] == "npz" and not data["npz_path"]:
         raise ConfigError("config key 'data.npz_path': dataset npz needs the path of its .npz file")

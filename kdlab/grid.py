@@ -57,6 +57,15 @@ def run_config(grid, kind, model, seed, method="none", **extra):
             "training": training, **extra}
 
 
+def import_config(grid, teacher):
+    """The config of `kdlab import-teacher`: the checkpoint and the data it is tested on; of
+    training only the runtime keys (it trains nothing, so no training key reruns it)."""
+    training = {**grid["training"], **grid["teacher_training"]}
+    return {"kind": "import_teacher", "model": teacher, "seed": grid["teacher_seed"],
+            "checkpoint": grid["teacher_checkpoints"][teacher], "data": grid["data"],
+            "training": {k: v for k, v in training.items() if k in RUNTIME_KEYS["training"]}}
+
+
 def expand_grid(grid):
     """Every job of the grid, teachers first; `grid` comes from config.resolve_grid."""
     jobs = {}
@@ -66,6 +75,11 @@ def expand_grid(grid):
 
     teachers = dict.fromkeys(p["teacher"] for p in grid["pairs"])
     for teacher in teachers:
+        if teacher in grid["teacher_checkpoints"]:  # published: converted, not trained
+            d = teacher_dir(grid, teacher, grid["teacher_seed"])
+            add(Job("import_teacher", [f"{d}/metrics.json", f"{d}/model.pth"], import_config(grid, teacher),
+                    [grid["teacher_checkpoints"][teacher]]))
+            continue
         for seed in grid["teacher_seeds"]:
             d = teacher_dir(grid, teacher, seed)
             add(Job("train_teacher", [f"{d}/metrics.json", f"{d}/model.pth"],

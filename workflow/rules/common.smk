@@ -20,6 +20,12 @@ wildcard_constraints:
     seed=r"[0-9]+",
     setting=r"[A-Za-z0-9._+-]+",
 
+# Teachers named in teacher_checkpoints are imported (rule import_teacher), the others trained
+# (train_teacher): each rule's own constraint keeps the two from claiming the same output.
+IMPORTED_TEACHERS = "|".join(GRID["teacher_checkpoints"]) or "(?!)"
+TRAINED_TEACHERS = "|".join(t for t in BLOCKS_PER_STAGE if t not in GRID["teacher_checkpoints"]) or "(?!)"
+
+
 
 def job(first_output):
     """The grid's job whose first output is `first_output` formatted with the wildcards."""

@@ -6,6 +6,8 @@ rule train_teacher:
     output:
         metrics=f"{TEACHER}/metrics.json",
         model=f"{TEACHER}/model.pth",
+    wildcard_constraints:
+        teacher=TRAINED_TEACHERS,
     params:
         run=run_param(f"{TEACHER}/metrics.json"),
         method_version=METHODS["none"].VERSION,
@@ -23,6 +25,32 @@ rule train_teacher:
         runtime=runtime_minutes("train_teacher"),
     shell:
         "kdlab train --config {params.run:q} --runtime \"$KDLAB_RUNTIME_TEACHER\" --threads {threads} --run-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
+
+
+rule import_teacher:
+    input:
+        lambda w: job(f"{TEACHER}/metrics.json")(w).inputs,
+    output:
+        metrics=f"{TEACHER}/metrics.json",
+        model=f"{TEACHER}/model.pth",
+    wildcard_constraints:
+        teacher=IMPORTED_TEACHERS,
+    params:
+        run=run_param(f"{TEACHER}/metrics.json"),
+    log:
+        "logs/import_teacher/{dataset}/{teacher}/{seed}.log",
+    benchmark:
+        "logs/benchmarks/import_teacher/{dataset}/{teacher}/{seed}.tsv"
+    threads: RES["threads"]
+    conda:
+        ENV
+    resources:
+        mem_mb=RES["mem_mb"],
+        gpu=RES["gpu"],
+        gpu_share=RES["gpu_share"],
+        runtime=runtime_minutes("import_teacher"),
+    shell:
+        "kdlab import-teacher --config {params.run:q} --runtime \"$KDLAB_RUNTIME_TEACHER\" --threads {threads} --run-dir \"$(dirname {output.metrics:q})\" > {log:q} 2>&1"
 
 
 rule pretrain_paraphraser:
