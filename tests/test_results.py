@@ -27,19 +27,23 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 # ------------------------------------------------------------------ fabrication
 
 def run_rel(kind, dataset, method=None, alpha=None, teacher=None, student=None, seed=0,
-            **_):
+            setting=None, **_):
     if kind == "teacher":
         return f"{dataset}/teachers/{student}/{seed}"
     if kind == "student":
         return f"{dataset}/none/{student}/{seed}"
-    return f"{dataset}/{method}/alpha_{format(alpha, 'g')}/{teacher}_to_{student}/{seed}"
+    setting = setting or f"alpha_{format(alpha, 'g')}"
+    return f"{dataset}/{method}/{setting}/{teacher}_to_{student}/{seed}"
 
 
 def write_run(root, kind, *, dataset="Cifar100", method=None, alpha=None, teacher=None,
               student=None, seed=0, best=70.0, last=None, status="complete", error=None,
-              version=1, progress_only=False, epochs=12, done=None, num_classes=100):
-    """Write a run directory following docs/run-files.md; return its relative path."""
-    rel = run_rel(kind, dataset, method, alpha, teacher, student, seed)
+              version=1, progress_only=False, epochs=12, done=None, num_classes=100,
+              setting=None, training=None, source=None):
+    """Write a run directory following docs/run-files.md; return its relative path.
+    `setting` names a distilled run's loss-setting directory (default alpha_<alpha>),
+    `training` the recorded training block, `source` an imported teacher's origin."""
+    rel = run_rel(kind, dataset, method, alpha, teacher, student, seed, setting)
     d = Path(root, rel)
     d.mkdir(parents=True, exist_ok=True)
     done = epochs if done is None else done
@@ -71,7 +75,10 @@ def write_run(root, kind, *, dataset="Cifar100", method=None, alpha=None, teache
             "epochs_planned": epochs, "epochs_done": done, "history": history,
             "best_acc": best, "best_epoch": acc.index(best) + 1 if best in acc else None,
             "last_acc": acc[-1], "teacher_acc": 74.0 if kind == "distill" else None,
-            "config": {"epochs": epochs}, "provenance": {"git_commit": "abc"}}
+            "config": {"training": training or {"epochs": epochs}},
+            "provenance": {"git_commit": "abc"}}
+    if source:
+        data["source"] = source
     (d / "progress.json").write_text(json.dumps(data))
     if not progress_only:
         (d / "metrics.json").write_text(json.dumps(data))
@@ -215,6 +222,108 @@ def test_markdown_table_shows_mean_pm_std_in_crd_order(campaign):
     kd9 = [v[1] for v in values[("kd", "0.9")]]
     best_kd = max(statistics.mean(kd), statistics.mean(kd9))
     assert f"{best_kd:.2f} ± " in md.split("## All runs")[0]
+
+
+# ------------------------------------------------- registry and literature
+
+def test_registry_is_read_without_importing_it(tmp_path):
+    from kdlab.methods import method_versions              # the real registry (torch)
+    assert list(R.registry_versions().items()) == list(method_versions().items())
+    # Any registry of that form: modules named in METHODS, in order, with their versions.
+    (tmp_path / "__init__.py").write_text(
+        "from . import plain, zeta as z, alpha\nMETHODS = {m.NAME: m for m in (plain, z, alpha)}\n")
+    for module, name, version in (("plain", "none", 1), ("zeta", "zz", 3), ("alpha", "aa", 2)):
+        (tmp_path / f"{module}.py").write_text(f"import torch\nNAME = {name!r}\nVERSION = {version}\n")
+    assert list(R.registry_versions(tmp_path).items()) == [("none", 1), ("zz", 3), ("aa", 2)]
+    (tmp_path / "__init__.py").write_text("METHODS = {}\n")
+    with pytest.raises(ValueError, match="METHODS"):
+        R.registry_versions.__wrapped__(tmp_path)
+
+
+def test_summary_has_a_column_per_registered_method(campaign):
+    exp, out, values, planted, pair, report = campaign
+    md = (out / R.TABLE_MD).read_text()
+    methods = [m for m in R.registry_versions() if m != "none"]
+    head = "| Dataset | Teacher → Student | Teacher | Student | " + " | ".join(methods) + " |"
+    summary = md.split("## Summary")[1].split("##")[0]
+    assert "best-epoch test accuracy" in summary.splitlines()[0]
+    assert head in summary
+    # Only the campaign's methods have runs; the others are there, empty.
+    assert summary.count(" | –") >= len(methods) - 4
+
+
+CRD = {"epochs": 240, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+       "schedule": "multistep", "milestones": [150, 180, 210], "lr_decay": 0.1,
+       "label_smoothing": 0.0, "amp": "off", "num_workers": 4, "device": "auto"}
+
+
+def test_published_numbers_beside_ours_on_the_source_metric(tmp_path):
+    exp, out = tmp_path / "e", tmp_path / "o"
+    T, S = "ResNet56", "ResNet20"
+    pair = dict(teacher=T, student=S)
+    write_run(exp, "teacher", student=T, best=73.0, last=72.5, training=CRD)
+    for seed, last in enumerate([69.2, 68.8]):
+        write_run(exp, "student", student=S, seed=seed, best=69.9, last=last, training=CRD)
+    for seed, last in enumerate([70.9, 70.5]):
+        write_run(exp, "distill", method="kd", alpha=0.9, **pair, seed=seed, best=71.5, last=last,
+                  training=CRD)
+        # The additive form: no alpha, its own row (the run records the schema's alpha 0).
+        write_run(exp, "distill", method="kd", alpha=0.0, setting="additive_ce1_kd0.9", **pair,
+                  seed=seed, best=71.0, last=last - 1, training=CRD)
+    # Another recipe: no comparison. A row mixing recipes: none either.
+    write_run(exp, "distill", method="fitnets", alpha=0.5, **pair, best=70.0, last=69.8,
+              training={**CRD, "epochs": 200})
+    write_run(exp, "distill", method="rkd", alpha=0.5, **pair, seed=0, best=70.0, training=CRD)
+    write_run(exp, "distill", method="rkd", alpha=0.5, **pair, seed=1, best=70.0,
+              training={**CRD, "lr": 0.1})
+    # A published teacher, imported: compared on dataset and model alone.
+    write_run(exp, "teacher", student="ResNet110", best=74.2, last=74.2,
+              training={"device": "cpu"}, source={"path": "r110.pth", "sha256": "0"})
+    rep = R.run_results(str(exp), str(out), metric="best", dpi=60, curves=False,
+                        log=lambda m: None)
+    assert rep["errors"] == []
+    rows = {(r["teacher"], r["role"], r["method"], r["setting"]): r
+            for r in read_csv(out / R.TABLE_CSV)}
+    kd = rows[(T, "distill", "kd", "alpha_0.9")]
+    assert (kd["alpha"], kd["recipe"], kd["published"], kd["published_metric"]) == \
+        ("0.9", "crd2020", "70.66", "last")
+    assert float(kd["ours_minus_published"]) == pytest.approx(70.7 - 70.66)
+    add = rows[(T, "distill", "kd", "additive_ce1_kd0.9")]
+    assert (add["alpha"], add["n_seeds"], add["published"]) == ("", "2", "70.66")
+    assert float(add["last_mean"]) == pytest.approx(69.7)
+    teacher = rows[(T, "teacher", "", "")]
+    assert float(teacher["ours_minus_published"]) == pytest.approx(72.5 - 72.34)
+    student = rows[(T, "student", "none", "")]
+    assert float(student["ours_minus_published"]) == pytest.approx(69.0 - 69.06)
+    for method in ("fitnets", "rkd"):
+        r = rows[(T, "distill", method, "alpha_0.5")]
+        assert (r["recipe"], r["published"], r["ours_minus_published"]) == ("", "", "")
+    imported = rows[("ResNet110", "teacher", "", "")]
+    assert float(imported["ours_minus_published"]) == pytest.approx(74.2 - 74.31)
+
+    md = (out / R.TABLE_MD).read_text()
+    compared = md.split("## Compared with crd2020")[1].split("## All runs")[0]
+    assert compared.startswith(": last-epoch test accuracy")
+    lines = compared.splitlines()
+    ours = next(l for l in lines if "| ours |" in l and T in l)
+    published = lines[lines.index(ours) + 1]
+    delta = lines[lines.index(ours) + 2]
+    assert "| 72.50 | 69.00 ± 0.28 | 70.70 ± 0.28 (α 0.9) | – |" in ours
+    assert "| published (crd2020) | 72.34 | 69.06 | 70.66 | – |" in published
+    assert "| Δ ours − published | +0.16 | −0.06 | +0.04 | – |" in delta
+    assert "| kd | additive ce1 kd0.9 | 71.00 ± 0.00 | 69.70 ± 0.28 | 70.66 | last | −0.96 | 2 |" in md
+    # The summary shows the best epoch, as its title says; the last-epoch figure draws the
+    # published numbers (the source's metric), the best-epoch one does not.
+    assert "best-epoch test accuracy" in md.split("## Summary")[1].splitlines()[0]
+    panels = {m: R.figures.aggregate_data(R.build_table(R.load_runs(str(exp))[0]), m)
+              for m in ("best", "last")}
+    kd_points = {m: next(p for p in panels[m] if p["teacher"] == T)["methods"]["kd"]
+                 for m in panels}
+    assert {q["published"] for q in kd_points["last"]} == {70.66}
+    assert {q["published"] for q in kd_points["best"]} == {None}
+    R.run_results(str(exp), str(tmp_path / "last"), metric="last", dpi=60, curves=False,
+                  log=lambda m: None)
+    png_size(tmp_path / "last" / R.FIG_BEST)
 
 
 # ----------------------------------------------------------------------- health
@@ -445,6 +554,10 @@ def test_module_does_not_import_torch(tmp_path):
     write_run(exp, "teacher", student="A", best=70.0, last=69.0)
     code = ("import sys; from kdlab import results as R; "
             f"R.run_results({str(exp)!r}, {str(tmp_path / 'o')!r}, curves=False, "
-            "log=lambda m: None); assert 'torch' not in sys.modules, 'torch imported'")
+            "log=lambda m: None); assert 'torch' not in sys.modules, 'torch imported'; "
+            # The command line too, which also reads the method registry.
+            "from kdlab.cli import main; "
+            f"assert main(['results', {str(exp)!r}, '--out', {str(tmp_path / 'c')!r}, "
+            "'--no-curves', '--quiet']) == 0; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
