@@ -35,7 +35,7 @@ from kdlab import results as R  # noqa: E402
 
 PAIRS = [("ResNet56", "ResNet20"), ("ResNet110", "ResNet20"), ("ResNet110", "ResNet32"),
          ("ResNet110", "ResNet56")]
-METHODS = ["kd", "fitnet", "rkd", "ft"]
+METHODS = ["kd", "fitnets", "rkd", "ft"]
 ALPHAS = [0.1, 0.3, 0.5, 0.75, 0.95]
 
 
