@@ -131,7 +131,7 @@ def import_teacher(run, run_dir):
     meta = checkpoint if isinstance(checkpoint, dict) else {}
     recorded, epoch = meta.get("accuracy"), meta.get("epoch")
     try:  # RepDistiller stores its own test accuracy (a tensor) and epoch: kept for reference
-        recorded = float(recorded) if recorded is not None else None
+        recorded = round(float(recorded), 4) if recorded is not None else None
         epoch = int(epoch) if epoch is not None else None
     except (TypeError, ValueError, RuntimeError):
         recorded = epoch = None
