@@ -71,6 +71,8 @@ def write_run(root, kind, *, dataset="Cifar100", method=None, alpha=None, teache
            "method": method if kind == "distill" else "none",
            "alpha": alpha, "teacher": teacher if kind == "distill" else None,
            "student": student, "seed": seed, "num_classes": num_classes}
+    if setting:  # as train.py records the loss form
+        run.update(alpha=None, recipe=setting)
     data = {"status": status, "error": error, "run": run, "method_version": version,
             "epochs_planned": epochs, "epochs_done": done, "history": history,
             "best_acc": best, "best_epoch": acc.index(best) + 1 if best in acc else None,
@@ -267,8 +269,8 @@ def test_published_numbers_beside_ours_on_the_source_metric(tmp_path):
     for seed, last in enumerate([70.9, 70.5]):
         write_run(exp, "distill", method="kd", alpha=0.9, **pair, seed=seed, best=71.5, last=last,
                   training=CRD)
-        # The additive form: no alpha, its own row (the run records the schema's alpha 0).
-        write_run(exp, "distill", method="kd", alpha=0.0, setting="additive_ce1_kd0.9", **pair,
+        # The additive form: no alpha, its own row.
+        write_run(exp, "distill", method="kd", setting="additive_ce1_kd0.9", **pair,
                   seed=seed, best=71.0, last=last - 1, training=CRD)
     # Another recipe: no comparison. A row mixing recipes: none either.
     write_run(exp, "distill", method="fitnets", alpha=0.5, **pair, best=70.0, last=69.8,
@@ -285,7 +287,7 @@ def test_published_numbers_beside_ours_on_the_source_metric(tmp_path):
     rows = {(r["teacher"], r["role"], r["method"], r["setting"]): r
             for r in read_csv(out / R.TABLE_CSV)}
     kd = rows[(T, "distill", "kd", "alpha_0.9")]
-    assert (kd["alpha"], kd["recipe"], kd["published"], kd["published_metric"]) == \
+    assert (kd["alpha"], kd["published_source"], kd["published"], kd["published_metric"]) == \
         ("0.9", "crd2020", "70.66", "last")
     assert float(kd["ours_minus_published"]) == pytest.approx(70.7 - 70.66)
     add = rows[(T, "distill", "kd", "additive_ce1_kd0.9")]
@@ -297,7 +299,7 @@ def test_published_numbers_beside_ours_on_the_source_metric(tmp_path):
     assert float(student["ours_minus_published"]) == pytest.approx(69.0 - 69.06)
     for method in ("fitnets", "rkd"):
         r = rows[(T, "distill", method, "alpha_0.5")]
-        assert (r["recipe"], r["published"], r["ours_minus_published"]) == ("", "", "")
+        assert (r["published_source"], r["published"], r["ours_minus_published"]) == ("", "", "")
     imported = rows[("ResNet110", "teacher", "", "")]
     assert float(imported["ours_minus_published"]) == pytest.approx(74.2 - 74.31)
 
@@ -547,6 +549,11 @@ def test_identity_falls_back_to_the_path(tmp_path):
         ("distill", "rkd", "0.75", "T", "S", 3)
     assert s["num_classes"] == 100                 # from the dataset name
     assert s["best_epoch"] == 11                   # 1-based, from the history itself
+    # The loss setting as the run recorded it wins over the path; no alpha in additive runs.
+    data["run"] = {"kind": "distill", "method": "kd", "alpha": None, "recipe": "additive_ce1_kd0.9"}
+    p.write_text(json.dumps(data))
+    (s,) = R.load_runs(str(exp))[0]
+    assert (s["setting"], s["alpha"], s["method"]) == ("additive_ce1_kd0.9", "", "kd")
 
 
 def test_module_does_not_import_torch(tmp_path):

@@ -43,8 +43,8 @@ def matches(run: dict, source: dict) -> bool:
         return False
     if run.get("kind") == "teacher" and run.get("imported_from"):
         return True
-    recipe = run.get("recipe") or {}
-    return all(k in recipe and _same(recipe[k], v) for k, v in source["recipe"].items())
+    training = run.get("training") or {}
+    return all(k in training and _same(training[k], v) for k, v in source["recipe"].items())
 
 
 def source_of(group: list[dict], sources: tuple[dict, ...]) -> dict | None:

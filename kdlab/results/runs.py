@@ -151,10 +151,12 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         teacher = run.get("teacher") or guess.get("teacher")
         student = run.get("student") or guess.get("student")
         method = run.get("method") or guess.get("method")
-        # The directory the grid named after the run's loss settings; without one (a
-        # moved run), the recorded alpha of the convex form.
-        setting = guess.get("setting") or (
-            f"alpha_{fmt_alpha(run['alpha'])}" if run.get("alpha") is not None else "")
+        # How CE and the method combine, as the run recorded it ("recipe": alpha_0.5,
+        # additive_ce1_kd0.9); for older files, the directory level the grid names after
+        # it, or the recorded alpha of the convex form.
+        setting = (run.get("recipe") if isinstance(run.get("recipe"), str) else None) \
+            or guess.get("setting") \
+            or (f"alpha_{fmt_alpha(run['alpha'])}" if run.get("alpha") is not None else "")
     seed = run.get("seed", guess.get("seed"))
     hist = data.get("history") if isinstance(data.get("history"), dict) else {}
     accs = series(hist.get("test_acc"))
@@ -201,9 +203,9 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         # Teachers and plain students are trained with method "none": its version counts.
         "version_method": run.get("method") or (method if kind == "distill" else "none"),
         "started": prov.get("started"), "finished": prov.get("finished"),
-        # What the published-number comparison needs: the recorded recipe, and for an
-        # imported teacher (kdlab import-teacher) where it came from.
-        "recipe": {k: training[k] for k in RECIPE_KEYS if k in training},
+        # What the published-number comparison needs: the recorded training recipe, and
+        # for an imported teacher (kdlab import-teacher) where it came from.
+        "training": {k: training[k] for k in RECIPE_KEYS if k in training},
         "imported_from": source.get("path") if source else None,
     }
 

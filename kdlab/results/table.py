@@ -17,7 +17,7 @@ from .runs import setting_label, setting_sort_key
 CSV_COLUMNS = [
     "dataset", "teacher", "student", "role", "method", "setting", "alpha", "n_seeds", "seeds",
     "best_mean", "best_std", "last_mean", "last_std", "n_near_chance",
-    "recipe", "published", "published_metric", "ours_minus_published",
+    "published_source", "published", "published_metric", "ours_minus_published",
 ]
 
 
@@ -54,11 +54,11 @@ def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role
            "best_mean": best_mean, "best_std": best_std,
            "last_mean": last_mean, "last_std": last_std,
            "n_near_chance": sum(is_near_chance(s, margin) for s in group),
-           "recipe": "", "published": math.nan, "published_metric": "",
+           "published_source": "", "published": math.nan, "published_metric": "",
            "ours_minus_published": math.nan}
     source = source_of(group, sources)
     if source:
-        row["recipe"] = source["id"]
+        row["published_source"] = source["id"]
         value = published_value(source, role, teacher, student, method)
         if value is not None:
             row.update(published=float(value), published_metric=source["metric"],
@@ -156,16 +156,16 @@ def metric_words(metric: str) -> str:
 
 
 def best_setting_rows(rows: list[dict], metric: str = "best",
-                      recipe: str | None = None) -> dict[tuple, dict]:
+                      source_id: str | None = None) -> dict[tuple, dict]:
     """For each (dataset, teacher, student, method): the row of the best setting (highest
-    mean ``metric`` accuracy; ties go to the first in table order); with ``recipe``, among
-    the rows that matched that published recipe only."""
+    mean ``metric`` accuracy; ties go to the first in table order); with ``source_id``,
+    among the rows compared with that published source only."""
     out: dict[tuple, dict] = {}
     col = f"{metric}_mean"
     for r in rows:
         if r["role"] != "distill" or not math.isfinite(r[col]):
             continue
-        if recipe is not None and r["recipe"] != recipe:
+        if source_id is not None and r["published_source"] != source_id:
             continue
         k = (r["dataset"], r["teacher"], r["student"], r["method"])
         if k not in out or r[col] > out[k][col]:
@@ -198,7 +198,7 @@ def _comparison(rows: list[dict], methods: list[str], source: dict) -> list[str]
     recorded its recipe: each method at its best setting among those runs."""
     metric, sid = source["metric"], source["id"]
     pairs = [p for p in _pairs(rows) if any(
-        r["recipe"] == sid for r in rows if (r["dataset"], r["teacher"], r["student"]) == p)]
+        r["published_source"] == sid for r in rows if (r["dataset"], r["teacher"], r["student"]) == p)]
     if not pairs:
         return []
     best = best_setting_rows(rows, metric, sid)
@@ -211,7 +211,7 @@ def _comparison(rows: list[dict], methods: list[str], source: dict) -> list[str]
         cells = [_role_row(rows, p, "teacher"), _role_row(rows, p, "student")]
         cells += [best.get((*p, m)) for m in methods]
         for i, r in enumerate(cells):
-            matched = r is not None and r["recipe"] == sid
+            matched = r is not None and r["published_source"] == sid
             setting = f" ({setting_label(r['setting'])})" if matched and i >= 2 else ""
             ours.append(fmt_pm(r[col[0]], r[col[1]]) + setting if matched else "–")
             pub.append(fmt_num(r["published"]) if matched else "–")
