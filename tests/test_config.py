@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kdlab.cli import main as kdlab_main
-from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid
+from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid, resolve_run
 from kdlab.grid import expand_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,6 +148,25 @@ def test_expansion_follows_the_grid():
     assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2}
     distilled = [job for job in expand_grid(grid) if job.rule == "distill"]
     assert all(job.run["teacher_weights"].endswith("/teachers/ResNet14/1/model.pth") for job in distilled)
+
+
+def test_convex_and_additive_runs_live_apart():
+    grid = resolve_grid(demo(plain_students=False, seeds=[0], alphas=[0.5], methods={
+        "kd": {"alphas": [0.9], "additive": [{"ce_weight": 0.1, "kd_weight": 0.9}]},
+        "rkd": {"additive": [{"ce_weight": 1, "kd_weight": 0}, {"ce_weight": 1, "kd_weight": 1, "kd_temperature": 2}]},
+        "fitnets": {}}))
+    runs = {job.outputs[0].split("/")[2] + "/" + job.outputs[0].split("/")[3]: job.run
+            for job in expand_grid(grid) if job.rule == "distill"}
+    assert set(runs) == {"kd/alpha_0.9", "kd/additive_ce0.1_kd0.9", "rkd/additive_ce1_kd0", "rkd/additive_ce1_kd1",
+                         "fitnets/alpha_0.5"}  # rkd lists only additive recipes: no global alphas
+    assert runs["kd/alpha_0.9"]["alpha"] == 0.9 and "additive" not in runs["kd/alpha_0.9"]
+    assert "alpha" not in runs["kd/additive_ce0.1_kd0.9"]
+    assert runs["kd/additive_ce0.1_kd0.9"]["additive"] == {"ce_weight": 0.1, "kd_weight": 0.9}
+    assert runs["rkd/additive_ce1_kd0"]["additive"] == {"ce_weight": 1, "kd_weight": 0, "kd_temperature": 4.0}
+    assert runs["rkd/additive_ce1_kd1"]["additive"]["kd_temperature"] == 2
+    assert all("additive" not in run["method_settings"] for run in runs.values())
+    with pytest.raises(ConfigError, match="config key 'additive': only a distilled student"):
+        resolve_run({**runs["kd/additive_ce0.1_kd0.9"], "alpha": 0.5})
 
 
 def test_missing_blocks_take_their_defaults():
