@@ -194,10 +194,12 @@ def parse_run_path(rel: str) -> dict:
     elif len(parts) == 4 and parts[1] == "none":
         out = {"kind": "student", "dataset": parts[0], "method": "none", "model": parts[2],
                "seed": parts[3]}
-    elif len(parts) == 5 and parts[2].startswith("alpha_") and "_to_" in parts[3]:
+    elif len(parts) == 5 and parts[2].startswith(("alpha_", "additive_")) and "_to_" in parts[3]:
         teacher, student = parts[3].split("_to_", 1)
+        # An additive recipe has no alpha: its directory name stands in the alpha column.
+        alpha = parts[2][len("alpha_"):] if parts[2].startswith("alpha_") else parts[2]
         out = {"kind": "distill", "dataset": parts[0], "method": parts[1],
-               "alpha": parts[2][len("alpha_"):], "teacher": teacher, "student": student,
+               "alpha": alpha, "teacher": teacher, "student": student,
                "seed": parts[4]}
     if "seed" in out:
         try:
@@ -264,7 +266,7 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         teacher = run.get("teacher") or guess.get("teacher")
         student = run.get("student") or guess.get("student")
         method = run.get("method") or guess.get("method")
-        alpha = run.get("alpha", guess.get("alpha"))
+        alpha = run["recipe"] if run.get("loss_form") == "additive" else run.get("alpha", guess.get("alpha"))
     seed = run.get("seed", guess.get("seed"))
     hist = data.get("history") if isinstance(data.get("history"), dict) else {}
     series = _series(hist.get("test_acc"))
@@ -679,7 +681,7 @@ def aggregate_data(rows: list[dict], metric: str = "best") -> list[dict]:
             p["teacher_acc"] = point
         elif r["role"] == "student":
             p["student_acc"] = point
-        elif point["mean"] is not None:
+        elif point["mean"] is not None and r["alpha"].replace(".", "", 1).isdigit():  # alpha figures: convex runs
             p["methods"].setdefault(r["method"], []).append({"alpha": r["alpha"], **point})
     return [p for p in panels.values() if p["methods"]]
 
