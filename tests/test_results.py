@@ -458,7 +458,8 @@ def test_additive_recipes_get_their_own_rows(tmp_path):
     shutil.copytree(convex, additive)
     for name in ("metrics.json", "progress.json"):
         data = json.loads((additive / name).read_text())
-        data["run"].update(alpha=None, loss_form="additive", ce_weight=0.1, kd_weight=0.9, recipe="additive_ce0.1_kd0.9")
+        data["run"].update(alpha=None, loss_form="additive", ce_weight=0.1, kd_weight=0.9,
+                           recipe="additive_ce0.1_kd0.9")
         data["best_acc"] = 65.0
         (additive / name).write_text(json.dumps(data))
     shutil.rmtree(convex)
