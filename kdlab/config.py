@@ -32,12 +32,24 @@ StrictValidator = jsonschema.validators.extend(
         "integer", lambda checker, x: isinstance(x, int) and not isinstance(x, bool)))
 
 
+def additive_schema(defs, method):
+    """One additive recipe of `method`: kd's own loss is its KD term, so it takes no kd_temperature."""
+    recipe = copy.deepcopy(defs["additive"])
+    if method == "kd":
+        del recipe["properties"]["kd_temperature"]
+    return recipe
+
+
 def grid_schema():
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     alphas = {k: v for k, v in schema["properties"]["alphas"].items() if k not in ("default", "description")}
     schema["properties"]["methods"].update(additionalProperties=False, properties={
         name: {"type": "object", "additionalProperties": False,
-               "properties": {**m.SETTINGS, "alphas": {**alphas, "description": "overrides the global alphas"}}}
+               "properties": {**m.SETTINGS, "alphas": {**alphas, "description": "overrides the global alphas"},
+                              "additive": {"type": "array", "minItems": 1,
+                                           "items": additive_schema(schema["$defs"], name),
+                                           "description": "additive recipes; without the method's own "
+                                                          "alphas, the global alphas do not apply"}}}
         for name, m in METHODS.items() if m.NEEDS_TEACHER})
     return schema
 
@@ -59,6 +71,7 @@ def run_schema():
             "training": {"$ref": "#/$defs/training"},
             "teacher_weights": {"anyOf": [{"$ref": "#/$defs/path"}, {"type": "null"}], "default": None},
             "paraphraser": {"anyOf": [{"$ref": "#/$defs/path"}, {"type": "null"}], "default": None},
+            "additive": {"type": "object"},  # absent: the convex form with alpha; checked per method below
         },
     }
 
@@ -115,6 +128,13 @@ def resolve_run(run):
     """Validate a single run's config (what `kdlab train` receives) and fill in defaults."""
     schema = run_schema()
     validate(run, schema)
+    if "additive" in run:
+        if run["kind"] != "distill" or "alpha" in run:
+            raise ConfigError("config key 'additive': only a distilled student takes an additive recipe, "
+                              "and then without 'alpha'")
+        recipe = additive_schema(schema["$defs"], run["method"])
+        validate(run["additive"], recipe, "additive")
+        run = {**run, "additive": with_defaults(run["additive"], recipe)}
     run = with_defaults(run, schema)
     if run["kind"] == "distill":
         if run["method"] == "none":
@@ -166,9 +186,21 @@ def resolve_grid(config):
         if any(float(n) != float(a) or "e" in n for n, a in zip(names, alphas)) or len(set(names)) < len(names):
             raise ConfigError(f"config key '{where}': {alphas} must be plain decimals (at most 6 significant "
                               f"digits, no exponent) that name distinct run directories alpha_<value>")
+    for method, block in grid["methods"].items():
+        if "additive" not in block:
+            continue
+        recipe = additive_schema(schema["$defs"], method)
+        block["additive"] = [with_defaults(r, recipe) for r in block["additive"]]
+        weights = [r[k] for r in block["additive"] for k in ("ce_weight", "kd_weight")]
+        names = [recipe_name(additive=r) for r in block["additive"]]
+        if any(float(format_alpha(w)) != float(w) or "e" in format_alpha(w) for w in weights) or \
+                len(set(names)) < len(names):
+            raise ConfigError(f"config key 'methods.{method}.additive': the weights must be plain decimals (at "
+                              f"most 6 significant digits, no exponent) that name distinct run directories "
+                              f"additive_ce<ce_weight>_kd<kd_weight>")
     for i, pair in enumerate(grid["pairs"]):
         for name, settings in grid["methods"].items():
-            settings = {k: v for k, v in settings.items() if k != "alphas"}
+            settings = {k: v for k, v in settings.items() if k not in ("alphas", "additive")}
             check_models_and_methods(pair["student"], pair["teacher"], name, settings, f"pairs[{i}].")
     return grid
 
@@ -183,6 +215,14 @@ def load_grid(path):
 
 def format_alpha(alpha):
     return format(float(alpha), "g")
+
+
+def recipe_name(alpha=None, additive=None):
+    """The run-directory level that says how CE and the method combine: alpha_0.5 (convex)
+    or additive_ce1_kd0.9 (ce_weight * CE + kd_weight * KD + L_method)."""
+    if additive is not None:
+        return f"additive_ce{format_alpha(additive['ce_weight'])}_kd{format_alpha(additive['kd_weight'])}"
+    return f"alpha_{format_alpha(alpha)}"
 
 
 def split_runtime(run):

@@ -8,7 +8,7 @@ which may change without rerunning anything.
 
 from dataclasses import dataclass, field
 
-from .config import RUNTIME_KEYS, format_alpha
+from .config import RUNTIME_KEYS, recipe_name
 from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
 
 
@@ -28,9 +28,19 @@ def student_dir(grid, student, seed):
     return f"{grid['experiments_dir']}/{grid['data']['dataset']}/none/{student}/{seed}"
 
 
-def distill_dir(grid, method, alpha, teacher, student, seed):
-    return (f"{grid['experiments_dir']}/{grid['data']['dataset']}/{method}/alpha_{format_alpha(alpha)}/"
-            f"{teacher}_to_{student}/{seed}")
+def distill_dir(grid, method, recipe, teacher, student, seed):
+    """`recipe` is recipe_name(...): alpha_<alpha> or additive_ce<ce>_kd<kd>."""
+    return f"{grid['experiments_dir']}/{grid['data']['dataset']}/{method}/{recipe}/{teacher}_to_{student}/{seed}"
+
+
+def recipes(grid, method):
+    """[(directory name, what the run config gets)] for each way `method` combines with CE:
+    its alphas (the global ones unless it lists its own or only additive recipes), then
+    its additive recipes."""
+    block = grid["methods"][method]
+    alphas = block.get("alphas", [] if "additive" in block else grid["alphas"])
+    return ([(recipe_name(alpha=a), {"alpha": float(a)}) for a in alphas] +
+            [(recipe_name(additive=r), {"additive": r}) for r in block.get("additive", [])])
 
 
 def paraphraser_path(grid, teacher, settings):
@@ -39,7 +49,7 @@ def paraphraser_path(grid, teacher, settings):
 
 
 def method_settings(grid, method):
-    return {k: v for k, v in grid["methods"][method].items() if k != "alphas"}
+    return {k: v for k, v in grid["methods"][method].items() if k not in ("alphas", "additive")}
 
 
 # Stage 1 of FT uses only these training keys (and the runtime ones); leaving out the rest
@@ -100,13 +110,13 @@ def expand_grid(grid):
                 d = student_dir(grid, student, seed)
                 add(Job("train_student", [f"{d}/metrics.json", f"{d}/model.pth"],
                         run_config(grid, "student", student, seed)))
-    for method, block in grid["methods"].items():
-        for alpha in block.get("alphas", grid["alphas"]):
+    for method in grid["methods"]:
+        for recipe, combination in recipes(grid, method):
             for pair in grid["pairs"]:
                 teacher, student = pair["teacher"], pair["student"]
                 for seed in grid["seeds"]:
-                    d = distill_dir(grid, method, alpha, teacher, student, seed)
-                    extra = {"teacher": teacher, "alpha": float(alpha), "teacher_weights": weights[teacher],
+                    d = distill_dir(grid, method, recipe, teacher, student, seed)
+                    extra = {"teacher": teacher, **combination, "teacher_weights": weights[teacher],
                              "method_settings": method_settings(grid, method)}
                     inputs = [weights[teacher]]
                     if method == "ft":

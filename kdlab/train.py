@@ -2,7 +2,8 @@
 
 One function, `train`, reads top to bottom: set up, resume if a matching checkpoint
 exists, then per epoch train, evaluate, log, checkpoint. Distillation plugs in through
-the method's Loss (kdlab/methods); the student's loss is (1 - alpha) * CE + alpha * L.
+the method's Loss (kdlab/methods); the student's loss is (1 - alpha) * CE + alpha * L or
+ce_weight * CE + kd_weight * KD + L (kdlab/loss.py).
 """
 
 import math
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import fingerprint, resolve_run
+from .config import fingerprint, recipe_name, resolve_run
 from .data import load_dataset, make_loaders
+from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model
 from .runio import atomic_torch_save, atomic_write_json, file_sha256, now, provenance, torch_load, UnreadableFile
@@ -85,8 +87,8 @@ def evaluate(model, loader, normalize, device, autocast):
     return loss_sum / count, 100.0 * correct / count
 
 
-def gradient_share(model, loss_fn, teacher, x, y, index, alpha):
-    """Fraction of the gradient norm on the student's weights that comes from alpha * L_method.
+def gradient_share(model, loss_fn, teacher, x, y, index, ce_weight, method_weight):
+    """Fraction of the gradient norm on the student's weights that comes from the method's loss.
 
     Measured in float32 on one batch; BatchNorm running statistics are restored so the
     measurement does not change training.
@@ -96,8 +98,8 @@ def gradient_share(model, loss_fn, teacher, x, y, index, alpha):
     with torch.no_grad():
         teacher_out = teacher(x) if teacher else None
     student_out = model(x)
-    ce = (1 - alpha) * F.cross_entropy(student_out[-1], y)
-    method = alpha * sum(loss_fn(student_out, teacher_out, y, index).values())
+    ce = ce_weight * F.cross_entropy(student_out[-1], y)
+    method = method_weight * sum(loss_fn(student_out, teacher_out, y, index).values())
     norms = []
     for part, retain in ((ce, True), (method, False)):
         grads = torch.autograd.grad(part, params, retain_graph=retain, allow_unused=True)
@@ -116,11 +118,16 @@ def new_history():
 def run_record(run, status, state, epochs_planned, prov, num_classes, error=None):
     history = state["history"]
     acc = history["test_acc"]
+    distilled, additive = run["kind"] == "distill", run.get("additive")
     best_epoch = int(np.argmax(acc)) + 1 if acc else None  # 1-based, as in the log lines
     return {
         "status": status, "error": error,
         "run": {"kind": run["kind"], "dataset": run["data"]["dataset"], "method": run["method"],
-                "alpha": run["alpha"] if run["kind"] == "distill" else None, "teacher": run["teacher"],
+                "alpha": run["alpha"] if distilled and not additive else None, "teacher": run["teacher"],
+                "loss_form": ("additive" if additive else "convex") if distilled else None,
+                "ce_weight": additive["ce_weight"] if additive else None,
+                "kd_weight": additive["kd_weight"] if additive else None,
+                "recipe": recipe_name(run["alpha"], additive) if distilled else None,
                 "student": run["model"], "seed": run["seed"], "num_classes": num_classes},
         "method_version": get_method(run["method"]).VERSION,
         "epochs_planned": epochs_planned, "epochs_done": len(acc), "history": history,
@@ -167,10 +174,10 @@ def train(run, run_dir, force_restart=False):
                                              device.type == "cuda", tr["eval_batch_size"])
     normalize = Normalize(arrays.mean, arrays.std, device)
     model = build_model(run["model"], arrays.num_classes).to(device)
-    loss_fn = method.Loss(run["method_settings"], run).to(device)
+    loss_fn = build_loss(run).to(device)
     teacher = load_frozen_teacher(run, arrays.num_classes, device) if method.NEEDS_TEACHER else None
     distilled = run["kind"] == "distill"
-    alpha = run["alpha"] if distilled else 0.0
+    ce_weight, method_weight = loss_weights(run) if distilled else (1.0, 0.0)
     params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
     amp_dtype = AMP_DTYPES.get(tr["amp"])
@@ -202,7 +209,8 @@ def train(run, run_dir, force_restart=False):
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(run, status, state, tr["epochs"], prov,  # noqa: E731
                                                    arrays.num_classes, error)
-    log(f"{run['kind']} {run['model']} method={run['method']} alpha={alpha:g} seed={run['seed']} "
+    recipe = recipe_name(run["alpha"], run.get("additive")) if distilled else "plain"
+    log(f"{run['kind']} {run['model']} method={run['method']} {recipe} seed={run['seed']} "
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
         f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
@@ -222,14 +230,14 @@ def train(run, run_dir, force_restart=False):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             index = views[:, 0].to(device, non_blocking=True)
             if step == 0 and distilled:
-                share = gradient_share(model, loss_fn, teacher, x, y, index, alpha)
+                share = gradient_share(model, loss_fn, teacher, x, y, index, ce_weight, method_weight)
             with autocast():
                 student_out = model(x)
                 with torch.no_grad():
                     teacher_out = teacher(x) if teacher else None
                 ce = F.cross_entropy(student_out[-1].float(), y, label_smoothing=tr["label_smoothing"])
                 terms = {"ce": ce, **loss_fn(student_out, teacher_out, y, index)}
-                loss = (1 - alpha) * ce + alpha * sum(v for k, v in terms.items() if k != "ce")
+                loss = ce_weight * ce + method_weight * sum(v for k, v in terms.items() if k != "ce")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(

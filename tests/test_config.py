@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kdlab.cli import main as kdlab_main
-from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid
+from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid, resolve_run
 from kdlab.grid import expand_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,7 +117,8 @@ def expected_counts(grid):
         counts["pretrain_paraphraser"] = len(teachers)
     if grid["plain_students"]:
         counts["train_student"] = len(students) * len(grid["seeds"])
-    distill = sum(len(block.get("alphas", grid["alphas"])) for block in grid["methods"].values())
+    distill = sum(len(block.get("alphas", [] if "additive" in block else grid["alphas"])) +
+                  len(block.get("additive", [])) for block in grid["methods"].values())
     if distill:
         counts["distill"] = distill * len(grid["pairs"]) * len(grid["seeds"])
     return counts
@@ -129,7 +130,7 @@ def test_shipped_config_validates_and_expands(name):
     grid = load_grid(REPO / "config" / name)
     counts = Counter(job.rule for job in expand_grid(grid))
     assert counts == expected_counts(grid)
-    assert set(raw["methods"]) == {"kd", "fitnets", "rkd", "ft"}  # every shipped grid runs every method
+    assert set(raw["methods"]) >= {"kd", "fitnets", "rkd", "ft"}  # every shipped grid runs the group's methods
 
 
 def test_shipped_counts():
@@ -137,7 +138,7 @@ def test_shipped_counts():
     got = {name: dict(Counter(j.rule for j in expand_grid(load_grid(REPO / "config" / name)))) for name in SHIPPED}
     assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108}
     assert got["demo.yaml"] == {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 2, "distill": 16}
-    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 36}
+    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 54}
 
 
 def test_expansion_follows_the_grid():
@@ -147,6 +148,25 @@ def test_expansion_follows_the_grid():
     assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2}
     distilled = [job for job in expand_grid(grid) if job.rule == "distill"]
     assert all(job.run["teacher_weights"].endswith("/teachers/ResNet14/1/model.pth") for job in distilled)
+
+
+def test_convex_and_additive_runs_live_apart():
+    grid = resolve_grid(demo(plain_students=False, seeds=[0], alphas=[0.5], methods={
+        "kd": {"alphas": [0.9], "additive": [{"ce_weight": 0.1, "kd_weight": 0.9}]},
+        "rkd": {"additive": [{"ce_weight": 1, "kd_weight": 0}, {"ce_weight": 1, "kd_weight": 1, "kd_temperature": 2}]},
+        "fitnets": {}}))
+    runs = {job.outputs[0].split("/")[2] + "/" + job.outputs[0].split("/")[3]: job.run
+            for job in expand_grid(grid) if job.rule == "distill"}
+    assert set(runs) == {"kd/alpha_0.9", "kd/additive_ce0.1_kd0.9", "rkd/additive_ce1_kd0", "rkd/additive_ce1_kd1",
+                         "fitnets/alpha_0.5"}  # rkd lists only additive recipes: no global alphas
+    assert runs["kd/alpha_0.9"]["alpha"] == 0.9 and "additive" not in runs["kd/alpha_0.9"]
+    assert "alpha" not in runs["kd/additive_ce0.1_kd0.9"]
+    assert runs["kd/additive_ce0.1_kd0.9"]["additive"] == {"ce_weight": 0.1, "kd_weight": 0.9}
+    assert runs["rkd/additive_ce1_kd0"]["additive"] == {"ce_weight": 1, "kd_weight": 0, "kd_temperature": 4.0}
+    assert runs["rkd/additive_ce1_kd1"]["additive"]["kd_temperature"] == 2
+    assert all("additive" not in run["method_settings"] for run in runs.values())
+    with pytest.raises(ConfigError, match="config key 'additive': only a distilled student"):
+        resolve_run({**runs["kd/additive_ce0.1_kd0.9"], "alpha": 0.5})
 
 
 def test_missing_blocks_take_their_defaults():
@@ -176,7 +196,20 @@ def set_in(config, dotted, value):
 
 
 BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must name, text it must contain)
-    "unknown method": ("methods.crd", {}, "methods", "'crd'"),
+    "unknown method": ("methods.crdd", {}, "methods", "'crdd'"),
+    "additive without kd_weight": ("methods.rkd.additive", [{"ce_weight": 1}], "methods.rkd.additive[0]",
+                                   "'kd_weight' is a required property"),
+    "additive negative ce_weight": ("methods.rkd.additive", [{"ce_weight": -1, "kd_weight": 0}],
+                                    "methods.rkd.additive[0].ce_weight", "minimum"),
+    "additive kd_temperature for kd": ("methods.kd.additive",
+                                       [{"ce_weight": 0.1, "kd_weight": 0.9, "kd_temperature": 4}],
+                                       "methods.kd.additive[0]", "'kd_temperature' was unexpected"),
+    "additive same directory": ("methods.rkd.additive", [{"ce_weight": 1, "kd_weight": 0},
+                                                         {"ce_weight": 1.0, "kd_weight": 0, "kd_temperature": 2}],
+                                "methods.rkd.additive", "distinct run directories"),
+    "additive weight with exponent": ("methods.rkd.additive", [{"ce_weight": 1e-7, "kd_weight": 0}],
+                                      "methods.rkd.additive", "plain decimals"),
+    "additive empty": ("methods.rkd.additive", [], "methods.rkd.additive", "non-empty"),
     "unknown method none": ("methods.none", {}, "methods", "'none'"),
     "unknown teacher": ("pairs.0.teacher", "ResNet1000", "pairs[0].teacher", "unknown model 'ResNet1000'"),
     "unknown student": ("pairs.0.student", "ResNet9", "pairs[0].student", "unknown model 'ResNet9'"),

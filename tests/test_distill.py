@@ -55,6 +55,27 @@ def test_every_method_learns_far_above_chance(method, alpha, trained_teacher, pa
                                                alpha * sum(h["terms"][t][0] for t in terms), rel=1e-6)
 
 
+# The anchors' additive recipes (RepDistiller's scripts): CE 1 + the published weight; KD 0.1 CE + 0.9 KD.
+ADDITIVE = {"kd": ({"ce_weight": 0.1, "kd_weight": 0.9}, {}),
+            "fitnets": ({"ce_weight": 1.0, "kd_weight": 0.0}, {"weight": 100.0}),
+            "rkd": ({"ce_weight": 1.0, "kd_weight": 0.0}, {"distance_weight": 25.0, "angle_weight": 50.0}),
+            "ft": ({"ce_weight": 1.0, "kd_weight": 0.0}, {**FT_SETTINGS, "weight": 200.0, "factor": "channel_mean_sq"})}
+
+
+@pytest.mark.parametrize("method", list(ADDITIVE))
+def test_every_method_learns_in_the_additive_form(method, trained_teacher, paraphraser, tmp_path):
+    recipe, settings = ADDITIVE[method]
+    overrides = {"paraphraser": str(paraphraser)} if method == "ft" else {}
+    run = student(method, None, trained_teacher[0], method_settings=settings,
+                  training={"epochs": 3, "milestones": [2]}, **overrides)
+    del run["alpha"]
+    metrics = train({**run, "additive": recipe}, tmp_path)
+    assert metrics["best_acc"] >= CHANCE + MARGIN, metrics["history"]["test_acc"]
+    h = metrics["history"]
+    assert h["train_loss"][0] == pytest.approx(recipe["ce_weight"] * h["terms"]["ce"][0] +
+                                               sum(v[0] for k, v in h["terms"].items() if k != "ce"), rel=1e-6)
+
+
 def test_rkd_under_fp16_autocast_learns(trained_teacher, tmp_path):
     # fp16 convolution backward is ~100x slower than fp32 on a CPU: the smallest task that learns.
     small = {"synthetic": {"num_classes": 5, "train_size": 96, "test_size": 40, "seed": 0}}

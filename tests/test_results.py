@@ -568,3 +568,23 @@ def test_module_does_not_import_torch(tmp_path):
             "'--no-curves', '--quiet']) == 0; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_additive_recipes_get_their_own_rows(tmp_path):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    write_run(exp, "distill", method="kd", alpha=0.9, teacher="A", student="B", best=60.0)
+    convex = Path(exp, write_run(exp, "distill", method="kd", alpha=0.1, teacher="A", student="B", best=50.0))
+    additive = exp / "Cifar100/kd/additive_ce0.1_kd0.9/A_to_B/0"
+    shutil.copytree(convex, additive)
+    for name in ("metrics.json", "progress.json"):
+        data = json.loads((additive / name).read_text())
+        data["run"].update(alpha=None, loss_form="additive", ce_weight=0.1, kd_weight=0.9,
+                           recipe="additive_ce0.1_kd0.9")
+        data["best_acc"] = 65.0
+        (additive / name).write_text(json.dumps(data))
+    shutil.rmtree(convex)
+    assert cli(exp, "--out", out, "--jobs", 1) == 0
+    rows = {r["setting"]: r for r in read_csv(out / R.TABLE_CSV) if r["method"] == "kd"}
+    assert set(rows) == {"alpha_0.9", "additive_ce0.1_kd0.9"}
+    assert float(rows["additive_ce0.1_kd0.9"]["best_mean"]) == 65.0 and rows["additive_ce0.1_kd0.9"]["alpha"] == ""
+    png_size(out / R.FIG_ALPHA)  # the alpha figures show the convex runs only

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from kdlab.config import load_grid
+from kdlab.grid import expand_grid
 from kdlab.train import train
 
 from conftest import REPO, comparable, read_json
@@ -75,6 +76,23 @@ def test_plan_of_the_group_grid_and_lint():
     assert expected["distill"] == 4 * 3 * 3 * 3
     lint = subprocess.run(["snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_crd_recipe_plans_every_method_in_its_additive_form(tmp_path):
+    """config/crd.yaml: one run of each method and recipe, planned through the wildcards."""
+    jobs = [j for j in expand_grid(load_grid(REPO / "config" / "crd.yaml")) if j.rule == "distill"]
+    targets = {}
+    for job in jobs:
+        method, recipe = job.outputs[0].split("/")[2:4]
+        targets.setdefault((method, recipe), job.outputs[0])
+    assert set(targets) == {("kd", "additive_ce0.1_kd0.9"), ("fitnets", "additive_ce1_kd0"),
+                            ("rkd", "additive_ce1_kd0"), ("ft", "additive_ce1_kd0"),
+                            ("crd", "additive_ce1_kd0"), ("crd", "additive_ce1_kd1")}
+    proc = subprocess.run(["snakemake", *targets.values(), "-n", "--quiet", "rules", "--snakefile",
+                           str(REPO / "Snakefile"), "--directory", str(tmp_path),
+                           "--configfile", str(REPO / "config" / "crd.yaml")], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert planned(proc.stdout + proc.stderr)["distill"] == len(targets)
 
 
 def test_demo_runs_end_to_end_and_a_second_run_does_nothing(demo):

@@ -9,13 +9,14 @@ A method is one module with:
   check(settings, student, teacher)   raise ValueError for an unsupported combination
   Loss(settings, run)                 a MethodLoss; `run` is the resolved run config
 
-The student's loss is (1 - alpha) * CE + alpha * sum(Loss(...) terms).
+The student's loss is (1 - alpha) * CE + alpha * sum(Loss(...) terms), or in the additive
+form ce_weight * CE + kd_weight * KD + sum(Loss(...) terms) (kdlab/loss.py).
 Adding a method: one module here and one entry in METHODS.
 """
 
-from . import fitnets, ft, kd, none, rkd
+from . import crd, fitnets, ft, kd, none, rkd
 
-METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft)}
+METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft, crd)}
 
 
 def get_method(name):

@@ -24,8 +24,8 @@ SETTINGS = {
     "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 4, "default": 0.5,
              "description": "Paraphrase rate k: factors have k*64 channels. 0.5 as in the authors' CIFAR code."},
     "weight": {"type": "number", "minimum": 0, "default": 500.0,
-               "description": "Weight (beta) of the factor L1 loss; 500 as the authors (with CE 1: the same "
-                              "balance as alpha 0.5 here). Large because the mean runs over C*H*W values."},
+               "description": "Weight (beta) of the factor L1 loss; 500 as the authors (with CE 1: the additive "
+                              "recipe ce_weight 1, kd_weight 0). Large because the mean runs over C*H*W values."},
     "factor": {"type": "string", "enum": ["flatten", "channel_mean_sq"], "default": "flatten",
                "description": "'flatten': the encoder output flattened (C*H*W) and L2-normalised, as the authors; "
                               "'channel_mean_sq': the squared output averaged over channels (H*W), then "

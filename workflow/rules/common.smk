@@ -6,7 +6,7 @@
 
 TEACHER = f"{EXP}/{{dataset}}/teachers/{{teacher}}/{{seed}}"
 STUDENT = f"{EXP}/{{dataset}}/none/{{student}}/{{seed}}"
-DISTILL = f"{EXP}/{{dataset}}/{{method}}/alpha_{{alpha}}/{{teacher}}_to_{{student}}/{{seed}}"
+DISTILL = f"{EXP}/{{dataset}}/{{method}}/{{recipe}}/{{teacher}}_to_{{student}}/{{seed}}"
 PARAPHRASER = f"{TEACHER}/paraphraser_{{setting}}/paraphraser.pth"
 ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefile's .venv is the default
 
@@ -16,7 +16,7 @@ wildcard_constraints:
     teacher="|".join(BLOCKS_PER_STAGE),
     student="|".join(BLOCKS_PER_STAGE),
     method="|".join(name for name, m in METHODS.items() if m.NEEDS_TEACHER),
-    alpha=r"[0-9.]+",
+    recipe=r"alpha_[0-9.]+|additive_ce[0-9.]+_kd[0-9.]+",  # kdlab.config.recipe_name
     seed=r"[0-9]+",
     setting=r"[A-Za-z0-9._+-]+",
 

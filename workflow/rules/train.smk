@@ -112,9 +112,9 @@ rule distill:
         # list exactly that method's runs (and the params trigger rerun them).
         method_version=lambda w: METHODS[w.method].VERSION,
     log:
-        "logs/distill/{dataset}/{method}/alpha_{alpha}/{teacher}_to_{student}/{seed}.log",
+        "logs/distill/{dataset}/{method}/{recipe}/{teacher}_to_{student}/{seed}.log",
     benchmark:
-        "logs/benchmarks/distill/{dataset}/{method}/alpha_{alpha}/{teacher}_to_{student}/{seed}.tsv"
+        "logs/benchmarks/distill/{dataset}/{method}/{recipe}/{teacher}_to_{student}/{seed}.tsv"
     threads: RES["threads"]
     conda:
         ENV
