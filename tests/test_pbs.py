@@ -548,7 +548,11 @@ def test_status_reads_sidecar_cache(tmp_path, pbs_env):
 # ----------------------------------------------------------------- integration
 
 def test_workflow_completes_on_standin(tmp_path, pbs_env):
+    """Default settings on a server without job history whose qmgr we may not
+    use: history is learned from the first `qstat -x` answer; a job deleted
+    while queued is resubmitted at once."""
     wd = tmp_path / "wd"
+    set_control(pbs_env, qmgr=False, delete_while_queued=[{"name_regex": r"^distill.*\.1$", "count": 1}])
     t = time.time()
     rc, out = run_snakemake(pbs_env, wd, "--config", "threads=2", "steps=4")
     elapsed = time.time() - t
@@ -557,7 +561,14 @@ def test_workflow_completes_on_standin(tmp_path, pbs_env):
     req = qsub_requests(pbs_env)
     assert req["train_teacher.T1.0"] == [("00:01:00", ["select=1:ncpus=2:ngpus=1:mem=1000mb"])]
     assert req["distill.kd.0.5.T1.S1.0"] == [("00:01:00", ["select=1:ncpus=2:ngpus=1:mem=1500mb"])]
-    assert "distill.kd.0.5.T1.S1.1" in req
+    # deleted while queued: failed at once (no start marker), resubmitted (attempt 2)
+    assert [w for w, _ in req["distill.kd.0.5.T1.S1.1"]] == ["00:01:00", "00:02:00"]
+    assert starts(wd, "experiments/Synthetic/kd/alpha_0.5/T1_to_S1/1") == [0]
+    qsubs = [r for r in read_log(pbs_env, "qsub") if r["argv"][r["argv"].index("-N") + 1].endswith(".1")]
+    assert qsubs[1]["time"] - qsubs[0]["time"] < 30   # the old profile waited 300 s
+    status_log = (wd / "logs" / "pbs" / "status.log").read_text()
+    assert "%s failed: not listed by qstat, no start marker" % qsubs[0]["jobid"] in status_log
+    assert "job history off" in status_log and "not configured to maintain job history" in status_log
     assert not any(n.startswith("aggregate") for n in req)   # localrule: not submitted
     for rec in read_log(pbs_env, "qsub"):
         argv = rec["argv"]
@@ -570,7 +581,10 @@ def test_workflow_completes_on_standin(tmp_path, pbs_env):
     teacher_log = (wd / "logs" / "train_teacher" / "T1_0.log").read_text()
     assert "(venv: True)" in teacher_log
     ledger = (wd / "logs" / "pbs" / "jobs.tsv").read_text().splitlines()
-    assert len(ledger) == 4
+    assert len(ledger) == 5
+    # the inner Snakemake got the job's cores (NCPUS), not the node's
+    assert "[pbs-job] cores for the Snakemake job: 2\n" in (wd / "logs" / "pbs").joinpath(
+        [n for n in logs if n.startswith("train_teacher")][0]).read_text()
     # status polling is cheap: one qstat per sidecar round for all jobs
     calls = read_log(pbs_env, "qstat")
     assert any(len([a for a in c["argv"] if a.endswith(".server")]) >= 2 for c in calls)
@@ -579,6 +593,7 @@ def test_workflow_completes_on_standin(tmp_path, pbs_env):
 
 def test_faults_walltime_kill_history_off_and_bad_qstat(tmp_path, pbs_env):
     wd = tmp_path / "wd"
+    site(pbs_env, job_history="no")
     now = time.time()
     teacher_dir = "experiments/Synthetic/teachers/T1/0"
     set_control(
@@ -608,7 +623,10 @@ def test_faults_walltime_kill_history_off_and_bad_qstat(tmp_path, pbs_env):
 
 
 def test_packing_group_asks_for_one_gpu(tmp_path, pbs_env):
+    """Also: job_history forced to yes on a server without history (the setting
+    that used to hang the workflow)."""
     wd = tmp_path / "wd"
+    site(pbs_env, job_history="yes")
     rc, out = run_snakemake(pbs_env, wd, "--config", "alphas=0.5,0.75", "seeds=0,1", "threads=1",
                             "steps=3", "--groups", "distill=pack", "--group-components", "pack=4")
     assert rc == 0, out
@@ -617,6 +635,8 @@ def test_packing_group_asks_for_one_gpu(tmp_path, pbs_env):
     assert len(groups) == 1 and groups[0].startswith("pack.distill.x4."), req
     assert req[groups[0]] == [("00:01:00", ["select=1:ncpus=4:ngpus=1:mem=6000mb"])]
     assert len(req) == 2   # the teacher and the one group job
+    pack_log = next((wd / "logs" / "pbs").glob("pack.*.log")).read_text()
+    assert "Provided cores: 4\n" in pack_log   # NCPUS, on a machine with fewer cores
     for a in ("0.5", "0.75"):
         for seed in (0, 1):
             assert (wd / "experiments/Synthetic/kd" / ("alpha_" + a) / "T1_to_S1" / str(seed)
@@ -626,6 +646,7 @@ def test_packing_group_asks_for_one_gpu(tmp_path, pbs_env):
 def test_cancel_with_ctrl_c_calls_qdel(tmp_path, pbs_env):
     """Ctrl-C in a terminal: SIGINT to snakemake's whole process group."""
     wd = tmp_path / "wd"
+    set_control(pbs_env, history=True)   # to see how the jobs ended
     p = subprocess.Popen(
         snakemake_cmd(wd, "--config", "steps=200"), env=pbs_env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, universal_newlines=True, start_new_session=True)
@@ -706,6 +727,44 @@ def test_restart_after_snakemake_died_reattaches_running_job(tmp_path, pbs_env):
     assert (wd / "results" / "summary.txt").exists()
 
 
+@pytest.mark.parametrize("setting", ["auto", "yes", "no"])
+def test_restart_resumes_job_deleted_while_queued(tmp_path, pbs_env, setting):
+    """Ctrl-C while a job is queued qdels it: it never starts. The restarted
+    Snakemake resumes it by its PBS id, which the server (without history) no
+    longer knows; the profile reports it failed at once and Snakemake submits
+    it again (the old profile sat on it for vanished_grace, 300 s)."""
+    if setting != "auto":
+        site(pbs_env, job_history=setting)
+    wd = tmp_path / "wd"
+    target = "experiments/Synthetic/teachers/T1/0/model.json"
+    set_control(pbs_env, queue_delay=60)
+    p = subprocess.Popen(snakemake_cmd(wd, target, "--config", "steps=2"), env=pbs_env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(   # Snakemake registered the PBS id
+                "server" in f.read_text() for f in (wd / ".snakemake" / "incomplete").glob("*")):
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    first = read_log(pbs_env, "qsub")[0]["jobid"]
+    assert first in [a for c in read_log(pbs_env, "qdel") for a in c["argv"]], out
+    set_control(pbs_env)
+    t = time.time()
+    rc, out = run_snakemake(pbs_env, wd, target, "--config", "steps=2")
+    assert rc == 0, out
+    assert re.search(r"Resuming incomplete job \d+ with external jobid '%s'" % re.escape(first), out), out
+    qsubs = read_log(pbs_env, "qsub")
+    assert len(qsubs) == 2 and qsubs[1]["time"] - t < 30
+    assert starts(wd, "experiments/Synthetic/teachers/T1/0") == [0]
+    assert "%s failed: not listed by qstat, no start marker" % first in \
+        (wd / "logs" / "pbs" / "status.log").read_text()
+
+
 # ----------------------------------------------------------------- the real workflow
 
 REAL_READY = (REPO / "Snakefile").exists() and (REPO / "config" / "demo.yaml").exists() \
@@ -714,7 +773,8 @@ REAL_READY = (REPO / "Snakefile").exists() and (REPO / "config" / "demo.yaml").e
 
 @pytest.mark.skipif(not REAL_READY, reason="the real workflow / config/demo.yaml / kdlab not there yet")
 def test_real_demo_through_profile(tmp_path, pbs_env):
-    """The real workflow (config/demo.yaml, shrunk) through the profile: a teacher
+    """The real workflow (config/demo.yaml, shrunk) through the profile with its
+    default settings, on a stand-in server without job history: a teacher
     killed by "walltime" after its first epoch is resubmitted with twice the
     walltime and kdlab resumes it from its checkpoint; then a distilled student."""
     import yaml
@@ -749,7 +809,11 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
     assert metrics["status"] == "complete" and metrics["epochs_done"] == 2
     assert metrics["resumed_at_epochs"] == [1], metrics["resumed_at_epochs"]
     assert metrics["provenance"]["pbs_job_id"] == p.stdout.split("external jobid '")[2].split("'")[0]
-    assert "Exit_status -29" in (wd / "logs" / "pbs" / "status.log").read_text()
+    # the stand-in keeps no job history, like a default OpenPBS server: the
+    # walltime kill is read from the job's exit-code file (SIGTERM from PBS)
+    status_log = (wd / "logs" / "pbs" / "status.log").read_text()
+    assert "job history off" in status_log
+    assert "exit-code file: exit code 271: job shell killed by SIGTERM" in status_log
     student = json.loads((wd / target).read_text())
     assert student["status"] == "complete"
     for method in cfg["methods"]:  # every distillation, the paraphraser and the (local) aggregate

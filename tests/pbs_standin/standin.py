@@ -231,8 +231,11 @@ def _file_contains(path, text):
 def run_main(num):
     d = state_dir()
     c = control(d)
-    time.sleep(float(c.get("queue_delay", 0.2)))
+    queued_until = time.time() + float(c.get("queue_delay", 0.2))
     job = read_job(d, num)
+    while job is not None and not job.get("delete") and time.time() < queued_until:
+        time.sleep(0.1)
+        job = read_job(d, num)
     if job is None or job.get("delete"):
         return 0
     if _counted_match(d, c, "delete_while_queued", job):
