@@ -16,6 +16,7 @@ State lives in $PBS_STANDIN_DIR (required):
                                             and says "PBS is not configured to
                                             maintain job history <id>"
        "qmgr": false,                       qmgr refuses (not allowed / not there)
+       "torque_qstat": true,                qstat as on Torque: no -F, and -x means XML
        "qstat_fail_until": <epoch s>,       qstat exits 2 ("cannot connect") until then
        "qstat_badjson_until": <epoch s>,    qstat -F json prints invalid JSON until then
        "qstat_garbage_until": <epoch s>,    qstat prints garbage (any format) until then
@@ -456,6 +457,15 @@ def qstat_main(argv):
     if now < float(c.get("qstat_fail_until", 0)):
         sys.stderr.write("Connection refused\nqstat: cannot connect to server %s (errno=15010)\n" % SERVER)
         return 2
+    if c.get("torque_qstat"):
+        if "-F" in argv:
+            sys.stderr.write("qstat: invalid option -- 'F'\n")
+            return 2
+        if history:
+            sys.stdout.write("<Data>%s</Data>\n" % "".join(
+                "<Job><Job_Id>%s</Job_Id><job_state>%s</job_state></Job>" % (j["id"], j["state"])
+                for j in all_jobs(d) if j["id"] in ids))
+            return 0
     if now < float(c.get("qstat_garbage_until", 0)):
         sys.stdout.write("\x00\x1b[2Jqstat: <html>502 Bad Gateway</html> %%% {{{\n")
         return 0
