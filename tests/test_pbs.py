@@ -743,7 +743,10 @@ def test_restart_after_snakemake_died_reattaches_running_job(tmp_path, pbs_env):
                    stderr=subprocess.DEVNULL, check=True)
     rc, out = run_snakemake(pbs_env, wd, "--config", "steps=30")
     assert rc == 0, out
-    assert "watching it instead of submitting it again" in out
+    # Snakemake resumes the job by its PBS id while the job's own Snakemake has not
+    # yet taken over its bookkeeping (the first seconds), else pbs-submit re-attaches
+    assert "watching it instead of submitting it again" in out or re.search(
+        r"Resuming incomplete job \d+ with external jobid '%s'" % re.escape(first[0]), out), out
     assert len(qsub_requests(pbs_env)["train_teacher.T1.0"]) == 1
     assert starts(wd, "experiments/Synthetic/teachers/T1/0") == [0]
     assert (wd / "results" / "summary.txt").exists()
