@@ -8,6 +8,7 @@ programs may run with a cluster's system python3.
 Files (relative to the workflow directory, `log_dir` = logs/pbs by default):
     logs/pbs/<jobname>.<jobid>.log    everything the job prints, written live
     logs/pbs/exit/<jobid>             "<exit code> <note>", written at the job's end
+    logs/pbs/start/<jobid>            "<time> <host>", written when the job starts
     logs/pbs/pbs-output/<jobname>.<stamp>.out
                                       what PBS itself delivers (qsub -j oe -o):
                                       normally only site prologue/epilogue text
@@ -16,7 +17,10 @@ Files (relative to the workflow directory, `log_dir` = logs/pbs by default):
     logs/pbs/status.log               why jobs failed, qstat trouble
     logs/pbs/cancel.log               qdel calls
     .snakemake/pbs/scripts/           the job scripts given to qsub
-    .snakemake/pbs/vanished/          when a job was first seen forgotten by PBS
+    .snakemake/pbs/vanished/          when a started job was first seen forgotten by PBS
+    .snakemake/pbs/job_history.json   whether the server keeps job history, as
+                                      learned in this session (rewritten by
+                                      every new sidecar, i.e. every Snakemake run)
 """
 
 import configparser
@@ -50,19 +54,20 @@ DEFAULTS = {
     "job_name_max_length": "236",
     "job_shell": "/bin/bash",
     "env_setup": '. "{repo}/.venv/bin/activate"',
-    "job_history": "yes",
+    "job_history": "auto",
     "qstat_json": "yes",
     "status_poll_interval": "30",
     "qstat_retries": "3",
     "qstat_retry_sleep": "2",
     "qstat_timeout": "60",
     "qsub_timeout": "120",
-    "vanished_grace": "300",
+    "vanished_grace": "60",
     "log_dir": "logs/pbs",
     # names of the PBS client programs (tests and odd sites may change them)
     "qsub": "qsub",
     "qstat": "qstat",
     "qdel": "qdel",
+    "qmgr": "qmgr",
 }
 
 
@@ -362,7 +367,11 @@ KDLAB_PBS_NAME=@Q_NAME@
 KDLAB_PBS_LOGDIR=@Q_LOGDIR@
 cd "$KDLAB_PBS_WORKDIR" || { echo "pbs-job: cannot cd to $KDLAB_PBS_WORKDIR" >&2; exit 1; }
 _kd_id="${PBS_JOBID:-nojobid-$$}"
-mkdir -p "$KDLAB_PBS_LOGDIR/exit"
+mkdir -p "$KDLAB_PBS_LOGDIR/exit" "$KDLAB_PBS_LOGDIR/start"
+# Start marker: lets pbs-status tell a job that never started (deleted while
+# queued) from one that finished while PBS keeps no history, without waiting.
+_kd_startfile="$KDLAB_PBS_LOGDIR/start/$_kd_id"
+printf '%s %s\n' "$(date '+%F %T')" "$(hostname)" > "$_kd_startfile.tmp.$$" && mv -f "$_kd_startfile.tmp.$$" "$_kd_startfile"
 # Everything from here on goes to logs/pbs/<jobname>.<jobid>.log, live.
 exec >>"$KDLAB_PBS_LOGDIR/$KDLAB_PBS_NAME.$_kd_id.log" 2>&1
 _kd_exitfile="$KDLAB_PBS_LOGDIR/exit/$_kd_id"
@@ -383,6 +392,10 @@ trap '_kd_on_signal INT 2' INT
 trap '_kd_on_signal HUP 1' HUP
 echo "[pbs-job] $(date '+%F %T') start of job $_kd_id ($KDLAB_PBS_NAME) on $(hostname) in $PWD"
 echo "[pbs-job] request: @REQUEST@; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+# The inner Snakemake gets the cores PBS gave the job (NCPUS: OpenPBS / PBS Pro,
+# PBS_NUM_PPN: Torque), not all cores of the node.
+_kd_cores="${NCPUS:-${PBS_NUM_PPN:-all}}"
+echo "[pbs-job] cores for the Snakemake job: $_kd_cores"
 # ---- environment (site.cfg: env_setup) ----
 _kd_env_setup() {
 :
@@ -402,6 +415,9 @@ exit "$_kd_rc"
 """
 
 
+CORES_ALL = re.compile(r"--cores[= ]'?all'?(?=\s|$)")
+
+
 def make_job_script(props, text, name, workdir, logdir, settings, summary, stamp):
     env_setup = settings.get("env_setup", "")
     env_setup = env_setup.replace("{repo}", REPO).replace("{workdir}", workdir)
@@ -417,7 +433,7 @@ def make_job_script(props, text, name, workdir, logdir, settings, summary, stamp
         ("@REQUEST@", re.sub(r"[^A-Za-z0-9_.:=, -]", "", request)),
         ("@ENV_SETUP@", env_setup),
         ("@PROPS@", props_line.replace("\n", " ")),
-        ("@EXEC@", exec_lines(text)),
+        ("@EXEC@", CORES_ALL.sub('--cores "$_kd_cores"', exec_lines(text))),
     ):
         script = script.replace(key, value)
     return script
@@ -715,20 +731,26 @@ def classify(entry, exit_file=None):
     return None, "unknown job_state %r" % state
 
 
+def _job_file(directory, jobid):
+    """Path of directory/<jobid>, or None. Tolerates a job id whose server part
+    differs from $PBS_JOBID's (1234.server vs 1234.server.domain)."""
+    path = os.path.join(directory, jobid)
+    if os.path.exists(path):
+        return path
+    head = jobid.split(".", 1)[0] + "."
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(head) and ".tmp." not in n
+                 and (n.startswith(jobid) or jobid.startswith(n))]
+    except OSError:
+        names = []
+    return os.path.join(directory, names[0]) if names else None
+
+
 def read_exit_file(settings, jobid):
-    """(exit code, note) from logs/pbs/exit/<jobid>, or None. Tolerates a job id
-    whose server part differs from $PBS_JOBID's (1234.server vs 1234.server.domain)."""
-    exit_dir = os.path.join(log_dir(settings), "exit")
-    path = os.path.join(exit_dir, jobid)
-    if not os.path.exists(path):
-        head = jobid.split(".", 1)[0] + "."
-        try:
-            names = [n for n in os.listdir(exit_dir) if n.startswith(head) and ".tmp." not in n
-                     and (n.startswith(jobid) or jobid.startswith(n))]
-        except OSError:
-            names = []
-        if names:
-            path = os.path.join(exit_dir, names[0])
+    """(exit code, note) from logs/pbs/exit/<jobid>, or None."""
+    path = _job_file(os.path.join(log_dir(settings), "exit"), jobid)
+    if path is None:
+        return None
     try:
         with open(path) as f:
             first = f.readline().split()
@@ -743,47 +765,88 @@ def read_exit_file(settings, jobid):
     return code, " ".join(first[1:])
 
 
-# ================================================================= status
+def job_started(settings, jobid):
+    """Whether the job wrote its start marker (logs/pbs/start/<jobid>)."""
+    return _job_file(os.path.join(log_dir(settings), "start"), jobid) is not None
 
-def status_log(settings, message):
-    append_line(os.path.join(log_dir(settings), "status.log"), "%s %s" % (now_iso(), message))
+
+# ================================================================= job history
+
+# What OpenPBS's `qstat -x` says (exit 0, no job listed) when the server keeps
+# no job history.
+NO_HISTORY = "not configured to maintain job history"
+UNKNOWN_WORDS = ("unknown job id", "job has finished", NO_HISTORY)
 
 
-def resolve_vanished(settings, jobid, why):
-    """PBS no longer knows the job (history off or purged): use the job's own
-    exit-code file; without it wait `vanished_grace` seconds, then fail."""
-    exit_file = read_exit_file(settings, jobid)
-    marker = os.path.join(state_dir(), "vanished", jobid)
-    if exit_file is not None:
-        try:
-            os.remove(marker)
-        except OSError:
-            pass
-        code = exit_file[0]
-        if code == 0:
-            return SUCCESS, "exit-code file says 0"
-        return FAILED, "PBS forgot the job (%s); exit-code file: %s" % (
-            why, describe_exit(code, exit_file[1], "exit code"))
+def history_path():
+    return os.path.join(state_dir(), "job_history.json")
+
+
+def _one_line(text):
+    return " | ".join((text or "").strip().splitlines())[:300]
+
+
+def known_history(settings):
+    """Whether the server keeps job history: True / False when site.cfg forces
+    it or this session has learned it, None while unknown (qstat is then
+    called with -x, and its answer tells)."""
+    forced = settings.get("job_history", "auto").strip().lower()
+    if forced in ("yes", "true", "on", "1"):
+        return True
+    if forced in ("no", "false", "off", "0"):
+        return False
     try:
-        if not os.path.exists(marker):
-            os.makedirs(os.path.dirname(marker), exist_ok=True)
-            with open(marker, "w") as f:
-                f.write(now_iso() + "\n")
-            return RUNNING, "forgotten by PBS, waiting for the exit-code file"
-        age = time.time() - os.path.getmtime(marker)
-    except OSError:
-        age = 0
-    if age > settings.num("vanished_grace"):
-        return FAILED, (
-            "PBS forgot the job (%s) and it wrote no exit-code file within %ss: "
-            "killed (walltime, memory, node failure) or deleted" % (why, settings.get("vanished_grace"))
-        )
-    return RUNNING, "forgotten by PBS, waiting for the exit-code file"
+        with open(history_path()) as f:
+            return json.load(f).get("history")
+    except (OSError, ValueError, AttributeError):
+        return probe_history(settings)
 
 
-def qstat_argv(settings, jobids, json_format):
+def probe_history(settings):
+    """Ask the server (`qmgr -c 'list server job_history_enable'`, which most
+    sites allow every user); remember the answer, or that qmgr did not tell."""
+    rc, out, err = run_cmd([settings.get("qmgr", "qmgr"), "-c", "list server job_history_enable"],
+                           min(settings.num("qstat_timeout"), 10))
+    history = None
+    if rc == 0 and out.lstrip().startswith("Server"):
+        m = re.search(r"job_history_enable\s*=\s*(\S+)", out)
+        history = bool(m) and m.group(1).lower() in ("true", "t", "1", "y", "yes")
+        why = "qmgr: job_history_enable = %s" % (m.group(1) if m else "unset")
+    else:
+        why = "qmgr did not tell (exit %s: %s); the first qstat -x answer will" % (
+            rc, _one_line(err or out))
+    remember_history(settings, history, why)
+    return history
+
+
+def learn_history(settings, history, why):
+    """Record what a qstat answer revealed (nothing to learn when forced)."""
+    if settings.get("job_history", "auto").strip().lower() != "auto":
+        return
+    try:
+        with open(history_path()) as f:
+            if json.load(f).get("history") == history:
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    remember_history(settings, history, why)
+
+
+def remember_history(settings, history, why):
+    write_atomic(history_path(), json.dumps({"history": history, "why": why, "time": now_iso()}))
+    meaning = {
+        True: "on: finished jobs are judged by their Exit_status (qstat -x)",
+        False: "off: finished jobs are judged by their exit-code files (qstat without -x)",
+        None: "not known yet: qstat is called with -x",
+    }[history]
+    status_log(settings, "job history %s [%s]" % (meaning, why))
+
+
+# ================================================================= qstat
+
+def qstat_argv(settings, jobids, json_format, history):
     argv = [settings.get("qstat", "qstat")]
-    if settings.flag("job_history"):
+    if history is not False:
         argv.append("-x")
     argv.append("-f")
     if json_format:
@@ -794,12 +857,15 @@ def qstat_argv(settings, jobids, json_format):
 UNKNOWN_RCS = (153, 35)
 
 
-def _run_qstat(settings, jobids, json_format):
+def _run_qstat(settings, jobids, json_format, history):
     """-> (rc, jobs or None, stderr, error). jobs None with error None means
     the output could not be parsed (caller may fall back to plain text)."""
-    rc, out, err = run_cmd(qstat_argv(settings, jobids, json_format), settings.num("qstat_timeout"))
+    rc, out, err = run_cmd(qstat_argv(settings, jobids, json_format, history),
+                           settings.num("qstat_timeout"))
     if rc is None:
         return rc, None, err, err
+    if NO_HISTORY in (err or "").lower():
+        learn_history(settings, False, "qstat -x: " + _one_line(err))
     if out.strip():
         try:
             parse = parse_qstat_json if json_format else parse_qstat_text
@@ -809,7 +875,7 @@ def _run_qstat(settings, jobids, json_format):
             return rc, None, err, "%s (%s)" % (what, e)
     if rc == 0 or rc in UNKNOWN_RCS:
         return rc, {}, err, None
-    return rc, None, err, "qstat exit %s: %s" % (rc, " | ".join((err or "").strip().splitlines())[:300])
+    return rc, None, err, "qstat exit %s: %s" % (rc, _one_line(err))
 
 
 def _mentioned(text, jobid):
@@ -820,20 +886,16 @@ def _mentioned(text, jobid):
     return False
 
 
-def query_jobs(settings, jobids):
-    """One qstat call (JSON, falling back to plain text) for several jobs.
-    Returns (jobs, unknown_ids, error): jobs {id: entry} for the ids found,
-    unknown_ids those qstat reported as unknown / finished-without-history,
-    error a message when the call failed (nothing usable)."""
+def _query(settings, jobids, history):
     jobs = None
     error = None
     if settings.flag("qstat_json"):
-        rc, jobs, err, error = _run_qstat(settings, jobids, True)
+        rc, jobs, err, error = _run_qstat(settings, jobids, True, history)
         if rc is None:
             return {}, [], error
     if jobs is None:
         json_error = error
-        rc, jobs, err, error = _run_qstat(settings, jobids, False)
+        rc, jobs, err, error = _run_qstat(settings, jobids, False, history)
         if jobs is None:
             if json_error:
                 error = "%s; then %s" % (json_error, error)
@@ -846,13 +908,92 @@ def query_jobs(settings, jobids):
             found[jobid] = entry
         else:
             missing.append(jobid)
-    unknown = []
-    if missing and rc in UNKNOWN_RCS:
-        if len(jobids) == 1:
-            unknown = list(missing)
-        else:
-            unknown = [j for j in missing if _mentioned(err, j)]
+    if history is None and any(str(e.get("job_state", "")).upper()[:1] == "F" for e in found.values()):
+        learn_history(settings, True, "qstat -x lists finished jobs")
+    # A job the server answered for without listing it is unknown to it: it
+    # finished and was forgotten (no history), or never existed there.
+    says_unknown = rc == 0 or rc in UNKNOWN_RCS or any(w in (err or "").lower() for w in UNKNOWN_WORDS)
+    if len(jobids) == 1:
+        unknown = list(missing) if says_unknown else []
+    else:
+        unknown = [j for j in missing if _mentioned(err, j)]
     return found, unknown, None
+
+
+def query_jobs(settings, jobids):
+    """One qstat call (JSON, falling back to plain text) for several jobs.
+    Returns (jobs, unknown_ids, error): jobs {id: entry} for the ids found,
+    unknown_ids those the server does not know (any more), error a message
+    when the call failed (nothing usable)."""
+    history = known_history(settings)
+    found, unknown, error = _query(settings, jobids, history)
+    if error is not None and history is None:
+        # Torque's `qstat -x` means XML: if the -x call gives nothing usable but
+        # the plain one works, there is no history we can read.
+        found2, unknown2, error2 = _query(settings, jobids, False)
+        if error2 is None:
+            learn_history(settings, False, "qstat -x gave no usable answer (%s)" % error[:200])
+            return found2, unknown2, None
+    return found, unknown, error
+
+
+# ================================================================= status
+
+RAN_STATES = {"R", "E", "S", "U"}
+
+
+def status_log(settings, message):
+    append_line(os.path.join(log_dir(settings), "status.log"), "%s %s" % (now_iso(), message))
+
+
+def judge_entry(settings, jobid, entry):
+    """(status, reason) of a job qstat lists; status None when unreadable."""
+    status, reason = classify(entry, None)
+    if status == FAILED and reason.startswith("job finished without"):
+        exit_file = read_exit_file(settings, jobid)
+        if exit_file is not None:
+            status, reason = classify(entry, exit_file)
+    return status, reason
+
+
+def resolve_vanished(settings, jobid, seen_running=False):
+    """A job qstat does not list (finished while the server keeps no history,
+    deleted while queued, or from an earlier run). Decided at once from its
+    exit-code file, or, when it never started, as failed; only a job that
+    started but left no exit-code file waits `vanished_grace` seconds."""
+    why = "not listed by qstat"
+    exit_file = read_exit_file(settings, jobid)
+    marker = os.path.join(state_dir(), "vanished", jobid)
+    if exit_file is not None:
+        try:
+            os.remove(marker)
+        except OSError:
+            pass
+        code = exit_file[0]
+        if code == 0:
+            return SUCCESS, "%s; exit-code file says 0" % why
+        return FAILED, "%s; exit-code file: %s" % (why, describe_exit(code, exit_file[1], "exit code"))
+    if not (seen_running or job_started(settings, jobid)):
+        return FAILED, (
+            "%s, no start marker and no exit-code file: it never started (deleted while "
+            "queued, or a job of an earlier run that PBS has forgotten)" % why)
+    grace = settings.num("vanished_grace")
+    try:
+        if not os.path.exists(marker):
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker, "w") as f:
+                f.write(now_iso() + "\n")
+            status_log(settings, "job %s: %s; it started but has no exit-code file yet; waiting "
+                       "up to %gs (vanished_grace) before reporting it failed" % (jobid, why, grace))
+            return RUNNING, "started, forgotten by PBS, waiting for the exit-code file"
+        age = time.time() - os.path.getmtime(marker)
+    except OSError:
+        age = 0
+    if age > grace:
+        return FAILED, (
+            "%s; it started but wrote no exit-code file within %gs: killed hard (SIGKILL, "
+            "node failure)" % (why, grace))
+    return RUNNING, "started, forgotten by PBS, waiting for the exit-code file"
 
 
 def status_direct(settings, jobid):
@@ -863,16 +1004,12 @@ def status_direct(settings, jobid):
         found, unknown, error = query_jobs(settings, [jobid])
         if error is None:
             if jobid in found:
-                status, reason = classify(found[jobid], None)
-                if status == FAILED and reason.startswith("job finished without"):
-                    exit_file = read_exit_file(settings, jobid)
-                    if exit_file is not None:
-                        status, reason = classify(found[jobid], exit_file)
+                status, reason = judge_entry(settings, jobid, found[jobid])
                 if status is not None:
                     return status, reason
                 error = reason
             elif jobid in unknown:
-                return resolve_vanished(settings, jobid, "qstat: unknown job id")
+                return resolve_vanished(settings, jobid)
             else:
                 error = "qstat did not mention the job"
         if attempt + 1 < retries:
@@ -900,10 +1037,8 @@ def status_from_sidecar(settings, jobid):
     entry = cache.get("jobs", {}).get(jobid)
     if entry is not None:
         if entry.get("unknown"):
-            return resolve_vanished(settings, jobid, "qstat: unknown job id")
-        status, reason = classify(entry, None)
-        if status == FAILED and reason.startswith("job finished without"):
-            status, reason = classify(entry, read_exit_file(settings, jobid))
+            return resolve_vanished(settings, jobid, entry.get("was") in RAN_STATES)
+        status, reason = judge_entry(settings, jobid, entry)
         if status is None:
             return None
         return status, reason
@@ -922,7 +1057,7 @@ def status_from_sidecar(settings, jobid):
         if reg_time >= float(cache.get("poll_started", 0)) - 1:
             return RUNNING, "submitted after the sidecar's last qstat"
         return None
-    # a job the sidecar does not know (e.g. re-attached after a restart)
+    # a job the sidecar does not know (e.g. resumed by Snakemake after a restart)
     register_job(jobid)
     return None
 
@@ -945,7 +1080,9 @@ def status_main(argv):
                 if answer is None:
                     answer = status_direct(settings, jobid)
                 result, reason = answer
-                if result == FAILED:
+                if result == SUCCESS:
+                    status_log(settings, "job %s succeeded: %s" % (jobid, reason))
+                elif result == FAILED:
                     message = "job %s failed: %s" % (jobid, reason)
                     status_log(settings, message)
                     sys.stderr.write("pbs-status: %s (details: %s/status.log)\n" % (message, settings["log_dir"]))
@@ -979,6 +1116,12 @@ def sidecar_main(argv):
     write_atomic(cache_path, json.dumps(cache))
     sys.stdout.write(json.dumps({"cache": cache_path, "active": active, "interval": interval}) + "\n")
     sys.stdout.flush()
+    # a new session: learn afresh whether the server keeps job history
+    try:
+        os.remove(history_path())
+    except OSError:
+        pass
+    known_history(settings)
     logfile = os.path.join(log_dir(settings), "status.log")
 
     stopping = []
@@ -1042,7 +1185,11 @@ def poll_once(settings, active, cache, logfile):
                 if str(entry.get("job_state", "")).upper()[:1] in FINAL_STATES:
                     _forget(active, jobid)
             for jobid in unknown:
-                cache["jobs"][jobid] = {"unknown": True, "t": started}
+                # remember whether we saw it run: then it started, whatever
+                # the (network) file system shows of its start marker yet
+                last = cache["jobs"].get(jobid, {})
+                cache["jobs"][jobid] = {"unknown": True, "t": started,
+                                        "was": last.get("was") or last.get("job_state")}
                 _forget(active, jobid)
         if errors:
             cache["error"] = "; ".join(errors)[:500]

@@ -1,14 +1,22 @@
 """A stand-in for an OpenPBS server, good enough to test the PBS profile on one
-machine: `qsub` starts the job script locally in the background, `qstat` and
-`qdel` answer in OpenPBS's formats and exit codes.
+machine: `qsub` starts the job script locally in the background, `qstat`,
+`qdel` and `qmgr` answer in OpenPBS's formats and exit codes.
 
 State lives in $PBS_STANDIN_DIR (required):
     jobs/<n>.json   one record per job (removed when job history is off)
     qsub.log        one JSON line per qsub call: {"argv": [...], "cwd": ..., "jobid": ...}
     qstat.log       one JSON line per qstat call
     qdel.log        one JSON line per qdel call
+    qmgr.log        one JSON line per qmgr call
     control.json    faults (re-read on every call; missing = no faults):
-      {"history": false,                   finished jobs vanish (qstat -> 153)
+      {"history": true,                    keep finished jobs (job_state F). Without
+                                            it (the default, as on OpenPBS) they
+                                            vanish: `qstat` exits 153 "Unknown Job
+                                            Id"; `qstat -x` exits 0, lists no job
+                                            and says "PBS is not configured to
+                                            maintain job history <id>"
+       "qmgr": false,                       qmgr refuses (not allowed / not there)
+       "torque_qstat": true,                qstat as on Torque: no -F, and -x means XML
        "qstat_fail_until": <epoch s>,       qstat exits 2 ("cannot connect") until then
        "qstat_badjson_until": <epoch s>,    qstat -F json prints invalid JSON until then
        "qstat_garbage_until": <epoch s>,    qstat prints garbage (any format) until then
@@ -17,11 +25,14 @@ State lives in $PBS_STANDIN_DIR (required):
        "seconds_per_walltime_minute": null, enforce walltime, scaled (e.g. 2.0)
        "walltime_kill": [                   kill like a walltime overrun ...
           {"name_regex": "^train", "file": "path/rel/to/qsub/cwd",
-           "contains": "step 3 saved", "count": 1}]}   ... once file contains text
-Environment variables PBS_STANDIN_HISTORY=0 and PBS_STANDIN_QUEUE_DELAY give
-defaults for "history" and "queue_delay".
-Jobs run in a minimal environment (PATH=/usr/bin:/bin, PBS_* variables) with
-$PBS_STANDIN_DIR/home as the starting directory, like a real PBS job.
+           "contains": "step 3 saved", "count": 1}],  ... once file contains text
+       "delete_while_queued": [             a user's qdel while the job is queued:
+          {"name_regex": "^train", "count": 1}]}   it never starts, writes nothing
+Environment variables PBS_STANDIN_HISTORY=1 and PBS_STANDIN_QUEUE_DELAY give
+defaults for "history" (default: off) and "queue_delay".
+Jobs run in a minimal environment (PATH=/usr/bin:/bin, PBS_* variables, NCPUS
+from the select's ncpus) with $PBS_STANDIN_DIR/home as the starting
+directory, like a real PBS job.
 """
 
 import fcntl
@@ -66,7 +77,8 @@ def control(d):
             c = json.load(f)
     except (OSError, ValueError):
         c = {}
-    c.setdefault("history", os.environ.get("PBS_STANDIN_HISTORY", "1") not in ("0", "no", "false"))
+    # like OpenPBS, no job history unless the admin enabled it
+    c.setdefault("history", os.environ.get("PBS_STANDIN_HISTORY", "0") not in ("0", "no", "false"))
     c.setdefault("queue_delay", float(os.environ.get("PBS_STANDIN_QUEUE_DELAY", "0.2")))
     c.setdefault("kill_delay", 0.5)
     return c
@@ -220,9 +232,16 @@ def _file_contains(path, text):
 def run_main(num):
     d = state_dir()
     c = control(d)
-    time.sleep(float(c.get("queue_delay", 0.2)))
+    queued_until = time.time() + float(c.get("queue_delay", 0.2))
     job = read_job(d, num)
+    while job is not None and not job.get("delete") and time.time() < queued_until:
+        time.sleep(0.1)
+        job = read_job(d, num)
     if job is None or job.get("delete"):
+        return 0
+    if _counted_match(d, c, "delete_while_queued", job):
+        update_job(d, num, delete=True)
+        finish(d, num, None, "Job deleted while queued", 91)
         return 0
     home = os.path.join(d, "home")
     os.makedirs(home, exist_ok=True)
@@ -235,6 +254,9 @@ def run_main(num):
         "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_NODEFILE": os.path.join(d, "nodefile"),
         "TMPDIR": os.path.join(d, "tmp"), "PBS_STANDIN_DIR": d,
     }
+    ncpus = re.search(r"(?:^|:)ncpus=(\d+)", job["resources"].get("select", ""))
+    if ncpus:  # OpenPBS sets NCPUS (and OMP_NUM_THREADS) from the first chunk
+        env["NCPUS"] = env["OMP_NUM_THREADS"] = ncpus.group(1)
     os.makedirs(env["TMPDIR"], exist_ok=True)
     for v in job.get("vars") or []:
         for part in v.split(","):
@@ -328,19 +350,24 @@ def _walltime_s(text):
 
 
 def _walltime_trigger(d, c, job):
-    rules = c.get("walltime_kill") or []
-    for i, rule in enumerate(rules):
+    return _counted_match(d, c, "walltime_kill", job, lambda rule: _file_contains(
+        os.path.join(job["cwd"], rule["file"]), rule.get("contains", "")))
+
+
+def _counted_match(d, c, key, job, condition=lambda rule: True):
+    """Whether a rule of control[key] (name_regex, count) applies to the job
+    now; each rule applies `count` times in all."""
+    for i, rule in enumerate(c.get(key) or []):
         if not re.search(rule.get("name_regex", ""), job["name"]):
             continue
-        done_path = os.path.join(d, "walltime_kill.%d.count" % i)
+        done_path = os.path.join(d, "%s.%d.count" % (key, i))
         try:
             used = int(open(done_path).read())
         except (OSError, ValueError):
             used = 0
         if used >= int(rule.get("count", 1)):
             continue
-        path = os.path.join(job["cwd"], rule["file"])
-        if _file_contains(path, rule.get("contains", "")):
+        if condition(rule):
             with Lock(d):
                 with open(done_path, "w") as f:
                     f.write(str(used + 1))
@@ -430,6 +457,15 @@ def qstat_main(argv):
     if now < float(c.get("qstat_fail_until", 0)):
         sys.stderr.write("Connection refused\nqstat: cannot connect to server %s (errno=15010)\n" % SERVER)
         return 2
+    if c.get("torque_qstat"):
+        if "-F" in argv:
+            sys.stderr.write("qstat: invalid option -- 'F'\n")
+            return 2
+        if history:
+            sys.stdout.write("<Data>%s</Data>\n" % "".join(
+                "<Job><Job_Id>%s</Job_Id><job_state>%s</job_state></Job>" % (j["id"], j["state"])
+                for j in all_jobs(d) if j["id"] in ids))
+            return 0
     if now < float(c.get("qstat_garbage_until", 0)):
         sys.stdout.write("\x00\x1b[2Jqstat: <html>502 Bad Gateway</html> %%% {{{\n")
         return 0
@@ -440,6 +476,10 @@ def qstat_main(argv):
     for jid in ids:
         num = parse_num(jid)
         job = read_job(d, num) if num is not None else None
+        if job is None and history and not c["history"]:
+            # observed on OpenPBS 23.06: exit 0, no job, this message
+            sys.stderr.write("qstat: PBS is not configured to maintain job history %s\n" % jid)
+            continue
         if job is None:
             sys.stderr.write("qstat: Unknown Job Id %s\n" % jid)
             rc = 153
@@ -450,8 +490,9 @@ def qstat_main(argv):
             continue
         found.append(job)
     if fmt_json:
-        data = {"timestamp": int(now), "pbs_version": VERSION, "pbs_server": SERVER,
-                "Jobs": {j["id"]: _json_job(j) for j in found}}
+        data = {"timestamp": int(now), "pbs_version": VERSION, "pbs_server": SERVER}
+        if found:
+            data["Jobs"] = {j["id"]: _json_job(j) for j in found}
         text = json.dumps(data, indent=4)
         if now < float(c.get("qstat_badjson_until", 0)) and found:
             # the known OpenPBS bug: an environment value with a quote, unescaped
@@ -496,6 +537,27 @@ def qdel_main(argv):
         if queued:
             finish(d, num, None, "Job deleted while queued", 91)
     return rc
+
+
+# ------------------------------------------------------------------ qmgr
+
+def qmgr_main(argv):
+    """Only `qmgr -c 'list server job_history_enable'`, as OpenPBS prints it
+    (the attribute is listed only when set)."""
+    d = state_dir()
+    c = control(d)
+    log_call(d, "qmgr", {"argv": argv})
+    if not c.get("qmgr", True):
+        sys.stderr.write("qmgr: Unauthorized Request \n")
+        return 1
+    command = argv[argv.index("-c") + 1] if "-c" in argv[:-1] else ""
+    if command.split()[:2] != ["list", "server"]:
+        sys.stderr.write("qmgr: stand-in knows only 'list server'\n")
+        return 2
+    sys.stdout.write("Server %s\n" % SERVER)
+    if c["history"]:
+        sys.stdout.write("\tjob_history_enable = True\n")
+    return 0
 
 
 def fake_job(d, num, **fields):
