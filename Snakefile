@@ -4,9 +4,12 @@
 # Rules are thin: each calls one `kdlab` command. See README.md and config/README.md.
 import json
 import os
+import shlex
 import sys
 
-from kdlab.config import ConfigError, resolve_grid, split_runtime
+from snakemake.settings.types import DeploymentMethod
+
+from kdlab.config import ConfigError, check_data_files, grid_warnings, resolve_grid, split_runtime
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
@@ -16,6 +19,10 @@ if not workflow.overwrite_configfiles:  # --configfile replaces the default, --c
 
 try:
     GRID = resolve_grid(config)  # the whole config is validated before any job is planned
+    if workflow.is_main_process:  # the data files too, once (not again in every cluster job)
+        check_data_files(GRID)
+        for warning in grid_warnings(GRID):
+            print(f"kdlab: warning: {warning}", file=sys.stderr)
 except ConfigError as e:
     sys.exit(f"kdlab: {e}")  # the message alone, no stack of frames
 JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}

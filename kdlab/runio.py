@@ -79,8 +79,9 @@ def torch_load(path):
     except OSError:
         raise  # an I/O failure is not a damaged file: never a reason to start over
     except Exception as e:
+        detail = (str(e).splitlines() or ["empty file" if Path(path).stat().st_size == 0 else "no detail"])[0]
         raise UnreadableFile(f"{path} is truncated or corrupt and cannot be loaded "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                             f"({type(e).__name__}: {detail[:200]})") from None
 
 
 # --- checksums ----------------------------------------------------------------------
