@@ -19,12 +19,20 @@ if not workflow.overwrite_configfiles:  # --configfile replaces the default, --c
 
 try:
     GRID = resolve_grid(config)  # the whole config is validated before any job is planned
-    if workflow.is_main_process:  # the data files too, once (not again in every cluster job)
-        check_data_files(GRID)
+    if workflow.is_main_process:  # once, not again in every cluster job
         for warning in grid_warnings(GRID):
             print(f"kdlab: warning: {warning}", file=sys.stderr)
 except ConfigError as e:
     sys.exit(f"kdlab: {e}")  # the message alone, no stack of frames
+
+
+onstart:
+    # The data files (exist, readable, keys, shapes, labels) before any job runs; not in a
+    # dry run, so that a grid can be planned before its data is downloaded.
+    try:
+        check_data_files(GRID)
+    except ConfigError as e:
+        sys.exit(f"kdlab: {e}")
 JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}
 EXP, RESULTS = GRID["experiments_dir"], GRID["results_dir"]
 RES = GRID["resources"]

@@ -286,7 +286,13 @@ def test_integer_valued_floats_are_rejected(dotted, value):
 # --- kdlab check-config -------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_check_config_prints_the_job_counts(name, capsys):
+def test_check_config_prints_the_job_counts(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # check-config reads the data files: stand-ins for the CIFAR archives
+    for folder, files in (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+                          ("cifar-100-python", ["train", "test"])):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for file in files:
+            (tmp_path / "data" / folder / file).write_bytes(b"stand-in")
     assert kdlab_main(["check-config", str(REPO / "config" / name)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out
@@ -351,7 +357,8 @@ def workflow_copy(tmp_path):
     return root
 
 
-SNAKEMAKE_BAD = ["unknown student", "experiments_dir with ;", "unknown method key"]
+SNAKEMAKE_BAD = ["unknown student", "experiments_dir with ;", "unknown method key", "experiments_dir leading dash",
+                 "experiments_dir with braces", "training.lr nan"]
 
 
 @pytest.mark.parametrize("name", SNAKEMAKE_BAD)
