@@ -39,6 +39,8 @@ class ImageArrays:
 
     def __init__(self, train_x, train_y, test_x, test_y, num_classes, source):
         for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+            if len(x) == 0:
+                raise DataError(f"{source}: the {split} split holds no images")
             if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
                 raise DataError(f"{source}: {split} images must be uint8 of shape (N, 32, 32, 3), "
                                 f"got {x.dtype} {x.shape}")

@@ -343,10 +343,10 @@ def check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, *modules
     lr) can still make weights non-finite."""
     bad = nonfinite_tensors(*modules)
     if bad or not math.isfinite(test_loss):
-        what = (f"{len(bad)} weight tensor(s) went non-finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
-                if bad else f"the test loss is {test_loss}")
-        stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: {what} after the "
-             f"optimizer step. The last good checkpoint is kept.")
+        what = (f"{len(bad)} weight tensor(s) went non-finite in the optimizer step ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})" if bad else f"the test loss is {test_loss}")
+        stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: {what}. "
+             f"The last good checkpoint is kept.")
 
 
 def guard_where(run, epoch, step):

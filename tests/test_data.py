@@ -77,6 +77,9 @@ def test_npz_dataset_and_its_errors(tmp_path):
     with pytest.raises(DataError, match=r"mine.npz lacks array\(s\) test_x or x_test, test_y or y_test; "
                                          r"it holds train_x, train_y"):
         load_npz(path)
+    np.savez(path, train_x=x, train_y=np.zeros(4, int), test_x=x[:0], test_y=np.zeros(0, int))
+    with pytest.raises(DataError, match=r"mine.npz: the test split holds no images"):
+        load_npz(path)
     with pytest.raises(DataError, match=r"nothere.npz is missing"):
         load_npz(tmp_path / "nothere.npz")
 
