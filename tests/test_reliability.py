@@ -1,6 +1,5 @@
 """Reliability (issue 10): no bad value, damaged file or non-finite weight gets through."""
 
-import copy
 import json
 import math
 import os
@@ -16,11 +15,11 @@ import torch
 import yaml
 
 from kdlab.cli import main as kdlab_main
-from kdlab.config import ConfigError, fingerprint, resolve_run, split_runtime
+from kdlab.config import fingerprint, resolve_run, split_runtime
 from kdlab.runio import UnreadableFile, atomic_write_json, content_sha256, load_checked, verify_weights
 from kdlab.train import GuardError, train
 
-from conftest import REPO, comparable, read_json, tiny_run
+from conftest import comparable, read_json, tiny_run
 from test_config import BAD, bad_config, demo, tree
 
 RELIABILITY_BAD = [name for name in BAD if any(word in name for word in (
