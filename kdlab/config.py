@@ -223,12 +223,19 @@ def format_alpha(alpha):
     return format(float(alpha), "g")
 
 
+# Today's augmentation, the default: left out of a run's identity (its Snakemake param and
+# fingerprint) so that runs made before data.augmentation existed stay complete and resumable.
+DEFAULT_AUGMENTATION = {"crop_padding": 4, "horizontal_flip": True}
+
+
 def split_runtime(run):
     """(what a run computes, how it runs): a run config without and with only RUNTIME_KEYS."""
     semantic, runtime = dict(run), {}
     for block, keys in RUNTIME_KEYS.items():
         semantic[block] = {k: v for k, v in run[block].items() if k not in keys}
         runtime[block] = {k: v for k, v in run[block].items() if k in keys}
+    if semantic["data"].get("augmentation") == DEFAULT_AUGMENTATION:
+        del semantic["data"]["augmentation"]
     return semantic, runtime
 
 

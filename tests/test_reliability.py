@@ -104,11 +104,17 @@ def test_check_config_reads_the_data_files(tmp_path, capsys):
 
 
 def test_augmentation_is_part_of_what_a_run_computes():
+    from kdlab.config import DEFAULT_AUGMENTATION, grid_schema, with_defaults
     run = resolve_run(tiny_run())
-    assert run["data"]["augmentation"] == {"crop_padding": 4, "horizontal_flip": True}
-    assert "augmentation" in split_runtime(run)[0]["data"]
+    assert run["data"]["augmentation"] == DEFAULT_AUGMENTATION
+    schema = grid_schema()
+    assert with_defaults({}, schema["$defs"]["data"], schema)["augmentation"] == DEFAULT_AUGMENTATION
+    # The default is left out of a run's identity: runs made before the key existed stay valid.
+    assert "augmentation" not in split_runtime(run)[0]["data"]
     no_flip = resolve_run(tiny_run(data={"augmentation": {"horizontal_flip": False}}))
+    assert split_runtime(no_flip)[0]["data"]["augmentation"] == {"crop_padding": 4, "horizontal_flip": False}
     assert fingerprint(run, {}) != fingerprint(no_flip, {})
+    assert resolve_run(split_runtime(no_flip)[0])["data"]["augmentation"]["horizontal_flip"] is False
 
 
 # --- damaged files ------------------------------------------------------------------

@@ -16,8 +16,8 @@ ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefi
 # command text: Snakemake reruns every job whose shell command's text changes.
 KDLAB_PYTHON = ("python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
                 else shlex.quote(sys.executable))
-KDLAB_FUNCTION = f'kdlab() {{ {KDLAB_PYTHON} -m kdlab "$@"; }}; '
-shell.prefix("set -euo pipefail; " + KDLAB_FUNCTION.replace("{", "{{").replace("}", "}}"))  # prefix is formatted
+# (shell.prefix is formatted like a rule's command: {{{{ becomes {{ here and { there.)
+shell.prefix(f'set -euo pipefail; kdlab() {{{{ {KDLAB_PYTHON} -m kdlab "$@"; }}}}; ')
 
 
 wildcard_constraints:
