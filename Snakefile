@@ -4,9 +4,12 @@
 # Rules are thin: each calls one `kdlab` command. See README.md and config/README.md.
 import json
 import os
+import shlex
 import sys
 
-from kdlab.config import ConfigError, resolve_grid, split_runtime
+from snakemake.settings.types import DeploymentMethod
+
+from kdlab.config import ConfigError, check_data_files, grid_warnings, resolve_grid, split_runtime
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
@@ -16,8 +19,20 @@ if not workflow.overwrite_configfiles:  # --configfile replaces the default, --c
 
 try:
     GRID = resolve_grid(config)  # the whole config is validated before any job is planned
+    if workflow.is_main_process:  # once, not again in every cluster job
+        for warning in grid_warnings(GRID):
+            print(f"kdlab: warning: {warning}", file=sys.stderr)
 except ConfigError as e:
     sys.exit(f"kdlab: {e}")  # the message alone, no stack of frames
+
+
+onstart:
+    # The data files (exist, readable, keys, shapes, labels) before any job runs; not in a
+    # dry run, so that a grid can be planned before its data is downloaded.
+    try:
+        check_data_files(GRID)
+    except ConfigError as e:
+        sys.exit(f"kdlab: {e}")
 JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}
 EXP, RESULTS = GRID["experiments_dir"], GRID["results_dir"]
 RES = GRID["resources"]

@@ -60,8 +60,11 @@ def cmd_import_teacher(args):
 
 def cmd_check_config(args):
     from .grid import expand_grid
-    from .config import load_grid
+    from .config import check_data_files, grid_warnings, load_grid
     grid = load_grid(args.config)
+    check_data_files(grid)  # reads the data files; writes nothing anywhere
+    for warning in grid_warnings(grid):
+        print(f"kdlab check-config: warning: {warning}", file=sys.stderr)
     jobs = expand_grid(grid)
     counts = {}
     for job in jobs:
@@ -100,7 +103,8 @@ def build_parser():
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_import_teacher)
 
-    p = sub.add_parser("check-config", help="validate an experiment grid config and count its jobs")
+    p = sub.add_parser("check-config", help="validate an experiment grid config and its data files, and count "
+                       "its jobs (creates nothing on disk)")
     p.add_argument("config", help="e.g. config/config.yaml")
     p.set_defaults(func=cmd_check_config)
 

@@ -7,6 +7,7 @@ Every error is a ConfigError whose message names the offending key.
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import jsonschema
@@ -83,14 +84,36 @@ def key_name(path):
     return out or "(top level)"
 
 
+def unsafe_values(instance, path=()):
+    """(path, message) for every NaN or infinity (NaN compares false against every schema bound)
+    and every string with a control character (a schema pattern's $ also matches before a
+    final newline)."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        return [(list(path), "must be a finite number, not NaN or infinity")]
+    if isinstance(instance, str) and any(ord(c) < 32 or ord(c) == 127 for c in instance):
+        return [(list(path), f"{instance!r} must not contain control characters (newlines, tabs)")]
+    if isinstance(instance, dict):
+        return [e for k, v in instance.items() for e in unsafe_values(v, path + (k,))]
+    if isinstance(instance, list):
+        return [e for i, v in enumerate(instance) for e in unsafe_values(v, path + (i,))]
+    return []
+
+
+def schema_message(error):
+    if error.validator == "pattern" and "description" in error.schema:
+        return f"{error.instance!r} is not allowed here: it must be {error.schema['description']}"
+    return error.message
+
+
 def validate(instance, schema, prefix=""):
     validator = StrictValidator(schema)
-    errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    errors = [(list(e.absolute_path), schema_message(e)) for e in validator.iter_errors(instance)]
+    errors += unsafe_values(instance)
     if errors:
         lines = []
-        for e in errors:
-            key = key_name([prefix] + list(e.absolute_path) if prefix else list(e.absolute_path))
-            lines.append(f"config key '{key}': {e.message}")
+        for path, message in sorted(errors, key=lambda e: [str(p) for p in e[0]]):
+            key = key_name([prefix] + path if prefix else path)
+            lines.append(f"config key '{key}': {message}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines))
 
 
@@ -178,8 +201,6 @@ def resolve_grid(config):
     data = grid["data"]
     if data["dataset"] == "npz" and not data["npz_path"]:
         raise ConfigError("config key 'data.npz_path': dataset npz needs the path of its .npz file")
-    if data["dataset"] == "npz" and not Path(data["npz_path"]).exists():
-        raise ConfigError(f"config key 'data.npz_path': {data['npz_path']} does not exist")
     for where, alphas in [("alphas", grid["alphas"])] + [(f"methods.{m}.alphas", b["alphas"])
                                                           for m, b in grid["methods"].items() if "alphas" in b]:
         names = [format_alpha(a) for a in alphas]
@@ -198,11 +219,34 @@ def resolve_grid(config):
             raise ConfigError(f"config key 'methods.{method}.additive': the weights must be plain decimals (at "
                               f"most 6 significant digits, no exponent) that name distinct run directories "
                               f"additive_ce<ce_weight>_kd<kd_weight>")
+    first_seen = {}
     for i, pair in enumerate(grid["pairs"]):
+        key = (pair["teacher"], pair["student"])
+        if key in first_seen:
+            raise ConfigError(f"config key 'pairs[{i}]': {pair['teacher']} -> {pair['student']} repeats "
+                              f"pairs[{first_seen[key]}]; every pair must be listed once")
+        first_seen[key] = i
         for name, settings in grid["methods"].items():
             settings = {k: v for k, v in settings.items() if k not in ("alphas", "additive")}
             check_models_and_methods(pair["student"], pair["teacher"], name, settings, f"pairs[{i}].")
     return grid
+
+
+def grid_warnings(grid):
+    """Settings that are legal but probably not meant: printed, never fatal."""
+    return [f"config key 'pairs[{i}]': teacher {p['teacher']} is not larger than its student {p['student']}"
+            for i, p in enumerate(grid["pairs"])
+            if BLOCKS_PER_STAGE.get(p["teacher"], 0) <= BLOCKS_PER_STAGE.get(p["student"], 0)]
+
+
+def check_data_files(grid):
+    """Read the grid's data files (exist, readable, keys, shapes, labels) before any job is planned."""
+    from .data import DataError, check_data
+    try:
+        check_data(grid["data"])
+    except DataError as e:
+        key = "data.npz_path" if grid["data"]["dataset"] == "npz" else "data.data_dir"
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def load_grid(path):
@@ -225,12 +269,19 @@ def recipe_name(alpha=None, additive=None):
     return f"alpha_{format_alpha(alpha)}"
 
 
+# Today's augmentation, the default: left out of a run's identity (its Snakemake param and
+# fingerprint) so that runs made before data.augmentation existed stay complete and resumable.
+DEFAULT_AUGMENTATION = {"crop_padding": 4, "horizontal_flip": True}
+
+
 def split_runtime(run):
     """(what a run computes, how it runs): a run config without and with only RUNTIME_KEYS."""
     semantic, runtime = dict(run), {}
     for block, keys in RUNTIME_KEYS.items():
         semantic[block] = {k: v for k, v in run[block].items() if k not in keys}
         runtime[block] = {k: v for k, v in run[block].items() if k in keys}
+    if semantic["data"].get("augmentation") == DEFAULT_AUGMENTATION:
+        del semantic["data"]["augmentation"]
     return semantic, runtime
 
 

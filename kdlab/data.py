@@ -2,7 +2,8 @@
 
 Images are kept as uint8 (N, 32, 32, 3) arrays; loaders yield uint8 NCHW batches and
 the training loop normalises on the device (less to copy, one place to do it).
-Augmentation (random crop 32 with zero padding 4, horizontal flip) is drawn by the
+Augmentation (random crop 32 with zero padding `data.augmentation.crop_padding`, default 4,
+and a horizontal flip unless `data.augmentation.horizontal_flip` is false) is drawn by the
 sampler from a generator seeded with (seed, epoch), not inside worker processes, so
 an epoch's batches are the same with any num_workers and after a resume.
 """
@@ -23,7 +24,10 @@ CIFAR_URL_HINT = {
     "Cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "Cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
 }
-PAD = 4
+PAD = 4  # the default crop padding (data.augmentation.crop_padding)
+# The arrays an npz file must hold, each under any one of its names (ours, then Keras's).
+NPZ_KEYS = {"train_x": ("train_x", "x_train"), "train_y": ("train_y", "y_train"),
+            "test_x": ("test_x", "x_test"), "test_y": ("test_y", "y_test")}
 
 
 class DataError(Exception):
@@ -35,6 +39,8 @@ class ImageArrays:
 
     def __init__(self, train_x, train_y, test_x, test_y, num_classes, source):
         for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+            if len(x) == 0:
+                raise DataError(f"{source}: the {split} split holds no images")
             if x.ndim != 4 or x.shape[1:] != (32, 32, 3) or x.dtype != np.uint8:
                 raise DataError(f"{source}: {split} images must be uint8 of shape (N, 32, 32, 3), "
                                 f"got {x.dtype} {x.shape}")
@@ -101,16 +107,18 @@ def make_synthetic(num_classes, train_size, test_size, seed):
 
 def load_npz(path, num_classes=None):
     path = Path(path)
+    wanted = ", ".join(" or ".join(names) for names in NPZ_KEYS.values())
     if not path.exists():
-        raise DataError(f"npz dataset: {path} is missing; it must hold arrays train_x, train_y, "
-                        f"test_x, test_y (uint8 images N,32,32,3 and integer labels)")
+        raise DataError(f"npz dataset: {path} is missing; it must hold the arrays {wanted} "
+                        f"(uint8 images N,32,32,3 and integer labels)")
     try:
         with np.load(path) as f:
-            missing = [k for k in ("train_x", "train_y", "test_x", "test_y") if k not in f.files]
+            found = {k: next((n for n in names if n in f.files), None) for k, names in NPZ_KEYS.items()}
+            missing = [" or ".join(NPZ_KEYS[k]) for k, name in found.items() if name is None]
             if missing:
-                raise DataError(f"npz dataset: {path} lacks array(s) {', '.join(missing)}; "
-                                f"it must hold train_x, train_y, test_x, test_y")
-            arrays = {k: f[k] for k in ("train_x", "train_y", "test_x", "test_y")}
+                raise DataError(f"npz dataset: {path} lacks array(s) {', '.join(missing)}; it holds "
+                                f"{', '.join(f.files) or 'no arrays'}, and must hold {wanted}")
+            arrays = {k: f[name] for k, name in found.items()}
     except DataError:
         raise
     except Exception as e:
@@ -135,11 +143,36 @@ def load_dataset(cfg):
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 
-class AugmentingSampler(Sampler):
-    """Yields (index, dy, dx, flip) for a shuffled epoch, all drawn from (seed, epoch)."""
+def check_data(cfg):
+    """Raise DataError unless the configured data can be read: exist, readable, keys, shapes, labels."""
+    name = cfg["dataset"]
+    if name == "npz":
+        load_npz(cfg["npz_path"], cfg.get("num_classes"))
+    elif name in CIFAR_FILES:
+        folder, train_files, test_files, _ = CIFAR_FILES[name]
+        root = Path(cfg["data_dir"]) / folder
+        if cfg["download"] and not root.exists():
+            return  # fetched by the first job
+        for file in train_files + test_files:
+            path = root / file
+            try:
+                with open(path, "rb") as f:
+                    readable = f.read(1) != b""
+            except OSError as e:
+                raise DataError(f"{name}: {path} cannot be read ({e.strerror}); put the extracted python "
+                                f"version of the dataset ({CIFAR_URL_HINT[name]}) in {cfg['data_dir']}/, "
+                                f"or set data.download: true where the network allows") from None
+            if not readable:
+                raise DataError(f"{name}: {path} is empty")
 
-    def __init__(self, size, seed):
+
+class AugmentingSampler(Sampler):
+    """Yields (index, dy, dx, flip) for a shuffled epoch, all drawn from (seed, epoch):
+    dy, dx in 0..2*padding, flip 0 or 1 (always 0 without horizontal flips)."""
+
+    def __init__(self, size, seed, padding=PAD, horizontal_flip=True):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.padding, self.horizontal_flip = padding, horizontal_flip
 
     def __len__(self):
         return self.size
@@ -147,19 +180,19 @@ class AugmentingSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=g)
-        shifts = torch.randint(0, 2 * PAD + 1, (self.size, 2), generator=g)
-        flips = torch.randint(0, 2, (self.size,), generator=g)
+        shifts = torch.randint(0, 2 * self.padding + 1, (self.size, 2), generator=g)
+        flips = torch.randint(0, 2, (self.size,), generator=g) * self.horizontal_flip
         return iter(zip(order.tolist(), shifts[:, 0].tolist(), shifts[:, 1].tolist(), flips.tolist()))
 
 
 class ImageDataset(Dataset):
     """Items are (uint8 CHW image, label, view); a key (i, dy, dx, flip) crops a zero-padded
-    image and flips it. `view` is the int64 tensor (i, dy, dx, flip) that made the item (the
-    plain image is (i, PAD, PAD, 0)): methods that need each sample's dataset index, and
+    image (padding `padding`) and flips it. `view` is the int64 tensor (i, dy, dx, flip) that made
+    the item (the plain image is (i, padding, padding, 0)): methods that need each sample's dataset index, and
     anything that caches per-view outputs, read it from the batch."""
 
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+    def __init__(self, images, labels, padding=PAD):
+        self.images, self.labels, self.padding = images, labels, padding
 
     def __len__(self):
         return len(self.images)
@@ -168,24 +201,27 @@ class ImageDataset(Dataset):
         if isinstance(key, tuple):
             i, dy, dx, flip = key
             out = np.zeros_like(self.images[i])
-            # Window [dy-PAD, dy-PAD+32) of the original image, zeros outside it.
-            y0, x0 = dy - PAD, dx - PAD
+            # Window [dy-padding, dy-padding+32) of the original image, zeros outside it.
+            y0, x0 = dy - self.padding, dx - self.padding
             src = self.images[i][max(y0, 0):32 + min(y0, 0), max(x0, 0):32 + min(x0, 0)]
             out[max(-y0, 0):max(-y0, 0) + src.shape[0], max(-x0, 0):max(-x0, 0) + src.shape[1]] = src
             if flip:
                 out = out[:, ::-1]
         else:
-            (i, dy, dx, flip), out = (key, PAD, PAD, 0), self.images[key]
+            (i, dy, dx, flip), out = (key, self.padding, self.padding, 0), self.images[key]
         view = torch.tensor((i, dy, dx, flip), dtype=torch.int64)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.labels[i]), view
 
 
-def make_loaders(arrays, batch_size, num_workers, seed, pin_memory, eval_batch_size=None):
-    """Train loader (augmented, reshuffled per epoch via sampler.epoch) and test loader."""
+def make_loaders(arrays, batch_size, num_workers, seed, pin_memory, eval_batch_size=None, augmentation=None):
+    """Train loader (augmented, reshuffled per epoch via sampler.epoch) and test loader;
+    augmentation is the config's data.augmentation block (default: padding 4, flips)."""
+    augmentation = {"crop_padding": PAD, "horizontal_flip": True, **(augmentation or {})}
+    padding = augmentation["crop_padding"]
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
-    sampler = AugmentingSampler(len(arrays.train_x), seed)
-    train = DataLoader(ImageDataset(arrays.train_x, arrays.train_y), batch_size=batch_size,
+    sampler = AugmentingSampler(len(arrays.train_x), seed, padding, augmentation["horizontal_flip"])
+    train = DataLoader(ImageDataset(arrays.train_x, arrays.train_y, padding), batch_size=batch_size,
                        sampler=sampler, **common)
-    test = DataLoader(ImageDataset(arrays.test_x, arrays.test_y), batch_size=eval_batch_size or 2 * batch_size,
+    test = DataLoader(ImageDataset(arrays.test_x, arrays.test_y, padding), batch_size=eval_batch_size or 2 * batch_size,
                       shuffle=False, **common)
     return train, test

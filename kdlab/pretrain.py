@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from .config import ConfigError, fingerprint, resolve_run
 from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
-from .runio import atomic_torch_save, file_sha256
-from .train import GuardError, Normalize, load_frozen_teacher, load_resume_state, log, pick_device, seed_everything
+from .runio import file_sha256, previous_path, save_checked, save_checkpoint
+from .train import (GuardError, Normalize, load_frozen_teacher, load_resume_state, log, nonfinite_tensors, pick_device,
+                    seed_everything)
 
 
 def pretrain_paraphraser(run, out_path, force_restart=False):
@@ -24,7 +25,8 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
     device = pick_device(tr["device"])
     seed_everything(run["seed"], tr["deterministic"])
     arrays = load_dataset(run["data"])
-    loader, _ = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"], device.type == "cuda")
+    loader, _ = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"], device.type == "cuda",
+                             augmentation=run["data"]["augmentation"])
     normalize = Normalize(arrays.mean, arrays.std, device)
     teacher = load_frozen_teacher(run, arrays.num_classes, device)
     paraphraser = Paraphraser(settings["rate"]).to(device)
@@ -64,12 +66,17 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
         losses.append(total / seen)
         log(f"paraphraser epoch {epoch + 1}/{epochs} | {settings['paraphraser_loss']} reconstruction "
             f"{losses[-1]:.5f}")
+        bad = nonfinite_tensors(paraphraser)
+        if bad:  # never saved: the previous checkpoint stays
+            raise GuardError(f"health guard: ft paraphraser, epoch {epoch + 1}: {len(bad)} weight tensor(s) went "
+                             f"non-finite ({', '.join(bad[:3])}) after the optimizer step")
         finished = epoch + 1 == epochs
         if not finished:
-            atomic_torch_save(checkpoint_path, {"fingerprint": run_fingerprint, "finished": False,
-                                                "state_dict": paraphraser.state_dict(),
-                                                "optimizer": optimizer.state_dict(), "losses": losses})
-    atomic_torch_save(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,
-                                 "teacher_weights_sha256": teacher_hash, "reconstruction_loss": losses})
-    atomic_torch_save(checkpoint_path, {"fingerprint": run_fingerprint, "finished": True, "losses": losses})
+            save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, "finished": False,
+                                              "state_dict": paraphraser.state_dict(),
+                                              "optimizer": optimizer.state_dict(), "losses": losses})
+    save_checked(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,
+                            "teacher_weights_sha256": teacher_hash, "reconstruction_loss": losses})
+    save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, "finished": True, "losses": losses})
+    previous_path(checkpoint_path).unlink(missing_ok=True)
     log(f"saved {out_path}")

@@ -8,7 +8,9 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -41,8 +43,19 @@ def atomic_write_bytes(path, data):
         raise
 
 
+def finite_or_null(obj):
+    """obj with every NaN or infinity replaced by None: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(finite_or_null(obj), indent=1, allow_nan=False) + "\n").encode())
 
 
 def atomic_torch_save(path, obj):
@@ -66,8 +79,113 @@ def torch_load(path):
     except OSError:
         raise  # an I/O failure is not a damaged file: never a reason to start over
     except Exception as e:
+        detail = (str(e).splitlines() or ["empty file" if Path(path).stat().st_size == 0 else "no detail"])[0]
         raise UnreadableFile(f"{path} is truncated or corrupt and cannot be loaded "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                             f"({type(e).__name__}: {detail[:200]})") from None
+
+
+# --- checksums ----------------------------------------------------------------------
+# Dict files that only kdlab reads (checkpoints, paraphraser.pth) carry the SHA-256 of
+# their content under "sha256"; model.pth stays a plain state_dict for users, and its
+# file's SHA-256 is in the sidecar model.pth.sha256 (`sha256sum -c` format).
+
+def content_sha256(obj):
+    """SHA-256 of nested dicts/lists/tensors/scalars, independent of how torch serialises them."""
+    import torch
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}:".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def save_checked(path, obj):
+    """atomic_torch_save of a dict with the checksum of its content added."""
+    atomic_torch_save(path, {**obj, "sha256": content_sha256(obj)})
+
+
+def load_checked(path):
+    """A dict written by save_checked; UnreadableFile if it is damaged or its checksum differs."""
+    obj = torch_load(path)
+    if not isinstance(obj, dict):
+        raise UnreadableFile(f"{path} is not a file written by kdlab (it holds a {type(obj).__name__})")
+    if "sha256" not in obj:
+        print(f"WARNING: {path} was written before kdlab checksummed its files; it cannot be verified", flush=True)
+        return obj
+    saved = obj.pop("sha256")
+    if content_sha256(obj) != saved:
+        raise UnreadableFile(f"{path} is corrupt: its content does not match its checksum")
+    return obj
+
+
+def save_weights(path, state_dict):
+    """Final weights: a plain state_dict, then the sidecar PATH.sha256 with the file's checksum."""
+    atomic_torch_save(path, state_dict)
+    path = Path(path)
+    atomic_write_bytes(checksum_path(path), f"{file_sha256(path)}  {path.name}\n".encode())
+
+
+def checksum_path(path):
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def verify_weights(path):
+    """The checksum of weights written by save_weights, after checking it; UnreadableFile if
+    the file or its sidecar is missing or they disagree."""
+    path, sidecar = Path(path), checksum_path(path)
+    if not path.exists():
+        raise UnreadableFile(f"{path} does not exist")
+    actual = file_sha256(path)
+    if not sidecar.exists():
+        print(f"WARNING: {path} has no checksum file {sidecar.name} (written before kdlab checksummed its "
+              f"files); it cannot be verified", flush=True)
+        return actual
+    expected = (sidecar.read_text().split() or [""])[0]
+    if actual != expected:
+        raise UnreadableFile(f"{path} is corrupt: its SHA-256 does not match {sidecar.name}")
+    return actual
+
+
+def load_weights(path):
+    verify_weights(path)
+    return torch_load(path)
+
+
+def previous_path(path):
+    """checkpoint.pth -> checkpoint.prev.pth: the one before the latest is kept."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path, obj):
+    """Keep the last two: the current checkpoint also becomes the previous one (a hard link,
+    so that at no instant is there no checkpoint), then the new one replaces it."""
+    path = Path(path)
+    if path.exists():
+        tmp = path.with_name(f".{path.name}.prev.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, previous_path(path))
+    save_checked(path, obj)
 
 
 def file_sha256(path):

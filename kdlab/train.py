@@ -22,7 +22,8 @@ from .data import load_dataset, make_loaders
 from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model
-from .runio import atomic_torch_save, atomic_write_json, file_sha256, now, provenance, torch_load, UnreadableFile
+from .runio import (UnreadableFile, atomic_write_json, file_sha256, load_checked, load_weights, now, previous_path,
+                    provenance, save_checkpoint, save_weights)
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MIN_LOSS_SCALE = 2.0 ** -14  # below this, fp16-scaled gradients underflow to zero
@@ -68,8 +69,12 @@ class Normalize:
 
 
 def load_frozen_teacher(run, num_classes, device):
-    teacher = build_model(run["teacher"], num_classes)
-    teacher.load_state_dict(torch_load(run["teacher_weights"]))
+    teacher, path = build_model(run["teacher"], num_classes), run["teacher_weights"]
+    try:
+        teacher.load_state_dict(load_weights(path))
+    except (UnreadableFile, RuntimeError, AttributeError) as e:  # RuntimeError: not this model's weights
+        raise UnreadableFile(f"teacher weights {path}: {str(e).splitlines()[0]}. They are the output of rule "
+                             f"train_teacher: delete {path} and run snakemake again to rebuild them") from None
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -142,22 +147,32 @@ def load_resume_state(path, run_fingerprint, force_restart):
     if force_restart:
         log("--force-restart: starting fresh")
         return None
-    if not path.exists():
-        return None
-    try:
-        ckpt = torch_load(path)
-    except UnreadableFile as e:
-        aside = path.with_name(f"{path.stem}.corrupt.pth")
-        path.replace(aside)
-        log(f"WARNING: {e}; moved it to {aside} and starting fresh")
-        return None
-    if ckpt.get("fingerprint") != run_fingerprint:
-        log("checkpoint belongs to a different configuration (fingerprint changed): starting fresh")
-        return None
-    if ckpt.get("finished"):
-        log("checkpoint is of a finished run: starting fresh")
-        return None
-    return ckpt
+    # The latest checkpoint, else the one before it (save_checkpoint keeps two): a damaged
+    # one (empty, truncated, garbage, checksum mismatch) is moved aside, never deleted.
+    damaged = False
+    for candidate, name in ((path, "checkpoint"), (previous_path(path), "previous checkpoint")):
+        if not candidate.exists():
+            continue
+        try:
+            ckpt = load_checked(candidate)
+        except UnreadableFile as e:
+            aside = candidate.with_name(f"{candidate.stem}.corrupt{candidate.suffix}")
+            candidate.replace(aside)
+            log(f"WARNING: {e}; moved it to {aside}")
+            damaged = True
+            continue
+        if ckpt.get("fingerprint") != run_fingerprint:
+            log(f"{name} belongs to a different configuration (fingerprint changed): starting fresh")
+            return None
+        if ckpt.get("finished"):
+            log(f"{name} is of a finished run: starting fresh")
+            return None
+        if candidate != path:
+            log(f"resuming from the previous checkpoint {candidate}")
+        return ckpt
+    if damaged:
+        log("no usable checkpoint left: starting fresh")
+    return None
 
 
 def train(run, run_dir, force_restart=False):
@@ -171,7 +186,7 @@ def train(run, run_dir, force_restart=False):
     seed_everything(run["seed"], tr["deterministic"])
     arrays = load_dataset(run["data"])
     train_loader, test_loader = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"],
-                                             device.type == "cuda", tr["eval_batch_size"])
+                                             device.type == "cuda", tr["eval_batch_size"], run["data"]["augmentation"])
     normalize = Normalize(arrays.mean, arrays.std, device)
     model = build_model(run["model"], arrays.num_classes).to(device)
     loss_fn = build_loss(run).to(device)
@@ -198,7 +213,7 @@ def train(run, run_dir, force_restart=False):
         state["resumed_at_epochs"].append(ckpt["epoch"])
         log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
     else:
-        for stale in ("metrics.json", "model.pth"):  # a previous run's completion marks
+        for stale in ("metrics.json", "model.pth", "model.pth.sha256"):  # a previous run's completion marks
             (run_dir / stale).unlink(missing_ok=True)
         teacher_acc = evaluate(teacher, test_loader, normalize, device, autocast)[1] if teacher else None
         state = {"history": new_history(), "teacher_acc": teacher_acc, "started": now(), "resumed_at_epochs": [],
@@ -292,20 +307,23 @@ def train(run, run_dir, force_restart=False):
                            ("nonfinite_losses", nonfinite), ("grad_share", share)):
             history[key].append(value)
         log(epoch_line(epoch, tr["epochs"], history, run["method"]))
+        check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, model, loss_fn)
         last = epoch + 1 == tr["epochs"]
         if not last:
-            atomic_torch_save(checkpoint_path, checkpoint(run_fingerprint, epoch + 1, False, model, loss_fn,
-                                                          optimizer, scaler, state))
+            save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, epoch + 1, False, model, loss_fn,
+                                                        optimizer, scaler, state))
             atomic_write_json(run_dir / "progress.json", record("running"))
 
-    # Completion: final weights, then metrics.json (the mark), then a checkpoint marked
-    # finished so that a forced rerun starts fresh. A kill in between resumes the last epoch.
-    atomic_torch_save(run_dir / "model.pth", model.state_dict())
+    # Completion (the weights were checked above): final weights and their checksum, then
+    # metrics.json (the mark), then a checkpoint marked finished so that a forced rerun
+    # starts fresh. A kill in between resumes the last epoch.
+    save_weights(run_dir / "model.pth", model.state_dict())
     prov["finished"] = now()
     atomic_write_json(run_dir / "metrics.json", record("complete"))
     atomic_write_json(run_dir / "progress.json", record("complete"))
-    atomic_torch_save(checkpoint_path, checkpoint(run_fingerprint, tr["epochs"], True, model, loss_fn,
-                                                  optimizer, scaler, state))
+    save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, tr["epochs"], True, model, loss_fn,
+                                                optimizer, scaler, state))
+    previous_path(checkpoint_path).unlink(missing_ok=True)  # a finished run has nothing to fall back to
     log(f"done: best test accuracy {max(history['test_acc']):.2f}%, last {history['test_acc'][-1]:.2f}%")
     return record("complete")
 
@@ -315,6 +333,28 @@ def checkpoint(run_fingerprint, epoch, finished, model, loss_fn, optimizer, scal
     return {"fingerprint": run_fingerprint, "epoch": epoch, "finished": finished,
             "model": model.state_dict(), "method": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "state": state}
+
+
+def nonfinite_tensors(*modules):
+    """Names of the floating-point parameters and buffers of modules that hold NaN or infinity."""
+    named = [(name, t) for m in modules for name, t in chain(m.named_parameters(), m.named_buffers())
+             if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one host sync
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, *modules):
+    """Before every checkpoint and before completion: non-finite weights are never saved.
+    The step's guard sees only the loss and gradient; the step itself (weight decay, a huge
+    lr) can still make weights non-finite."""
+    bad = nonfinite_tensors(*modules)
+    if bad or not math.isfinite(test_loss):
+        what = (f"{len(bad)} weight tensor(s) went non-finite in the optimizer step ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})" if bad else f"the test loss is {test_loss}")
+        stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: {what}. "
+             f"The last good checkpoint is kept.")
 
 
 def guard_where(run, epoch, step):

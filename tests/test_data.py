@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.data import (PAD, AugmentingSampler, DataError, ImageDataset, load_cifar_pickles, load_npz,
+from kdlab.data import (PAD, AugmentingSampler, DataError, ImageDataset, check_data, load_cifar_pickles, load_npz,
                         make_loaders, make_synthetic)
 
 
@@ -74,7 +74,11 @@ def test_npz_dataset_and_its_errors(tmp_path):
     with pytest.raises(DataError, match=r"mine.npz: train images must be uint8 of shape \(N, 32, 32, 3\)"):
         load_npz(path)
     np.savez(path, train_x=x, train_y=np.zeros(4, int))
-    with pytest.raises(DataError, match=r"mine.npz lacks array\(s\) test_x, test_y"):
+    with pytest.raises(DataError, match=r"mine.npz lacks array\(s\) test_x or x_test, test_y or y_test; "
+                                         r"it holds train_x, train_y"):
+        load_npz(path)
+    np.savez(path, train_x=x, train_y=np.zeros(4, int), test_x=x[:0], test_y=np.zeros(0, int))
+    with pytest.raises(DataError, match=r"mine.npz: the test split holds no images"):
         load_npz(path)
     with pytest.raises(DataError, match=r"nothere.npz is missing"):
         load_npz(tmp_path / "nothere.npz")
@@ -130,3 +134,58 @@ def test_loaders_give_the_same_batches_with_and_without_workers():
             out += [torch.cat([x.flatten(), y, v.flatten()]) for x, y, v in train]
         batches[workers] = torch.cat(out)
     assert torch.equal(batches[0], batches[2])
+
+
+def test_npz_with_keras_key_names(tmp_path):
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    path = tmp_path / "keras.npz"
+    np.savez(path, x_train=x, y_train=np.array([0, 1, 2, 1]), x_test=x[:2], y_test=np.array([2, 0]))
+    arrays = load_npz(path)
+    assert arrays.num_classes == 3 and len(arrays.test_x) == 2
+    np.savez(path, images=x, labels=np.zeros(4, int))
+    with pytest.raises(DataError, match=r"it holds images, labels, and must hold train_x or x_train"):
+        load_npz(path)
+
+
+def test_check_data_reads_every_file_before_any_job(tmp_path):
+    npz = tmp_path / "d.npz"
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    np.savez(npz, train_x=x, train_y=np.array([0, 1, 5, 1]), test_x=x, test_y=np.zeros(4, int))
+    cfg = {"dataset": "npz", "npz_path": str(npz), "num_classes": 3}
+    with pytest.raises(DataError, match=r"labels must lie in \[0, 3\), found 0..5"):
+        check_data(cfg)
+    check_data({**cfg, "num_classes": None})
+    npz.write_bytes(b"")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        check_data(cfg)
+    cifar = {"dataset": "Cifar100", "data_dir": str(tmp_path), "download": False}
+    with pytest.raises(DataError, match=r"cifar-100-python/train cannot be read"):
+        check_data(cifar)
+    check_data({**cifar, "download": True})  # the first job downloads it
+    write_cifar(tmp_path, "Cifar100")
+    check_data(cifar)
+    (tmp_path / "cifar-100-python" / "test").write_bytes(b"")
+    with pytest.raises(DataError, match=r"cifar-100-python/test is empty"):
+        check_data(cifar)
+    check_data({"dataset": "Synthetic"})
+
+
+@pytest.mark.parametrize("padding,flip", [(0, False), (2, True), (4, False)])
+def test_augmentation_is_configurable(padding, flip):
+    arrays = make_synthetic(3, 64, 8, seed=0)
+    train, test = make_loaders(arrays, batch_size=64, num_workers=0, seed=1, pin_memory=False,
+                               augmentation={"crop_padding": padding, "horizontal_flip": flip})
+    images, _, views = next(iter(train))
+    _, dy, dx, flips = views.T
+    assert dy.min() >= 0 and dy.max() <= 2 * padding and dx.max() <= 2 * padding
+    assert (flips.sum() > 0) == flip and (dy.max() > 0) == (padding > 0)
+    if padding == 0 and not flip:  # no augmentation at all: the plain images
+        assert torch.equal(images, torch.from_numpy(arrays.train_x[views[:, 0].numpy()]).permute(0, 3, 1, 2))
+    dataset = train.dataset
+    padded = np.pad(arrays.train_x[0], ((padding, padding), (padding, padding), (0, 0)))
+    got = dataset[(0, padding + 1 if padding else 0, 0, 1)][0].numpy().transpose(1, 2, 0)
+    assert np.array_equal(got, padded[(padding + 1 if padding else 0):][:32, :32][:, ::-1])
+    test_images, _, test_views = next(iter(test))  # test items: the plain image, whatever the padding
+    assert torch.equal(test_images, torch.from_numpy(arrays.test_x).permute(0, 3, 1, 2))
+    assert test_views[0].tolist() == [0, padding, padding, 0]
+    assert make_loaders(arrays, 8, 0, 1, False)[0].sampler.padding == PAD  # default: today's augmentation

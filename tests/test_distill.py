@@ -97,17 +97,17 @@ def test_paraphraser_stage_one_resumes_after_an_interruption(trained_teacher, pa
     import kdlab.pretrain
     run = tiny_run(kind="paraphraser", method="ft", teacher="ResNet8", method_settings=FT_SETTINGS,
                    teacher_weights=str(trained_teacher[0] / "model.pth"))
-    saves, real_save = [], kdlab.pretrain.atomic_torch_save
+    saves, real_save = [], kdlab.pretrain.save_checkpoint
 
     def dies_after_two_checkpoints(path, obj):
         real_save(path, obj)
         saves.append(path)
         if len(saves) == 2:
             raise KeyboardInterrupt  # stands in for a kill after epoch 2's checkpoint
-    monkeypatch.setattr(kdlab.pretrain, "atomic_torch_save", dies_after_two_checkpoints)
+    monkeypatch.setattr(kdlab.pretrain, "save_checkpoint", dies_after_two_checkpoints)
     with pytest.raises(KeyboardInterrupt):
         pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
-    monkeypatch.setattr(kdlab.pretrain, "atomic_torch_save", real_save)
+    monkeypatch.setattr(kdlab.pretrain, "save_checkpoint", real_save)
     pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
     assert "resuming the paraphraser from epoch 2" in capsys.readouterr().out
     resumed, reference = (torch.load(p, weights_only=True) for p in (tmp_path / "paraphraser.pth", paraphraser))

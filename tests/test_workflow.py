@@ -197,3 +197,48 @@ def test_report_is_a_single_html_page_with_table_and_figures(demo):
     assert html.lstrip().lower().startswith("<!doctype html") or "<html" in html[:2000].lower()
     for name in ("results.md", "health.md", "accuracy_vs_alpha.png", "methods_at_best_alpha.png"):
         assert name in html
+
+
+def test_jobs_run_with_snakemakes_interpreter_whatever_the_path(demo):
+    workdir, _ = demo
+    # `.venv/bin/snakemake ...` without activating the venv: PATH has no kdlab.
+    bare = {**os.environ, "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "1", "--configfile", str(REPO / "config" / "demo.yaml"), str(workdir / "overlay.yaml"),
+           "-R", "aggregate"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bare, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Finished jobid" in proc.stderr and (workdir / "results" / "results.md").exists()
+
+
+def test_after_a_hard_kill_of_snakemake_one_command_recovers(demo):
+    """Snakemake SIGKILLed while its job runs on: the job writes metrics.json, Snakemake never
+    records it, and the output stays marked incomplete. The workflow profile's
+    rerun-incomplete makes `snakemake --unlock; snakemake` enough (README)."""
+    workdir, _ = demo
+    run = workdir / DISTILL.format("kd")
+    changed = {"methods": {"kd": {"temperature": 3.0}}}  # reruns this run only
+    (workdir / "extra.yaml").write_text(yaml.safe_dump(changed))
+    target = DISTILL.format("kd") + "/metrics.json"
+    configs = [str(REPO / "config/demo.yaml"), str(workdir / "overlay.yaml"), str(workdir / "extra.yaml")]
+    cmd = ["snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "1",
+           "--configfile", *configs, "--allowed-rules", "distill", "--", target]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 300
+    def temperature(name):
+        path = run / name
+        return path.exists() and read_json(path)["config"]["method_settings"]["temperature"]
+    while time.time() < deadline and temperature("progress.json") != 3.0:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # Snakemake only: its job runs on and completes
+    proc.wait()
+    while time.time() < deadline and temperature("metrics.json") != 3.0:
+        time.sleep(0.1)
+    time.sleep(1)  # the orphaned job's last writes
+    snakemake(workdir, "--unlock", overlay=changed)
+    without_profile = snakemake(workdir, "-n", "--workflow-profile", "none", overlay=changed, check=False)
+    assert without_profile.returncode != 0 and "incomplete" in without_profile.output.lower()
+    recovered = snakemake(workdir, overlay=changed)  # the default profile: rerun-incomplete
+    assert "workflow specific profile" in recovered.output
+    assert planned(recovered.output) == collections.Counter({"distill": 1, "aggregate": 1})
+    assert read_json(run / "metrics.json")["status"] == "complete" and temperature("metrics.json") == 3.0

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import STAGE_CHANNELS
+from ..runio import UnreadableFile, load_checked
 from .base import MethodLoss, no_check
 
 NAME = "ft"
@@ -91,7 +92,13 @@ def load_paraphraser(path, settings):
         raise MissingParaphraser(
             f"ft: stage 2 needs the pre-trained paraphraser, but {path} does not exist; run stage 1 first "
             f"(`kdlab pretrain-paraphraser`, or let the workflow's pretrain_paraphraser rule run)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = load_checked(path)  # verifies its checksum
+        if not {"settings", "state_dict"} <= saved.keys():
+            raise UnreadableFile(f"{path} is not a paraphraser file")
+    except UnreadableFile as e:
+        raise UnreadableFile(f"ft paraphraser {path}: {e}. It is the output of rule pretrain_paraphraser: delete "
+                             f"{path} and run snakemake again to rebuild it") from None
     for key in PARAPHRASER_KEYS:
         if saved["settings"][key] != settings[key]:
             raise ValueError(f"ft: {path} was trained with {key}={saved['settings'][key]!r}, "

@@ -8,8 +8,9 @@ NAME = "kd"
 VERSION = 1
 NEEDS_TEACHER = True
 SETTINGS = {
-    "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 4.0,
-                    "description": "Softmax temperature T; the loss is scaled by T^2 (Hinton et al. 2015). "
+    "temperature": {"type": "number", "minimum": 0.5, "maximum": 100, "default": 4.0,
+                    "description": "Softmax temperature T in [0.5, 100]; the loss is scaled by T^2, so a tiny T "
+                                   "would switch the KD term off (Hinton et al. 2015). "
                                    "4 as in the CRD/RepDistiller CIFAR recipe."},
 }
 check = no_check

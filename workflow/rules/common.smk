@@ -9,6 +9,15 @@ STUDENT = f"{EXP}/{{dataset}}/none/{{student}}/{{seed}}"
 DISTILL = f"{EXP}/{{dataset}}/{{method}}/{{recipe}}/{{teacher}}_to_{{student}}/{{seed}}"
 PARAPHRASER = f"{TEACHER}/paraphraser_{{setting}}/paraphraser.pth"
 ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefile's .venv is the default
+# `kdlab` in a rule's shell command is this shell function: the package run by the
+# interpreter that runs Snakemake (locally and in cluster jobs, which Snakemake starts
+# with the same interpreter), so neither PATH nor an activated venv matters. Under
+# --software-deployment-method conda, the env's python. A function, not a changed
+# command text: Snakemake reruns every job whose shell command's text changes.
+KDLAB_PYTHON = ("python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+                else shlex.quote(sys.executable))
+# (shell.prefix is formatted like a rule's command: {{{{ becomes {{ here and { there.)
+shell.prefix(f'set -euo pipefail; kdlab() {{{{ {KDLAB_PYTHON} -m kdlab "$@"; }}}}; ')
 
 
 wildcard_constraints:
@@ -25,6 +34,10 @@ wildcard_constraints:
 IMPORTED_TEACHERS = "|".join(GRID["teacher_checkpoints"]) or "(?!)"
 TRAINED_TEACHERS = "|".join(t for t in BLOCKS_PER_STAGE if t not in GRID["teacher_checkpoints"]) or "(?!)"
 
+
+
+def run_dir(wildcards, output):
+    return os.path.dirname(output.metrics)
 
 
 def job(first_output):

@@ -1,0 +1,368 @@
+"""Reliability (issue 10): no bad value, damaged file or non-finite weight gets through."""
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kdlab.cli import main as kdlab_main
+from kdlab.config import fingerprint, resolve_run, split_runtime
+from kdlab.runio import UnreadableFile, atomic_write_json, content_sha256, load_checked, verify_weights
+from kdlab.train import GuardError, train
+
+from conftest import comparable, read_json, tiny_run
+from test_config import BAD, bad_config, demo, tree
+
+RELIABILITY_BAD = [name for name in BAD if any(word in name for word in (
+    "nan", "inf", "absurd", "tiny", "leading dash", "brace", "newline", "tab", "duplicate pair", "crop", "horizontal"))]
+
+
+def strict_json(path):
+    """json.loads that refuses NaN and Infinity, as strict JSON readers do."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+# --- every value is checked before anything runs -----------------------------------
+
+def test_check_config_rejects_each_bad_value_naming_the_key_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    assert len(RELIABILITY_BAD) >= 45
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in RELIABILITY_BAD:
+        (configs / f"{abs(hash(name))}.yaml").write_text(yaml.safe_dump(bad_config(name)))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = tree(tmp_path)
+    for name in RELIABILITY_BAD:
+        _, _, key, text = BAD[name]
+        assert kdlab_main(["check-config", str(configs / f"{abs(hash(name))}.yaml")]) == 2, name
+        err = capsys.readouterr().err
+        assert f"config key '{key}'" in err and text in err and "Traceback" not in err, (name, err)
+    assert tree(tmp_path) == before, "check-config created or changed files"
+
+
+def test_check_config_cli_has_no_traceback_for_nan(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(demo()).replace("lr: 0.1", "lr: .nan"))
+    result = subprocess.run([sys.executable, "-m", "kdlab", "check-config", str(bad)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "config key 'training.lr': must be a finite number" in result.stderr
+    assert "Traceback" not in result.stderr and sorted(os.listdir(tmp_path)) == ["bad.yaml"]
+
+
+@pytest.mark.parametrize("key,value", [("training.lr", float("nan")), ("training.label_smoothing", float("nan")),
+                                       ("method_settings.rate", float("nan")), ("data.data_dir", "-data")])
+def test_a_job_refuses_a_bad_value_at_start_naming_the_key(key, value, tmp_path, capsys):
+    run = tiny_run()
+    if key.startswith("method_settings"):
+        run = tiny_run(kind="paraphraser", method="ft", teacher="ResNet8", teacher_weights="t.pth")
+    block, name = key.split(".")
+    run.setdefault(block, {})[name] = value
+    assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 2
+    assert f"config key '{key}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_teacher_not_larger_than_its_student_is_a_warning(tmp_path, capsys):
+    config = demo()
+    config["pairs"] = [{"teacher": "ResNet8", "student": "ResNet14"}, {"teacher": "ResNet14", "student": "ResNet8"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: config key 'pairs[0]': teacher ResNet8 is not larger than its student ResNet14" in err
+    assert "pairs[1]" not in err
+
+
+def test_check_config_reads_the_data_files(tmp_path, capsys):
+    x = np.zeros((8, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "keras.npz", x_train=x, y_train=np.arange(8) % 4, x_test=x[:4], y_test=np.arange(4))
+    config = demo()
+    config["data"] = {"dataset": "npz", "npz_path": str(tmp_path / "keras.npz")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 0, capsys.readouterr().err
+    config["data"]["num_classes"] = 3  # label 3 is out of range
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 2
+    assert "config key 'data.npz_path'" in capsys.readouterr().err
+    config["data"] = {"dataset": "Cifar100", "data_dir": str(tmp_path / "nothing")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'data.data_dir'" in err and "cifar-100-python/train cannot be read" in err
+
+
+def test_augmentation_is_part_of_what_a_run_computes():
+    from kdlab.config import DEFAULT_AUGMENTATION, grid_schema, with_defaults
+    run = resolve_run(tiny_run())
+    assert run["data"]["augmentation"] == DEFAULT_AUGMENTATION
+    schema = grid_schema()
+    assert with_defaults({}, schema["$defs"]["data"], schema)["augmentation"] == DEFAULT_AUGMENTATION
+    # The default is left out of a run's identity: runs made before the key existed stay valid.
+    assert "augmentation" not in split_runtime(run)[0]["data"]
+    no_flip = resolve_run(tiny_run(data={"augmentation": {"horizontal_flip": False}}))
+    assert split_runtime(no_flip)[0]["data"]["augmentation"] == {"crop_padding": 4, "horizontal_flip": False}
+    assert fingerprint(run, {}) != fingerprint(no_flip, {})
+    assert resolve_run(split_runtime(no_flip)[0])["data"]["augmentation"]["horizontal_flip"] is False
+
+
+# --- damaged files ------------------------------------------------------------------
+
+RUN = tiny_run(data={"synthetic": {"num_classes": 5, "train_size": 96, "test_size": 48, "seed": 0}},
+               training={"epochs": 3, "milestones": [2]})
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """(reference metrics, a run directory stopped after epoch 2's checkpoint)."""
+    import kdlab.train
+    reference = train(RUN, tmp_path_factory.mktemp("reference"))
+    run_dir = tmp_path_factory.mktemp("interrupted")
+    real, calls = kdlab.train.save_checkpoint, []
+
+    def dies_after_two(path, obj):
+        real(path, obj)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill
+    kdlab.train.save_checkpoint = dies_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(RUN, run_dir)
+    finally:
+        kdlab.train.save_checkpoint = real
+    assert (run_dir / "checkpoint.prev.pth").exists()
+    return reference, run_dir
+
+
+def flip_bytes_inside_a_tensor(path, count=64):
+    data = bytearray(path.read_bytes())
+    weight = torch.load(path, weights_only=True)["model"]["stem.0.weight"]
+    start = bytes(data).find(weight.numpy().tobytes()) + 100
+    assert start > 100
+    for i in range(start, start + count):
+        data[i] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+def mismatching_checksum(path):
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["fc.bias"] += 1.0  # content changed, old checksum kept
+    torch.save(ckpt, path)
+
+
+DAMAGE = {
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 3]),
+    "garbage": lambda p: p.write_bytes(random.Random(0).randbytes(5000)),
+    "bit rot in a tensor": flip_bytes_inside_a_tensor,
+    "checksum mismatch": mismatching_checksum,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes(interrupted, tmp_path, damage, capsys):
+    reference, source = interrupted
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    DAMAGE[damage](run_dir / "checkpoint.pth")
+    metrics = train(RUN, run_dir)
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "moved it to" in out and "resuming from the previous checkpoint" in out
+    assert (run_dir / "checkpoint.corrupt.pth").exists()
+    assert metrics["resumed_at_epochs"] == [1]  # the previous checkpoint is epoch 1's
+    assert comparable(metrics) == comparable(reference)
+    assert verify_weights(run_dir / "model.pth")
+
+
+def test_both_checkpoints_damaged_starts_fresh(interrupted, tmp_path, capsys):
+    reference, source = interrupted
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    (run_dir / "checkpoint.pth").write_bytes(b"")
+    flip_bytes_inside_a_tensor(run_dir / "checkpoint.prev.pth")
+    metrics = train(RUN, run_dir)
+    assert "no usable checkpoint left: starting fresh" in capsys.readouterr().out
+    assert metrics["resumed_at_epochs"] == [] and comparable(metrics) == comparable(reference)
+
+
+def test_checkpoints_carry_a_checksum_of_their_content(interrupted, tmp_path):
+    _, source = interrupted
+    ckpt = torch.load(source / "checkpoint.pth", weights_only=True)
+    saved = ckpt.pop("sha256")
+    assert saved == content_sha256(ckpt)
+    shutil.copy(source / "checkpoint.pth", tmp_path / "c.pth")
+    flip_bytes_inside_a_tensor(tmp_path / "c.pth", count=4)
+    with pytest.raises(UnreadableFile, match="does not match its checksum"):
+        load_checked(tmp_path / "c.pth")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("teacher")
+    train(tiny_run(training={"epochs": 1}), run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "bit rot"])
+def test_damaged_teacher_weights_name_the_file_and_the_rule(teacher_dir, tmp_path, damage, capsys):
+    weights = tmp_path / "model.pth"
+    shutil.copy(teacher_dir / "model.pth", weights)
+    shutil.copy(teacher_dir / "model.pth.sha256", tmp_path)
+    # model.pth is still a plain state_dict for users
+    assert set(torch.load(weights, weights_only=True)) == set(torch.load(teacher_dir / "checkpoint.pth",
+                                                                         weights_only=True)["model"])
+    data = weights.read_bytes()
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes(data[:1000])
+    else:
+        middle = len(data) // 2
+        weights.write_bytes(data[:middle] + bytes(b ^ 1 for b in data[middle:middle + 64]) + data[middle + 64:])
+    run = tiny_run(kind="distill", method="kd", alpha=0.5, teacher="ResNet8", teacher_weights=str(weights))
+    assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"teacher weights {weights}" in err and "rule train_teacher" in err and "Traceback" not in err
+
+
+def test_damaged_paraphraser_names_the_file_and_the_rule(tmp_path, capsys):
+    from kdlab.methods.ft import PARAPHRASER_KEYS, load_paraphraser
+    from kdlab.runio import save_checked
+    settings = {"rate": 0.5, "paraphraser_loss": "l1", "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
+    path = tmp_path / "paraphraser.pth"
+    save_checked(path, {"state_dict": {"w": torch.ones(3)}, "settings": {k: settings[k] for k in PARAPHRASER_KEYS}})
+    data = path.read_bytes()
+    start = data.find(torch.ones(3).numpy().tobytes())
+    path.write_bytes(data[:start] + b"\x00" * 4 + data[start + 4:])
+    with pytest.raises(UnreadableFile, match=r"paraphraser\.pth.*checksum.*rule pretrain_paraphraser"):
+        load_paraphraser(str(path), settings)
+    path.write_bytes(b"")
+    with pytest.raises(UnreadableFile, match=r"truncated or corrupt.*rule pretrain_paraphraser"):
+        load_paraphraser(str(path), settings)
+
+
+# --- non-finite weights are never saved ----------------------------------------------
+
+@pytest.mark.parametrize("what", ["parameter", "buffer", "test loss"])
+def test_nonfinite_weights_or_test_loss_stop_the_run_before_anything_is_saved(what, tmp_path, monkeypatch):
+    import kdlab.train
+    real_sgd, real_evaluate, steps = torch.optim.SGD, kdlab.train.evaluate, []
+
+    class PoisoningSGD(real_sgd):
+        def step(self, closure=None):  # epoch 2's last step makes a weight non-finite, the loss stays finite
+            out = super().step(closure)
+            steps.append(1)
+            if len(steps) == 6 and what != "test loss":
+                model = self.model
+                target = model.fc.weight if what == "parameter" else model.stem[1].running_var
+                target.data[0] = float("inf")
+            return out
+
+    def evaluate(model, *args):
+        loss, acc = real_evaluate(model, *args)
+        return (float("nan"), acc) if what == "test loss" and len(steps) == 6 else (loss, acc)
+
+    real_build = kdlab.train.build_model
+
+    def build(name, classes):
+        model = real_build(name, classes)
+        PoisoningSGD.model = model
+        return model
+    monkeypatch.setattr(kdlab.train.torch.optim, "SGD", PoisoningSGD)
+    monkeypatch.setattr(kdlab.train, "evaluate", evaluate)
+    monkeypatch.setattr(kdlab.train, "build_model", build)
+    run = tiny_run(data={"synthetic": {"num_classes": 5, "train_size": 96, "test_size": 48, "seed": 0}},
+                   training={"epochs": 2, "milestones": [1]})  # 3 steps per epoch: epoch 2 is the last
+    with pytest.raises(GuardError, match="non-finite|test loss is nan"):
+        train(run, tmp_path)
+    progress = strict_json(tmp_path / "progress.json")
+    assert progress["status"] == "failed" and "health guard" in progress["error"]
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model.pth").exists()
+    ckpt = load_checked(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 1 and not ckpt["finished"]
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    if what == "test loss":
+        assert progress["history"]["test_loss"][-1] is None  # strict JSON: null, not NaN
+
+
+def test_json_files_are_strict(tmp_path):
+    atomic_write_json(tmp_path / "x.json", {"a": [1.0, float("nan"), float("inf")], "b": {"c": -math.inf}})
+    assert strict_json(tmp_path / "x.json") == {"a": [1.0, None, None], "b": {"c": None}}
+
+
+# --- kill and resume ----------------------------------------------------------------
+
+KILL_RUN = tiny_run(data={"synthetic": {"num_classes": 4, "train_size": 64, "test_size": 32, "seed": 1}},
+                    training={"epochs": 5, "milestones": [3]})
+
+
+def train_and_die(run_dir, how, value):
+    """In a forked child (no second import of torch): train, dying by SIGKILL after `value`
+    seconds of training, or inside the `value`-th checkpoint write: after the current one
+    is linked as the previous one, halfway through the temporary file, or before the rename."""
+    import threading
+    import kdlab.runio as runio
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+    writes, real_write, real_link = [], runio.atomic_write_bytes, os.link
+
+    def write(path, data):
+        if str(path).endswith("checkpoint.pth"):
+            writes.append(path)
+            if len(writes) == value and how == "mid-write":
+                (run_dir / ".checkpoint.pth.half.tmp").write_bytes(data[: len(data) // 2])
+                die()
+            if len(writes) == value and how == "before-rename":
+                die()
+        return real_write(path, data)
+
+    def link(src, dst):
+        real_link(src, dst)
+        if str(src).endswith("checkpoint.pth") and len(writes) + 1 == value and how == "after-link":
+            die()
+    runio.atomic_write_bytes, os.link = write, link
+    if how == "seconds":
+        threading.Timer(value, die).start()
+    with open(os.devnull, "w") as quiet:
+        sys.stdout = quiet
+        train(KILL_RUN, run_dir)
+
+
+def test_sigkilled_at_random_instants_resumes_to_bit_identical_weights(tmp_path):
+    import multiprocessing
+    reference = train(KILL_RUN, tmp_path / "reference")
+    run_dir = tmp_path / "killed"
+    rng = random.Random(10)
+    # Each process resumes from what the previous one left: a kill inside the 2nd
+    # checkpoint write of each process, then kills at random instants.
+    kills = [("after-link", 2), ("mid-write", 2), ("before-rename", 2)] + [
+        ("seconds", round(rng.uniform(0.05, 1.5), 2)) for _ in range(3)]
+    survived = 0
+    for how, value in kills:
+        child = multiprocessing.get_context("fork").Process(target=train_and_die, args=(run_dir, how, value))
+        child.start()
+        child.join(300)
+        if child.exitcode != -signal.SIGKILL:
+            assert child.exitcode == 0
+            break
+        survived += 1
+    assert survived >= 4, f"only {survived} kills landed"
+    metrics = train(KILL_RUN, run_dir) if not (run_dir / "metrics.json").exists() else read_json(
+        run_dir / "metrics.json")
+    assert comparable(metrics) == comparable(reference)
+    weights, expected = (torch.load(d / "model.pth", weights_only=True) for d in (run_dir, tmp_path / "reference"))
+    assert all(torch.equal(weights[k], v) for k, v in expected.items())
+    assert verify_weights(run_dir / "model.pth") == verify_weights(tmp_path / "reference" / "model.pth")
+    assert not list(run_dir.glob(".*.tmp"))
+    strict_json(run_dir / "metrics.json")
