@@ -25,7 +25,7 @@ from .config import ConfigError, grid_schema, validate, with_defaults
 from .data import load_dataset, make_loaders
 from .methods import get_method
 from .models import build_model
-from .runio import atomic_torch_save, atomic_write_json, file_sha256, now, provenance
+from .runio import atomic_write_json, file_sha256, now, provenance, save_weights
 from .train import Normalize, evaluate, log, pick_device
 
 # layerN.i.<part>.<param> -> stages.(N-1).i.<our part>.<param>
@@ -151,6 +151,6 @@ def import_teacher(run, run_dir):
         "config": {**run, "training": {k: tr[k] for k in ("eval_batch_size", "num_workers", "device")}},
         "provenance": prov,
     }
-    atomic_torch_save(run_dir / "model.pth", model.state_dict())
+    save_weights(run_dir / "model.pth", model.state_dict())
     atomic_write_json(run_dir / "metrics.json", record)
     return record

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from ..runio import atomic_write_bytes
+from ..runio import atomic_write_bytes, finite_or_null
 from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, draw_accuracy_vs_alpha,
                       draw_methods_at_best_alpha, _draw_curve_job)
 from .health import build_health, health_markdown, outdated_version
@@ -83,8 +83,8 @@ def _load_state(out: str) -> dict:
 
 def _save_state(out: str, runs: dict, figures: dict) -> None:
     atomic_write_text(os.path.join(out, STATE_NAME),
-                      json.dumps({"version": STATE_VERSION, "runs": runs, "figures": figures},
-                                 sort_keys=True, separators=(",", ":")),
+                      json.dumps(finite_or_null({"version": STATE_VERSION, "runs": runs, "figures": figures}),
+                                 sort_keys=True, separators=(",", ":"), allow_nan=False),
                       only_if_changed=True)
 
 
