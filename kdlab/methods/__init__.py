@@ -14,8 +14,10 @@ Adding a method: one module here and one entry in METHODS.
 """
 
 from . import fitnets, ft, kd, none, rkd
+from . import at, cc, dist, dkd, nst, pkt, sp, vid
 
-METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft)}
+METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft,
+                                at, sp, pkt, cc, nst, vid, dkd, dist)}
 
 
 def get_method(name):
