@@ -25,6 +25,7 @@ OVERLAY = {
     "seeds": [0], "alphas": [0.5],
     "methods": {"ft": {"paraphraser_epochs": 1}},
     "training": {"epochs": 2, "milestones": [1]},
+    "teacher_training": {"epochs": 2, "milestones": [1]},
 }
 DISTILL = "experiments/Synthetic/{}/alpha_0.5/ResNet8_to_ResNet8/0"
 
