@@ -91,16 +91,23 @@ def load_cifar_pickles(name, data_dir, download=False):
     return ImageArrays(*read(train_files), *read(test_files), num_classes, str(root))
 
 
-def make_synthetic(num_classes, train_size, test_size, seed):
-    """A learnable CIFAR-shaped task: each class is a smooth random colour pattern plus noise."""
+def make_synthetic(num_classes, train_size, test_size, seed, noise=40.0, contrast=1.0):
+    """A learnable CIFAR-shaped task: each class is a smooth random colour pattern plus noise.
+
+    `contrast` < 1 pulls every class pattern towards their common mean (classes look more
+    alike) and `noise` is the pixel noise's standard deviation: both make the task harder.
+    """
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, size=(num_classes, 4, 4, 3))
+    if contrast != 1.0:
+        shared = coarse.mean(0)
+        coarse = shared + contrast * (coarse - shared)
     prototypes = coarse.repeat(8, axis=1).repeat(8, axis=2)  # 32x32 blocky class patterns
 
     def draw(n):
         labels = rng.integers(0, num_classes, size=n)
-        noise = rng.normal(0, 40, size=(n, 32, 32, 3))
-        return np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8), labels
+        noise_pixels = rng.normal(0, noise, size=(n, 32, 32, 3))
+        return np.clip(prototypes[labels] + noise_pixels, 0, 255).astype(np.uint8), labels
 
     return ImageArrays(*draw(train_size), *draw(test_size), num_classes, f"Synthetic(seed={seed})")
 
@@ -137,7 +144,7 @@ def load_dataset(cfg):
         return load_cifar_pickles(name, cfg["data_dir"], cfg["download"])
     if name == "Synthetic":
         s = cfg["synthetic"]
-        return make_synthetic(s["num_classes"], s["train_size"], s["test_size"], s["seed"])
+        return make_synthetic(s["num_classes"], s["train_size"], s["test_size"], s["seed"], s["noise"], s["contrast"])
     if name == "npz":
         return load_npz(cfg["npz_path"], cfg.get("num_classes"))
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")

@@ -84,6 +84,19 @@ def test_npz_dataset_and_its_errors(tmp_path):
         load_npz(tmp_path / "nothere.npz")
 
 
+def test_synthetic_contrast_and_noise_make_the_task_harder():
+    def spread(arrays):
+        """(distance between class means, pixel spread within a class), of the label-0/1 classes."""
+        x, y = arrays.train_x.reshape(len(arrays.train_x), -1).astype(float), arrays.train_y
+        m0, m1 = x[y == 0].mean(0), x[y == 1].mean(0)
+        return np.sqrt(((m0 - m1) ** 2).mean()), (x[y == 0] - m0).std()
+
+    default = make_synthetic(3, 300, 10, seed=0)
+    assert np.array_equal(default.train_x, make_synthetic(3, 300, 10, seed=0, noise=40.0, contrast=1.0).train_x)
+    (apart, noise), (apart_hard, noise_hard) = spread(default), spread(make_synthetic(3, 300, 10, 0, 60.0, 0.2))
+    assert apart_hard < 0.3 * apart and noise_hard > 1.3 * noise
+
+
 def test_synthetic_is_reproducible_and_label_dependent():
     a, b = make_synthetic(4, 50, 20, seed=3), make_synthetic(4, 50, 20, seed=3)
     assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)

@@ -809,6 +809,7 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg.update(seeds=[0], alphas=[0.5], plain_students=False)
     cfg["training"].update(epochs=2, milestones=[1])
+    cfg["teacher_training"] = {}
     cfg["data"].setdefault("synthetic", {}).update(train_size=256, test_size=64)
     pair = cfg["pairs"][0]
     config = tmp_path / "demo-small.yaml"

@@ -26,6 +26,7 @@ OVERLAY = {
     "seeds": [0], "alphas": [0.5],
     "methods": {"ft": {"paraphraser_epochs": 1}},
     "training": {"epochs": 2, "milestones": [1]},
+    "teacher_training": {"epochs": 2, "milestones": [1]},
 }
 DISTILL = "experiments/Synthetic/{}/alpha_0.5/ResNet8_to_ResNet8/0"
 
@@ -73,7 +74,7 @@ def test_plan_of_the_group_grid_and_lint():
     proc = subprocess.run(["snakemake", "-n", "--quiet", "rules"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert planned(proc.stdout + proc.stderr) == collections.Counter({k: v for k, v in expected.items() if v})
-    assert expected["distill"] == 4 * 3 * 3 * 3
+    assert expected["distill"] == 12 * 3 * 3 * 3
     lint = subprocess.run(["snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
@@ -118,9 +119,10 @@ def test_forcerun_distill_reruns_only_distillations_from_scratch(demo):
     teacher = workdir / "experiments/Synthetic/teachers/ResNet8/0/metrics.json"
     before = teacher.stat().st_mtime_ns
     proc = snakemake(workdir, "-R", "distill")
-    assert planned(proc.output) == collections.Counter({"distill": 4, "aggregate": 1})
+    methods = load_grid(REPO / "config" / "demo.yaml")["methods"]
+    assert planned(proc.output) == collections.Counter({"distill": len(methods), "aggregate": 1})
     assert teacher.stat().st_mtime_ns == before
-    for method in ("kd", "fitnets", "rkd", "ft"):
+    for method in methods:
         log = (workdir / f"logs/distill/Synthetic/{method}/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text()
         assert "checkpoint is of a finished run: starting fresh" in log
         assert read_json(workdir / DISTILL.format(method) / "metrics.json")["resumed_at_epochs"] == []

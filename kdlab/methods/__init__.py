@@ -14,9 +14,9 @@ form ce_weight * CE + kd_weight * KD + sum(Loss(...) terms) (kdlab/loss.py).
 Adding a method: one module here and one entry in METHODS.
 """
 
-from . import crd, fitnets, ft, kd, none, rkd
+from . import at, cc, crd, dist, dkd, fitnets, ft, kd, nst, none, pkt, rkd, sp, vid
 
-METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft, crd)}
+METHODS = {m.NAME: m for m in (none, kd, fitnets, rkd, ft, at, sp, pkt, cc, nst, vid, crd, dkd, dist)}
 
 
 def get_method(name):
