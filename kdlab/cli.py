@@ -51,6 +51,13 @@ def cmd_pretrain(args):
     return 0
 
 
+def cmd_cache_teacher(args):
+    from .teacher_cache import build
+    set_threads(args)
+    build(full_run_config(args), args.weights, args.out)
+    return 0
+
+
 def cmd_check_config(args):
     from .grid import expand_grid
     from .config import load_grid
@@ -84,6 +91,15 @@ def build_parser():
     p.add_argument("--force-restart", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("cache-teacher", help="the teacher's logits and embedding for all 162 views of every "
+                       "training image (kdlab/teacher_cache.py)")
+    p.add_argument("--config", required=True, help="a run config whose model is the teacher: inline JSON or a file")
+    p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
+    p.add_argument("--weights", required=True, type=Path, help="the teacher's model.pth")
+    p.add_argument("--out", required=True, type=Path, help="where to write the cache (beside the weights)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_cache_teacher)
+
     p = sub.add_parser("check-config", help="validate an experiment grid config and count its jobs")
     p.add_argument("config", help="e.g. config/config.yaml")
     p.set_defaults(func=cmd_check_config)
@@ -99,10 +115,11 @@ def main(argv=None):
     from .data import DataError
     from .methods.ft import MissingParaphraser
     from .runio import UnreadableFile
+    from .teacher_cache import TeacherCacheError
     from .train import GuardError
     try:
         return args.func(args)
-    except (ConfigError, DataError, MissingParaphraser, UnreadableFile, GuardError, OSError) as e:
+    except (ConfigError, DataError, MissingParaphraser, UnreadableFile, GuardError, TeacherCacheError, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 

@@ -7,6 +7,7 @@ from .base import MethodLoss, no_check
 NAME = "kd"
 VERSION = 1
 NEEDS_TEACHER = True
+TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
 SETTINGS = {
     "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 4.0,
                     "description": "Softmax temperature T; the loss is scaled by T^2 (Hinton et al. 2015). "
