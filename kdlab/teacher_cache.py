@@ -91,12 +91,11 @@ def compute_outputs(teacher, arrays, normalize, device, batch_size, log=print):
     started = time.perf_counter()
     for start in range(0, n, batch_size):
         images = torch.from_numpy(arrays.train_x[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
-        for view, crop in enumerate(all_views(images)):
-            *_, embedding, logits = teacher(normalize(crop))
-            row = torch.cat([logits.float(), embedding.float()], 1)
-            if not torch.isfinite(row.half()).all():
-                raise TeacherCacheError(f"teacher outputs overflow float16 (largest {row.abs().max():.3g})")
-            outputs[start:start + len(images), view] = row.half().cpu()
+        rows = torch.stack([torch.cat([logits.float(), embedding.float()], 1)
+                            for *_, embedding, logits in map(teacher, map(normalize, all_views(images)))], 1)
+        if not torch.isfinite(rows.half()).all():
+            raise TeacherCacheError(f"teacher outputs overflow float16 (largest {rows.abs().max():.3g})")
+        outputs[start:start + len(images)] = rows.half().cpu()
         done = min(start + batch_size, n)
         if done == n or start // batch_size % 20 == 0:
             rate = done * NUM_VIEWS / (time.perf_counter() - started)

@@ -348,9 +348,10 @@ def teacher_source(run, teacher, teacher_sha256, arrays, device, compile_teacher
     """f(images, views) -> the frozen teacher's outputs for a batch: from the cache where it applies."""
     if teacher is None:
         return lambda x, views: None
-    reason = why_not_cached(run)
+    reason, path = why_not_cached(run), cache_path(run["teacher_weights"])
+    if reason is None and not path.exists():  # by hand; in the workflow the cache is an input
+        reason = f"there is no cache at {path} (kdlab cache-teacher builds it)"
     if reason is None:
-        path = cache_path(run["teacher_weights"])
         cache = TeacherCache(path, cache_key(run["teacher"], teacher_sha256, arrays), device)
         log(f"teacher outputs (logits, embedding) from the cache {path}")
         return lambda x, views: cache(views)

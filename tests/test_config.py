@@ -117,6 +117,8 @@ def expected_counts(grid):
         counts["pretrain_paraphraser"] = len(teachers)
     if grid["plain_students"]:
         counts["train_student"] = len(students) * len(grid["seeds"])
+    if {"kd", "rkd"} & set(grid["methods"]) and grid["training"]["teacher_cache"]:
+        counts["cache_teacher"] = len(teachers)
     distill = sum(len(block.get("alphas", grid["alphas"])) for block in grid["methods"].values())
     if distill:
         counts["distill"] = distill * len(grid["pairs"]) * len(grid["seeds"])
@@ -135,16 +137,19 @@ def test_shipped_config_validates_and_expands(name):
 def test_shipped_counts():
     """The numbers config/README.md quotes."""
     got = {name: dict(Counter(j.rule for j in expand_grid(load_grid(REPO / "config" / name)))) for name in SHIPPED}
-    assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108}
-    assert got["demo.yaml"] == {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 2, "distill": 16}
-    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 36}
+    assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108,
+                                  "cache_teacher": 3}
+    assert got["demo.yaml"] == {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 2, "distill": 16,
+                                "cache_teacher": 1}
+    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 36,
+                               "cache_teacher": 2}
 
 
 def test_expansion_follows_the_grid():
     grid = resolve_grid(demo(plain_students=False, seeds=[3], teacher_seeds=[0, 1], teacher_seed=1,
                              methods={"kd": {"alphas": [0.1, 0.2, 0.3]}, "rkd": {}}))
     counts = Counter(job.rule for job in expand_grid(grid))
-    assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2}
+    assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2, "cache_teacher": 1}
     distilled = [job for job in expand_grid(grid) if job.rule == "distill"]
     assert all(job.run["teacher_weights"].endswith("/teachers/ResNet14/1/model.pth") for job in distilled)
 
