@@ -20,8 +20,8 @@ from .config import fingerprint, resolve_run
 from .data import load_dataset, make_loaders
 from .methods import get_method
 from .models import build_model
-from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 from .runio import atomic_torch_save, atomic_write_json, file_sha256, now, provenance, torch_load, UnreadableFile
+from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Steps between reads of the step figures (loss terms, accuracy, guard state) to the
@@ -192,10 +192,11 @@ def train(run, run_dir, force_restart=False):
     arrays = load_dataset(run["data"])
     train_loader, test_loader = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"],
                                              device.type == "cuda", tr["eval_batch_size"])
-    normalize = Normalize(arrays.mean, arrays.std, device, tr["channels_last"])
-    model = build_model(run["model"], arrays.num_classes).to(device, memory_format=memory_format(tr["channels_last"]))
+    channels_last = tr["channels_last"]
+    normalize = Normalize(arrays.mean, arrays.std, device, channels_last)
+    model = build_model(run["model"], arrays.num_classes).to(device, memory_format=memory_format(channels_last))
     loss_fn = method.Loss(run["method_settings"], run).to(device)
-    teacher = load_frozen_teacher(run, arrays.num_classes, device, tr["channels_last"]) if method.NEEDS_TEACHER else None
+    teacher = load_frozen_teacher(run, arrays.num_classes, device, channels_last) if method.NEEDS_TEACHER else None
     distilled = run["kind"] == "distill"
     alpha = run["alpha"] if distilled else 0.0
     params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
