@@ -293,7 +293,7 @@ def kdlab(*args):
 def test_check_config_cli(tmp_path):
     good = kdlab("check-config", str(REPO / "config" / "demo.yaml"))
     assert good.returncode == 0, good.stderr
-    assert "1 train_teacher, 1 pretrain_paraphraser, 2 train_student, 16 distill" in good.stdout
+    assert "1 train_teacher, 1 pretrain_paraphraser, 2 train_student, 1 cache_teacher, 16 distill" in good.stdout
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(bad_config("zero epochs")))
