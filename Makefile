@@ -36,6 +36,7 @@ dag: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_results.py
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_classic.py
 
 clean-demo:
 	rm -rf experiments/Synthetic results/Synthetic logs/ .snakemake/

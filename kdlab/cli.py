@@ -58,6 +58,13 @@ def cmd_import_teacher(args):
     return 0
 
 
+def cmd_cache_teacher(args):
+    from .teacher_cache import build
+    set_threads(args)
+    build(full_run_config(args), args.weights, args.out)
+    return 0
+
+
 def cmd_check_config(args):
     from .grid import expand_grid
     from .config import check_data_files, grid_warnings, load_grid
@@ -103,6 +110,15 @@ def build_parser():
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_import_teacher)
 
+    p = sub.add_parser("cache-teacher", help="the teacher's logits and embedding for all 162 views of every "
+                       "training image (kdlab/teacher_cache.py)")
+    p.add_argument("--config", required=True, help="a run config whose model is the teacher: inline JSON or a file")
+    p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
+    p.add_argument("--weights", required=True, type=Path, help="the teacher's model.pth")
+    p.add_argument("--out", required=True, type=Path, help="where to write the cache (beside the weights)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(func=cmd_cache_teacher)
+
     p = sub.add_parser("check-config", help="validate an experiment grid config and its data files, and count "
                        "its jobs (creates nothing on disk)")
     p.add_argument("config", help="e.g. config/config.yaml")
@@ -122,11 +138,12 @@ def main(argv=None):
     from .methods.ft import MissingParaphraser
     from .runio import UnreadableFile
     from .teachers import ConversionError
+    from .teacher_cache import TeacherCacheError
     from .train import GuardError
     try:
         return args.func(args)
     except (ConfigError, ConversionError, DataError, MissingParaphraser, UnreadableFile, GuardError,
-            OSError) as e:
+            TeacherCacheError, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
 

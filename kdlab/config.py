@@ -19,7 +19,8 @@ from .models import BLOCKS_PER_STAGE
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 # Keys that do not change what a run computes: a resumed run may change them.
 RUNTIME_KEYS = {"data": {"data_dir", "download"},
-                "training": {"num_workers", "device", "max_skipped_steps", "eval_batch_size"}}
+                "training": {"num_workers", "device", "max_skipped_steps", "eval_batch_size",
+                             "channels_last", "compile", "teacher_cache"}}
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .config import RUNTIME_KEYS, recipe_name
 from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
+from .teacher_cache import cache_path, why_not_cached
 
 
 @dataclass
@@ -63,6 +64,8 @@ def run_config(grid, kind, model, seed, method="none", **extra):
         training = {k: v for k, v in training.items() if k != "label_smoothing"}  # always hard labels
     if kind == "paraphraser":
         training = {k: v for k, v in training.items() if k in PARAPHRASER_TRAINING_KEYS}
+    if kind == "teacher_cache":  # computed from the teacher's weights and the data alone
+        kind, training = "teacher", {k: v for k, v in training.items() if k in RUNTIME_KEYS["training"]}
     return {"kind": kind, "model": model, "seed": seed, "method": method, "data": grid["data"],
             "training": training, **extra}
 
@@ -122,6 +125,10 @@ def expand_grid(grid):
                     if method == "ft":
                         extra["paraphraser"] = paraphraser_path(grid, teacher, method_settings(grid, "ft"))
                         inputs.append(extra["paraphraser"])
-                    add(Job("distill", [f"{d}/metrics.json", f"{d}/model.pth"],
-                            run_config(grid, "distill", student, seed, method, **extra), inputs))
+                    run = run_config(grid, "distill", student, seed, method, **extra)
+                    if why_not_cached(run) is None:  # the cache is an input only where it is read
+                        inputs.append(str(cache_path(weights[teacher])))
+                        add(Job("cache_teacher", inputs[-1:], run_config(grid, "teacher_cache", teacher,
+                                                                         grid["teacher_seed"]), [weights[teacher]]))
+                    add(Job("distill", [f"{d}/metrics.json", f"{d}/model.pth"], run, inputs))
     return list(jobs.values())

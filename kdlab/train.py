@@ -24,8 +24,14 @@ from .methods import get_method
 from .models import build_model
 from .runio import (UnreadableFile, atomic_write_json, file_sha256, load_checked, load_weights, now, previous_path,
                     provenance, save_checkpoint, save_weights)
+from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Steps between reads of the step figures (loss terms, accuracy, guard state) to the
+# host. A read stalls CUDA's launch queue; on the CPU it costs nothing. A non-finite
+# step never reaches the weights in between (skipped on the device), and the guard
+# stops the run at the next read, naming the step, before any checkpoint is written.
+SYNC_EVERY = {"cuda": 50}
 MIN_LOSS_SCALE = 2.0 ** -14  # below this, fp16-scaled gradients underflow to zero
 
 
@@ -58,41 +64,62 @@ def lr_at(epoch, tr):
 
 
 class Normalize:
-    """uint8 NCHW batch -> normalised float on the device."""
+    """uint8 NCHW batch -> normalised float on the device, channels_last if asked."""
 
-    def __init__(self, mean, std, device):
+    def __init__(self, mean, std, device, channels_last=False):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.memory_format = memory_format(channels_last)
 
     def __call__(self, images):
-        return (images.float() - self.mean) / self.std
+        return ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
-def load_frozen_teacher(run, num_classes, device):
+def memory_format(channels_last):
+    # channels_last (NHWC in memory) is what fast CPU and cuDNN bf16/fp16 convolutions want.
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def load_frozen_teacher(run, num_classes, device, channels_last=False):
     teacher, path = build_model(run["teacher"], num_classes), run["teacher_weights"]
     try:
         teacher.load_state_dict(load_weights(path))
     except (UnreadableFile, RuntimeError, AttributeError) as e:  # RuntimeError: not this model's weights
         raise UnreadableFile(f"teacher weights {path}: {str(e).splitlines()[0]}. They are the output of rule "
                              f"train_teacher: delete {path} and run snakemake again to rebuild them") from None
-    return teacher.to(device).eval().requires_grad_(False)
+    return teacher.to(device, memory_format=memory_format(channels_last)).eval().requires_grad_(False)
 
 
 @torch.inference_mode()
 def evaluate(model, loader, normalize, device, autocast):
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, not per batch
+    correct, count = torch.zeros((), dtype=torch.int64, device=device), 0
     for images, labels, _ in loader:
         x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         with autocast():
             logits = model(x)[-1].float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
         count += len(y)
-    return loss_sum / count, 100.0 * correct / count
+    return loss_sum.item() / count, 100.0 * correct.item() / count
 
 
-def gradient_share(model, loss_fn, teacher, x, y, index, ce_weight, method_weight):
+def fused_sgd(params, tr):
+    """SGD in one kernel: fast, and it skips a step on the device (found_inf) without a host sync.
+
+    Momentum buffers start at zero, which gives SGD's first step (buf = grad) exactly: torch's
+    fused SGD leaves an uninitialised buffer behind when the very first step is skipped.
+    """
+    optimizer = torch.optim.SGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"],
+                                fused=True)
+    if tr["momentum"]:
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return optimizer
+
+
+def gradient_share(model, loss_fn, teacher_outputs, x, y, views, index, ce_weight, method_weight):
     """Fraction of the gradient norm on the student's weights that comes from the method's loss.
 
     Measured in float32 on one batch; BatchNorm running statistics are restored so the
@@ -101,7 +128,7 @@ def gradient_share(model, loss_fn, teacher, x, y, index, ce_weight, method_weigh
     buffers = [b.clone() for b in chain(model.buffers(), loss_fn.buffers())]
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
-        teacher_out = teacher(x) if teacher else None
+        teacher_out = teacher_outputs(x, views)
     student_out = model(x)
     ce = ce_weight * F.cross_entropy(student_out[-1], y)
     method = method_weight * sum(loss_fn(student_out, teacher_out, y, index).values())
@@ -187,20 +214,23 @@ def train(run, run_dir, force_restart=False):
     arrays = load_dataset(run["data"])
     train_loader, test_loader = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"],
                                              device.type == "cuda", tr["eval_batch_size"], run["data"]["augmentation"])
-    normalize = Normalize(arrays.mean, arrays.std, device)
-    model = build_model(run["model"], arrays.num_classes).to(device)
+    channels_last = tr["channels_last"]
+    normalize = Normalize(arrays.mean, arrays.std, device, channels_last)
+    model = build_model(run["model"], arrays.num_classes).to(device, memory_format=memory_format(channels_last))
     loss_fn = build_loss(run).to(device)
-    teacher = load_frozen_teacher(run, arrays.num_classes, device) if method.NEEDS_TEACHER else None
+    teacher = load_frozen_teacher(run, arrays.num_classes, device, channels_last) if method.NEEDS_TEACHER else None
     distilled = run["kind"] == "distill"
     ce_weight, method_weight = loss_weights(run) if distilled else (1.0, 0.0)
     params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"])
+    optimizer = fused_sgd(params, tr)
     amp_dtype = AMP_DTYPES.get(tr["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=tr["amp"] == "fp16")
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
 
     inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
     run_fingerprint = fingerprint(run, inputs)
+    teacher_outputs = teacher_source(run, teacher, inputs.get("teacher_weights"), arrays, device, tr["compile"])
+    forward = torch.compile(model) if tr["compile"] else model  # `model` keeps the state_dict's names
     checkpoint_path = run_dir / "checkpoint.pth"
     ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart)
     if ckpt:
@@ -230,26 +260,28 @@ def train(run, run_dir, force_restart=False):
         f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
     loss_scale = scaler.get_scale()  # 1.0 when the scaler is off; it changes only in update()
+    sync_every, no_scaler = SYNC_EVERY.get(device.type, 1), torch.ones(1, device=device)
 
     for epoch in range(start_epoch, tr["epochs"]):
         t0 = time.perf_counter()
         lr = lr_at(epoch, tr)
         for group in optimizer.param_groups:
             group["lr"] = lr
+            group["fused"] = True  # also after resuming a checkpoint written before kdlab fused SGD
         train_loader.sampler.epoch = epoch
         model.train()
         loss_fn.train()
         loss_fn.start_epoch(epoch)
-        sums, seen, skipped, nonfinite, share = {}, 0, 0, 0, None
+        sums, seen, skipped, nonfinite, share, pending, sizes = {}, 0, 0, 0, None, [], []
         for step, (images, labels, views) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             index = views[:, 0].to(device, non_blocking=True)
             if step == 0 and distilled:
-                share = gradient_share(model, loss_fn, teacher, x, y, index, ce_weight, method_weight)
+                share = gradient_share(model, loss_fn, teacher_outputs, x, y, views, index, ce_weight, method_weight)
             with autocast():
-                student_out = model(x)
+                student_out = forward(x)
                 with torch.no_grad():
-                    teacher_out = teacher(x) if teacher else None
+                    teacher_out = teacher_outputs(x, views)
                 ce = F.cross_entropy(student_out[-1].float(), y, label_smoothing=tr["label_smoothing"])
                 terms = {"ce": ce, **loss_fn(student_out, teacher_out, y, index)}
                 loss = ce_weight * ce + method_weight * sum(v for k, v in terms.items() if k != "ce")
@@ -257,36 +289,47 @@ def train(run, run_dir, force_restart=False):
             scaler.scale(loss).backward()
             grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
                 [p.grad for p in params if p.grad is not None])
-            # One host sync per step for every figure the loop and the guard need.
-            *term_values, total, correct, norm = torch.stack(
-                [*(t.detach().float() for t in terms.values()), loss.detach().float(),
-                 (student_out[-1].argmax(1) == y).sum().float(), grad_norm.float()]).tolist()
-            bad = [name for name, v in zip(terms, term_values) if not math.isfinite(v)]
-            nonfinite += bool(bad) or not math.isfinite(total)
-            if not scaler.is_enabled() and (bad or not math.isfinite(norm)):
-                stop(record, run_dir, f"{guard_where(run, epoch, step)}: {what_went_wrong(bad)}; amp is "
-                     f"{tr['amp']!r}, so there is no GradScaler to skip the step. The last good checkpoint is kept.")
+            figures = torch.stack([*(t.detach().float() for t in terms.values()), loss.detach().float(),
+                                   (student_out[-1].argmax(1) == y).sum().float(), grad_norm.float()])
+            if not scaler.is_enabled():  # a non-finite step never reaches the weights
+                optimizer.found_inf = (~torch.isfinite(figures).all()).float()
             scaler.step(optimizer)
             scaler.update()
-            scale_before, loss_scale = loss_scale, scaler.get_scale()
-            if loss_scale < scale_before or loss_scale == 0:  # the GradScaler skipped this step
-                skipped += 1
-                state["consecutive_skipped"] += 1
-                if state["consecutive_skipped"] >= tr["max_skipped_steps"]:
-                    stop(record, run_dir, f"{guard_where(run, epoch, step)}: {state['consecutive_skipped']} "
-                         f"consecutive optimizer steps skipped by the fp16 GradScaler; {what_went_wrong(bad)}. "
-                         f"The last good checkpoint is kept.")
+            # The scale after update(): it drops exactly when the GradScaler skipped the step.
+            pending.append(torch.cat([figures, scaler._scale.reshape(1) if scaler.is_enabled() else no_scaler]))
+            sizes.append(len(y))
+            if len(pending) < sync_every and step + 1 < len(train_loader):
                 continue
-            if scaler.is_enabled() and loss_scale < MIN_LOSS_SCALE:
-                # Intermittent overflows halve the scale faster than it regrows: the scaled
-                # gradients underflow to zero and the weights stop moving, without a streak.
-                stop(record, run_dir, f"{guard_where(run, epoch, step)}: the fp16 GradScaler's scale fell to "
-                     f"{loss_scale:.3g}; gradients overflow too often to train. The last good checkpoint is kept.")
-            state["consecutive_skipped"] = 0
-            seen += len(y)
-            for name, value in [*zip(terms, term_values), ("loss", total)]:
-                sums[name] = sums.get(name, 0.0) + value * len(y)
-            sums["correct"] = sums.get("correct", 0.0) + correct
+            # One host sync for the figures of every step since the last one.
+            for at, batch, (*term_values, total, correct, norm, scale) in zip(
+                    range(step + 1 - len(pending), step + 1), sizes, torch.stack(pending).tolist()):
+                bad = [name for name, v in zip(terms, term_values) if not math.isfinite(v)]
+                nonfinite += bool(bad) or not math.isfinite(total)
+                if not scaler.is_enabled() and (bad or not math.isfinite(norm)):
+                    stop(record, run_dir, f"{guard_where(run, epoch, at)}: {what_went_wrong(bad)}; amp is "
+                         f"{tr['amp']!r}, so there is no GradScaler to skip the step. The last good checkpoint "
+                         f"is kept.")
+                scale_before, loss_scale = loss_scale, scale
+                if loss_scale < scale_before or loss_scale == 0:  # the GradScaler skipped this step
+                    skipped += 1
+                    state["consecutive_skipped"] += 1
+                    if state["consecutive_skipped"] >= tr["max_skipped_steps"]:
+                        stop(record, run_dir, f"{guard_where(run, epoch, at)}: {state['consecutive_skipped']} "
+                             f"consecutive optimizer steps skipped by the fp16 GradScaler; {what_went_wrong(bad)}. "
+                             f"The last good checkpoint is kept.")
+                    continue
+                if scaler.is_enabled() and loss_scale < MIN_LOSS_SCALE:
+                    # Intermittent overflows halve the scale faster than it regrows: the scaled
+                    # gradients underflow to zero and the weights stop moving, without a streak.
+                    stop(record, run_dir, f"{guard_where(run, epoch, at)}: the fp16 GradScaler's scale fell to "
+                         f"{loss_scale:.3g}; gradients overflow too often to train. The last good checkpoint "
+                         f"is kept.")
+                state["consecutive_skipped"] = 0
+                seen += batch
+                for name, value in [*zip(terms, term_values), ("loss", total)]:
+                    sums[name] = sums.get(name, 0.0) + value * batch
+                sums["correct"] = sums.get("correct", 0.0) + correct
+            pending, sizes = [], []
             if show_bar:
                 print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {total:.4f}",
                       end="", file=sys.stderr, flush=True)
@@ -296,7 +339,7 @@ def train(run, run_dir, force_restart=False):
         if skipped > len(train_loader) // 2:
             stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: the fp16 GradScaler "
                  f"skipped {skipped} of {len(train_loader)} optimizer steps. The last good checkpoint is kept.")
-        test_loss, test_acc = evaluate(model, test_loader, normalize, device, autocast)
+        test_loss, test_acc = evaluate(forward, test_loader, normalize, device, autocast)
         seen = max(seen, 1)
         for name in terms:
             history["terms"].setdefault(name, []).append(sums.get(name, float("nan")) / seen)
@@ -326,6 +369,22 @@ def train(run, run_dir, force_restart=False):
     previous_path(checkpoint_path).unlink(missing_ok=True)  # a finished run has nothing to fall back to
     log(f"done: best test accuracy {max(history['test_acc']):.2f}%, last {history['test_acc'][-1]:.2f}%")
     return record("complete")
+
+
+def teacher_source(run, teacher, teacher_sha256, arrays, device, compile_teacher):
+    """f(images, views) -> the frozen teacher's outputs for a batch: from the cache where it applies."""
+    if teacher is None:
+        return lambda x, views: None
+    reason, path = why_not_cached(run), cache_path(run["teacher_weights"])
+    if reason is None and not path.exists():  # by hand; in the workflow the cache is an input
+        reason = f"there is no cache at {path} (kdlab cache-teacher builds it)"
+    if reason is None:
+        cache = TeacherCache(path, cache_key(run["teacher"], teacher_sha256, arrays), device)
+        log(f"teacher outputs (logits, embedding) from the cache {path}")
+        return lambda x, views: cache(views)
+    log(f"teacher runs live: {reason}")
+    forward = torch.compile(teacher) if compile_teacher else teacher
+    return lambda x, views: forward(x)
 
 
 def checkpoint(run_fingerprint, epoch, finished, model, loss_fn, optimizer, scaler, state):

@@ -118,6 +118,9 @@ def expected_counts(grid):
         counts["pretrain_paraphraser"] = len(teachers)
     if grid["plain_students"]:
         counts["train_student"] = len(students) * len(grid["seeds"])
+    if grid["training"]["teacher_cache"] and any(
+            getattr(METHODS[m], "TEACHER_OUTPUTS", None) == "logits+embedding" for m in grid["methods"]):
+        counts["cache_teacher"] = len(teachers)
     distill = sum(len(block.get("alphas", [] if "additive" in block else grid["alphas"])) +
                   len(block.get("additive", [])) for block in grid["methods"].values())
     if distill:
@@ -139,16 +142,18 @@ def test_shipped_config_validates_and_expands(name):
 def test_shipped_counts():
     """The numbers config/README.md quotes."""
     got = {name: dict(Counter(j.rule for j in expand_grid(load_grid(REPO / "config" / name)))) for name in SHIPPED}
-    assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108}
+    assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108,
+                                  "cache_teacher": 3}
     assert got["demo.yaml"] == {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 1, "distill": 26}
-    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 126}
+    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 126,
+                                "cache_teacher": 2}
 
 
 def test_expansion_follows_the_grid():
     grid = resolve_grid(demo(plain_students=False, seeds=[3], teacher_seeds=[0, 1], teacher_seed=1,
                              methods={"kd": {"alphas": [0.1, 0.2, 0.3]}, "rkd": {}}))
     counts = Counter(job.rule for job in expand_grid(grid))
-    assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2}
+    assert counts == expected_counts(grid) == {"train_teacher": 2, "distill": 3 + 2, "cache_teacher": 1}
     distilled = [job for job in expand_grid(grid) if job.rule == "distill"]
     assert all(job.run["teacher_weights"].endswith("/teachers/ResNet14/1/model.pth") for job in distilled)
 
@@ -355,7 +360,7 @@ def kdlab(*args):
 def test_check_config_cli(tmp_path):
     good = kdlab("check-config", str(REPO / "config" / "demo.yaml"))
     assert good.returncode == 0, good.stderr
-    assert "1 train_teacher, 1 pretrain_paraphraser, 1 train_student, 24 distill" in good.stdout
+    assert "1 train_teacher, 1 pretrain_paraphraser, 1 train_student, 26 distill" in good.stdout
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(bad_config("zero epochs")))

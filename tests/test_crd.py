@@ -184,17 +184,17 @@ def test_crd_plus_kd_learns_in_the_additive_form(additive_crd_kd):
 
 def test_crd_resumes_bit_identically_after_an_interruption(additive_crd_kd, tmp_path, monkeypatch):
     run, reference_dir, reference = additive_crd_kd
-    saves, real_save = [], kdlab.train.atomic_torch_save
+    saves, real_save = [], kdlab.train.save_checkpoint
 
     def dies_after_two_checkpoints(path, obj):
         real_save(path, obj)
         saves.append(path)
         if len(saves) == 2:
             raise KeyboardInterrupt  # stands in for a kill after epoch 2's checkpoint
-    monkeypatch.setattr(kdlab.train, "atomic_torch_save", dies_after_two_checkpoints)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", dies_after_two_checkpoints)
     with pytest.raises(KeyboardInterrupt):
         train(run, tmp_path)
-    monkeypatch.setattr(kdlab.train, "atomic_torch_save", real_save)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
     interrupted = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert interrupted["epoch"] == 2 and (interrupted["method"]["method.z"] > 0).all()
     metrics = train(run, tmp_path)

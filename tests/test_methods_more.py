@@ -317,15 +317,15 @@ def test_interrupted_run_resumes_bit_identically(method, settings, trained_teach
     small = {"synthetic": {"num_classes": 5, "train_size": 96, "test_size": 40, "seed": 0}}  # bit-identity only
     run = student(method, 0.5, trained_teacher[0], method_settings=settings, data=small)
     reference = train(run, tmp_path / "reference")
-    real_save = kdlab.train.atomic_torch_save
+    real_save = kdlab.train.save_checkpoint
 
     def dies_after_the_first_checkpoint(path, obj):
         real_save(path, obj)
         raise KeyboardInterrupt  # stands in for a kill right after epoch 1's checkpoint
-    monkeypatch.setattr(kdlab.train, "atomic_torch_save", dies_after_the_first_checkpoint)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", dies_after_the_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(run, tmp_path / "resumed")
-    monkeypatch.setattr(kdlab.train, "atomic_torch_save", real_save)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
     resumed = train(run, tmp_path / "resumed")
     assert resumed["resumed_at_epochs"] == [1]
     assert comparable(resumed) == comparable(reference)

@@ -69,6 +69,7 @@ def test_plan_of_the_group_grid_and_lint():
         "pretrain_paraphraser": len(teachers) if "ft" in grid["methods"] else 0,
         "train_student": len({p["student"] for p in pairs}) * len(seeds),
         "distill": sum(len(m.get("alphas", grid["alphas"])) for m in grid["methods"].values()) * len(pairs) * len(seeds),
+        "cache_teacher": len(teachers) if {"kd", "rkd"} & set(grid["methods"]) else 0,
         "aggregate": 1,
     }
     proc = subprocess.run(["snakemake", "-n", "--quiet", "rules"], cwd=REPO, capture_output=True, text=True, env=ENV)

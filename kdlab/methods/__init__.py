@@ -4,6 +4,9 @@ A method is one module with:
   NAME, VERSION      the name users write; VERSION goes up whenever the loss changes
                      meaning, so runs made with an older loss can be found and rerun
   NEEDS_TEACHER      whether it needs the frozen teacher's outputs
+  TEACHER_OUTPUTS    optional: "logits+embedding" if the loss reads only teacher_out[-2]
+                     (embedding) and teacher_out[-1] (logits); such methods are served
+                     from the teacher-output cache (kdlab/teacher_cache.py)
   SETTINGS           JSON-schema fragments of its config keys, each with a default and
                      a description that says where the default comes from
   check(settings, student, teacher)   raise ValueError for an unsupported combination

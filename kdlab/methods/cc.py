@@ -16,6 +16,7 @@ from .base import MethodLoss, no_check
 NAME = "cc"
 VERSION = 1
 NEEDS_TEACHER = True
+TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 0.02,
                "description": "Weight of the CC loss: 0.02 as RepDistiller/CRD (CE 1 + 0.02 CC)."},

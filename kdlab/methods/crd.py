@@ -30,6 +30,7 @@ from .base import MethodLoss, no_check
 NAME = "crd"
 VERSION = 1
 NEEDS_TEACHER = True
+TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 0.8,
                "description": "Weight of the CRD loss; 0.8 as RepDistiller (-b 0.8 with CE 1: the additive "

@@ -14,6 +14,7 @@ from .base import MethodLoss, no_check
 NAME = "dist"
 VERSION = 1
 NEEDS_TEACHER = True
+TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 1.0,
                "description": "Weight of the DIST loss: 1 (the loss's own beta and gamma carry the balance; "

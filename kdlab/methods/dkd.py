@@ -20,6 +20,7 @@ from .base import MethodLoss, no_check
 NAME = "dkd"
 VERSION = 1
 NEEDS_TEACHER = True
+TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 1.0,
                "description": "Weight of the DKD loss after the warm-up: 1 as mdistiller (CE 1 + DKD)."},

@@ -14,6 +14,7 @@ from .base import MethodLoss, no_check
 NAME = "pkt"
 VERSION = 1
 NEEDS_TEACHER = True
+TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 30000.0,
                "description": "Weight of the PKT loss: 30000 as RepDistiller/CRD (CE 1 + 30000 PKT)."},

@@ -77,6 +77,34 @@ rule pretrain_paraphraser:
         "kdlab pretrain-paraphraser --config {params.run:q} --runtime \"$KDLAB_RUNTIME_STUDENT\" --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
+TEACHER_CACHE = f"{TEACHER}/teacher_cache.pth"
+
+
+rule cache_teacher:
+    # The teacher's outputs for every view of every training image (kdlab/teacher_cache.py),
+    # an input of the distill jobs that read it (grid.py decides which).
+    input:
+        lambda w: job(TEACHER_CACHE)(w).inputs,
+    output:
+        TEACHER_CACHE,
+    params:
+        run=run_param(TEACHER_CACHE),
+    log:
+        "logs/cache_teacher/{dataset}/{teacher}/{seed}.log",
+    benchmark:
+        "logs/benchmarks/cache_teacher/{dataset}/{teacher}/{seed}.tsv"
+    threads: RES["threads"]
+    conda:
+        ENV
+    resources:
+        mem_mb=RES["mem_mb"],
+        gpu=RES["gpu"],
+        gpu_share=RES["gpu_share"],
+        runtime=runtime_minutes("cache_teacher"),
+    shell:
+        "kdlab cache-teacher --config {params.run:q} --runtime \"$KDLAB_RUNTIME_STUDENT\" --threads {threads} --weights {input:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule train_student:
     output:
         metrics=f"{STUDENT}/metrics.json",

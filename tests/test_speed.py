@@ -1,0 +1,201 @@
+"""Speed levers that must not change results: channels_last, the teacher-output cache,
+reading the step figures every N steps, torch.compile; and the classic benchmark, run tiny."""
+
+import copy
+import shutil
+import sys
+import types
+
+import pytest
+import torch
+
+from kdlab import methods
+from kdlab.config import load_grid, resolve_grid, resolve_run
+from kdlab.data import ImageDataset, load_dataset
+from kdlab.grid import expand_grid
+from kdlab.methods.base import MethodLoss, no_check
+from kdlab.models import build_model
+from kdlab.runio import file_sha256
+from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, why_not_cached
+from kdlab.train import GuardError, Normalize, load_frozen_teacher, train
+
+from conftest import REPO, read_json, tiny_run
+
+CHANCE = 100 / 5
+CACHE_DATA = {"dataset": "Synthetic", "synthetic": {"num_classes": 5, "train_size": 64, "test_size": 100, "seed": 0}}
+
+
+def test_channels_last_gives_the_nchw_results():
+    torch.manual_seed(0)
+    nchw = build_model("ResNet8", 10)
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32)
+    out_a, out_b = nchw(x), nhwc(x.contiguous(memory_format=torch.channels_last))
+    assert out_b[0].is_contiguous(memory_format=torch.channels_last)  # it really ran in that layout
+    for a, b in zip(out_a, out_b):  # the same sums in another order: float32 rounding apart
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+    out_a[-1].pow(2).sum().backward()
+    out_b[-1].pow(2).sum().backward()
+    for (name, a), b in zip(nchw.named_parameters(), nhwc.parameters()):
+        assert (b.grad - a.grad).norm() <= 1e-4 * a.grad.norm(), name  # norm-wise: sums that cancel stay fair
+
+
+def test_a_channels_last_run_matches_an_nchw_run(tmp_path):
+    runs = [train(tiny_run(training={"epochs": 2, "channels_last": layout}), tmp_path / str(layout))
+            for layout in (False, True)]
+    a, b = (r["history"] for r in runs)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    # 20 steps at a high learning rate amplify rounding differences; still the same run.
+    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=5e-2)
+    assert b["test_acc"] == pytest.approx(a["test_acc"], abs=3)
+
+
+@pytest.fixture(scope="module")
+def cached_teacher(trained_teacher, tmp_path_factory):
+    """A copy of the trained teacher's weights with its cache for CACHE_DATA beside it."""
+    weights = tmp_path_factory.mktemp("cached_teacher") / "model.pth"
+    shutil.copy(trained_teacher[0] / "model.pth", weights)
+    build(tiny_run(data=CACHE_DATA), weights, cache_path(weights), log=lambda message: None)
+    return weights
+
+
+def test_cached_teacher_outputs_equal_live_ones_for_random_views(cached_teacher):
+    arrays = load_dataset(resolve_run(tiny_run(data=CACHE_DATA))["data"])
+    key = cache_key("ResNet8", file_sha256(cached_teacher), arrays)
+    cache = TeacherCache(cache_path(cached_teacher), key, torch.device("cpu"))
+    assert cache.outputs.dtype == torch.float16 and cache.outputs.shape == (64, NUM_VIEWS, 5 + 64)
+    g = torch.Generator().manual_seed(0)
+    keys = [(0, 0, 0, 0), (1, 8, 8, 1), (2, 4, 4, 0), (3, 0, 8, 1)] + list(zip(
+        torch.randint(0, 64, (60,), generator=g).tolist(), torch.randint(0, 9, (60,), generator=g).tolist(),
+        torch.randint(0, 9, (60,), generator=g).tolist(), torch.randint(0, 2, (60,), generator=g).tolist()))
+    images, _, views = (torch.stack(x) if isinstance(x[0], torch.Tensor) else x
+                        for x in zip(*(ImageDataset(arrays.train_x, arrays.train_y)[k] for k in keys)))
+    teacher = load_frozen_teacher({"teacher": "ResNet8", "teacher_weights": cached_teacher}, 5, torch.device("cpu"))
+    with torch.no_grad():
+        *_, embedding, logits = teacher(Normalize(arrays.mean, arrays.std, "cpu")(images))
+    cached_embedding, cached_logits = cache(views)
+    for live, cached in ((logits, cached_logits), (embedding, cached_embedding)):
+        error = (cached - live).abs()
+        assert (error <= 1e-3 * live.abs() + 1e-6).all(), (error / live.abs()).max()  # fp16: 2^-11 relative
+    assert (cached_logits - logits).abs().max() > 0  # float16 storage, so not bit-equal: the test can fail
+
+    with pytest.raises(TeacherCacheError, match="another teacher_sha256"):
+        TeacherCache(cache_path(cached_teacher), {**key, "teacher_sha256": "0" * 64}, "cpu")
+    other_data = load_dataset(resolve_run(tiny_run(data={"synthetic": {**CACHE_DATA["synthetic"], "seed": 1}}))["data"])
+    with pytest.raises(TeacherCacheError, match="another data_sha256"):
+        TeacherCache(cache_path(cached_teacher), cache_key("ResNet8", key["teacher_sha256"], other_data), "cpu")
+
+
+def test_which_runs_read_the_cache():
+    def run(method, **training):
+        return {"kind": "distill", "method": method, "data": {"dataset": "Synthetic"}, "training": training}
+    assert why_not_cached(run("kd")) is None and why_not_cached(run("rkd", teacher_cache=True)) is None
+    assert "intermediate features" in why_not_cached(run("fitnets"))
+    assert "intermediate features" in why_not_cached(run("ft"))
+    assert "teacher_cache is false" in why_not_cached(run("kd", teacher_cache=False))
+    changed = {**run("kd"), "data": {"dataset": "Synthetic", "augmentation": {"crop_padding": 2}}}
+    assert "augmentation" in why_not_cached(changed)
+    default = {**run("kd"), "data": {"augmentation": {"crop_padding": 4, "horizontal_flip": True}}}
+    assert why_not_cached(default) is None
+
+    # The workflow: one cache job per teacher, an input of exactly the kd and rkd runs.
+    jobs = expand_grid(load_grid(REPO / "config" / "demo.yaml"))
+    caches = [j for j in jobs if j.rule == "cache_teacher"]
+    assert [j.outputs for j in caches] == [["experiments/Synthetic/teachers/ResNet14/0/teacher_cache.pth"]]
+    assert caches[0].inputs == ["experiments/Synthetic/teachers/ResNet14/0/model.pth"]
+    assert caches[0].run["training"] == {k: v for k, v in caches[0].run["training"].items()
+                                         if k in ("num_workers", "device", "max_skipped_steps", "eval_batch_size",
+                                                  "channels_last", "compile", "teacher_cache")}
+    for job in (j for j in jobs if j.rule == "distill"):
+        assert (caches[0].outputs[0] in job.inputs) == (job.run["method"] in ("kd", "rkd")), job.outputs
+    grid = load_grid(REPO / "config" / "demo.yaml")
+    off = resolve_grid({**{k: v for k, v in grid.items()}, "training": {**grid["training"], "teacher_cache": False}})
+    assert not [j for j in expand_grid(off) if j.rule == "cache_teacher"]
+
+
+def test_a_kd_run_from_the_cache_ends_as_one_with_the_live_teacher(cached_teacher, tmp_path, capsys):
+    def kd(seed, cache):
+        run = tiny_run(kind="distill", method="kd", alpha=0.9, teacher="ResNet8", teacher_weights=str(cached_teacher),
+                       seed=seed, data=CACHE_DATA, training={"epochs": 3, "batch_size": 16, "teacher_cache": cache})
+        return train(run, tmp_path / f"{seed}{cache}")
+    cached, live, other_seed = kd(0, True), kd(0, False), kd(1, False)
+    out = capsys.readouterr().out
+    assert "from the cache" in out and "teacher runs live: training.teacher_cache is false" in out
+    seed_noise = max(abs(other_seed["last_acc"] - live["last_acc"]), 3.0)
+    assert abs(cached["last_acc"] - live["last_acc"]) <= seed_noise
+    assert cached["history"]["train_loss"] == pytest.approx(live["history"]["train_loss"], rel=1e-2)
+    assert cached["history"]["terms"]["kd"] == pytest.approx(live["history"]["terms"]["kd"], rel=1e-2)
+
+
+class PoisonLoss(MethodLoss):
+    """NaN on the `POISONED` calls (counted from 1, the gradient-share probe included)."""
+    calls, poisoned = 0, ()
+
+    def __init__(self, settings, run):
+        super().__init__()
+
+    def terms(self, student_out, teacher_out, labels, index):
+        PoisonLoss.calls += 1
+        zero = student_out[-1].sum() * 0.0
+        return {"poison": zero * float("nan") if PoisonLoss.calls in PoisonLoss.poisoned else zero}
+
+
+@pytest.mark.parametrize("amp,images,poisoned,message", [
+    # 10 steps per epoch, + 1 call per epoch for the gradient share: call 15 is epoch 2, step 3
+    ("off", 320, {15}, r"epoch 2, step 3: loss term 'poison' went non-finite; amp is 'off'"),
+    # 6 steps per epoch (fp16 is slow on a CPU): calls 9.. are epoch 2, steps 1..
+    ("fp16", 48, set(range(9, 100)), r"epoch 2, step 2: 2 consecutive optimizer steps skipped by the fp16 GradScaler"),
+])
+def test_the_guard_is_as_strong_when_figures_are_read_every_n_steps(monkeypatch, tmp_path, amp, images, poisoned,
+                                                                     message):
+    # As on CUDA: the figures of 4 steps are read at once; the guard still names the step
+    # and stops before any checkpoint holds a step it should have refused.
+    monkeypatch.setitem(sys.modules["kdlab.train"].SYNC_EVERY, "cpu", 4)
+    module = types.SimpleNamespace(NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check,
+                                   Loss=PoisonLoss)
+    monkeypatch.setitem(methods.METHODS, "poison", module)
+    monkeypatch.setattr(PoisonLoss, "calls", 0)
+    monkeypatch.setattr(PoisonLoss, "poisoned", poisoned)
+    run = tiny_run(kind="distill", method="poison", alpha=0.5,
+                   data={"synthetic": {"num_classes": 5, "train_size": images, "test_size": 8, "seed": 0}},
+                   training={"amp": amp, "max_skipped_steps": 2, "batch_size": 32 if amp == "off" else 8})
+    with pytest.raises(GuardError, match=message):
+        train(run, tmp_path)
+    progress = read_json(tmp_path / "progress.json")
+    assert progress["status"] == "failed" and progress["epochs_done"] == 1
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 1 and all(torch.isfinite(w).all() for w in checkpoint["model"].values())
+
+
+def test_a_compiled_run_learns_and_resumes(tmp_path, monkeypatch):
+    import kdlab.train
+    run = tiny_run(training={"compile": True, "epochs": 3, "milestones": [2]})
+    evaluate, calls = kdlab.train.evaluate, []
+
+    def interrupted_in_epoch_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args)
+    monkeypatch.setattr(kdlab.train, "evaluate", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, tmp_path)
+    monkeypatch.setattr(kdlab.train, "evaluate", evaluate)
+    metrics = train(run, tmp_path)
+    assert metrics["resumed_at_epochs"] == [1] and metrics["status"] == "complete"
+    assert metrics["best_acc"] > CHANCE + 40, metrics["history"]["test_acc"]
+    assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "model.pth", weights_only=True))
+
+
+def test_the_classic_benchmark_runs_in_its_reduced_mode(capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_classic import main
+    results = main(["--teacher", "ResNet8", "--student", "ResNet8", "--classes", "5", "--train-size", "32",
+                    "--test-size", "16", "--batch-size", "16", "--epochs", "2", "--workers", "0",
+                    "--levers", "layout,cache", "--cache-images", "4"])
+    out = capsys.readouterr().out
+    names = ["classic", "kdlab, no levers", "kdlab + layout alone", "kdlab + cache alone",
+             "kdlab, fastest (layout + cache)"]
+    assert all(results[name] > 0 for name in names) and results["cache_rate"] > 0
+    assert all(name in out for name in names[1:])
+    assert "speed-up, kdlab fastest over classic" in out and "CIFAR-100 (50000 images, 100 classes): 2.66 GB" in out
