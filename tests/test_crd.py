@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kdlab.train
-from kdlab.config import method_settings
+from kdlab.config import method_settings, resolve_run
 from kdlab.methods import crd
 from kdlab.train import train
 
@@ -18,7 +18,7 @@ CHANCE, MARGIN = 100 / 5, 40
 
 
 def crd_loss(**settings):
-    return crd.Loss(method_settings("crd", settings, "methods.crd"), {"data": TINY_DATA, "seed": 3})
+    return crd.Loss(method_settings("crd", settings, "methods.crd"), {"data": resolve_run(tiny_run())["data"], "seed": 3})
 
 
 def outputs(batch, seed, scale=1.0, requires_grad=False):

@@ -20,7 +20,8 @@ def additive_run(teacher_weights):
     return tiny_run(kind="distill", method="fitnets", teacher="ResNet8", teacher_weights=str(teacher_weights), seed=2,
                     data={"synthetic": {"num_classes": 5, "train_size": 32, "test_size": 8, "seed": 0}},
                     training={"epochs": 1, "batch_size": 16, "lr": LR, "momentum": MOMENTUM,
-                              "weight_decay": WEIGHT_DECAY, "milestones": [5]},
+                              "weight_decay": WEIGHT_DECAY, "milestones": [5],
+                              "channels_last": False},  # the reference runs NCHW: same rounding
                     method_settings={"guided_layer": 0, "hint_layer": 1, "weight": HINT_WEIGHT},
                     additive={"ce_weight": CE_WEIGHT, "kd_weight": KD_WEIGHT, "kd_temperature": T})
 

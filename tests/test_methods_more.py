@@ -296,8 +296,9 @@ def test_every_new_method_learns_far_above_chance(method, alpha, trained_teacher
     # DKD's default ramp spans 20 epochs; at full weight from the start (beta 8, T^2 16) it is too strong for
     # two epochs at lr 0.1: a short ramp and mdistiller's beta for the ResNet pairs (2).
     settings = {"warmup_epochs": 2, "nckd_weight": 2.0} if method == "dkd" else {}
-    # CC carries no label information and weighs 0.02: at alpha 0.9 it trains on a tenth of CE.
-    training = {"epochs": 3, "milestones": [2]} if (method, alpha) == ("cc", 0.9) else {}
+    # At alpha 0.9 the student trains on a tenth of CE (CC, weighing 0.02, carries no label
+    # information at all): a third epoch, so that no method passes or fails by a hair.
+    training = {"epochs": 3, "milestones": [2]} if alpha == 0.9 else {}
     metrics = train(student(method, alpha, trained_teacher[0], method_settings=settings, training=training), tmp_path)
     assert metrics["best_acc"] >= CHANCE + MARGIN, metrics["history"]["test_acc"]
     h = metrics["history"]

@@ -198,4 +198,4 @@ def test_workflow_imports_instead_of_training(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from test_workflow import planned
     assert planned(proc.stdout) == {"import_teacher": 1, "train_teacher": 2, "train_student": 1, "distill": 2,
-                                    "aggregate": 1}
+                                    "cache_teacher": 2, "aggregate": 1}  # kd reads the teachers' output caches

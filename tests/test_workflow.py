@@ -13,6 +13,7 @@ import yaml
 
 from kdlab.config import load_grid
 from kdlab.grid import expand_grid
+from kdlab.methods import METHODS
 from kdlab.train import train
 
 from conftest import REPO, comparable, read_json
@@ -69,13 +70,14 @@ def test_plan_of_the_group_grid_and_lint():
         "pretrain_paraphraser": len(teachers) if "ft" in grid["methods"] else 0,
         "train_student": len({p["student"] for p in pairs}) * len(seeds),
         "distill": sum(len(m.get("alphas", grid["alphas"])) for m in grid["methods"].values()) * len(pairs) * len(seeds),
-        "cache_teacher": len(teachers) if {"kd", "rkd"} & set(grid["methods"]) else 0,
+        "cache_teacher": len(teachers) if any(getattr(METHODS[m], "TEACHER_OUTPUTS", None) == "logits+embedding"
+                                              for m in grid["methods"]) else 0,
         "aggregate": 1,
     }
     proc = subprocess.run(["snakemake", "-n", "--quiet", "rules"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert planned(proc.stdout + proc.stderr) == collections.Counter({k: v for k, v in expected.items() if v})
-    assert expected["distill"] == 12 * 3 * 3 * 3
+    assert expected["distill"] == 4 * 3 * 3 * 3  # the group's four methods, alphas, pairs, seeds
     lint = subprocess.run(["snakemake", "--lint"], cwd=REPO, capture_output=True, text=True, env=ENV)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
@@ -89,7 +91,8 @@ def test_crd_recipe_plans_every_method_in_its_additive_form(tmp_path):
         targets.setdefault((method, recipe), job.outputs[0])
     assert set(targets) == {("kd", "additive_ce0.1_kd0.9"), ("fitnets", "additive_ce1_kd0"),
                             ("rkd", "additive_ce1_kd0"), ("ft", "additive_ce1_kd0"),
-                            ("crd", "additive_ce1_kd0"), ("crd", "additive_ce1_kd1")}
+                            ("crd", "additive_ce1_kd0"), ("crd", "additive_ce1_kd1")} | {
+        (m, "additive_ce1_kd0") for m in ("at", "sp", "pkt", "cc", "nst", "vid", "dkd", "dist")}
     proc = subprocess.run(["snakemake", *targets.values(), "-n", "--quiet", "rules", "--snakefile",
                            str(REPO / "Snakefile"), "--directory", str(tmp_path),
                            "--configfile", str(REPO / "config" / "crd.yaml")], capture_output=True, text=True, env=ENV)
