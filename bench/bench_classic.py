@@ -39,7 +39,7 @@ import torchvision.transforms as T
 
 from kdlab.data import make_synthetic
 from kdlab.models import EMBEDDING_DIM, build_model
-from kdlab.runio import file_sha256
+from kdlab.runio import file_sha256, save_weights
 from kdlab.teacher_cache import NUM_VIEWS, cache_key, cache_path, compute_outputs, save
 from kdlab.train import Normalize, load_frozen_teacher, pick_device, train
 
@@ -200,7 +200,7 @@ def main(argv=None):
         teacher_weights = Path(tmp) / "teacher" / "model.pth"
         teacher_weights.parent.mkdir()
         torch.manual_seed(1)
-        torch.save(build_model(args.teacher, args.classes).state_dict(), teacher_weights)
+        save_weights(teacher_weights, build_model(args.teacher, args.classes).state_dict())
         if "cache" in levers:
             results["cache_rate"] = timing_cache(args, arrays, teacher_weights, device)
         results["classic"] = best(classic_loop(args, arrays, teacher_weights, device))

@@ -27,13 +27,17 @@ def file_mode():
 
 
 def atomic_write_bytes(path, data):
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path, write):
+    """write(f) to a temporary file in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())

@@ -17,8 +17,6 @@ sha256, the augmentation) is checked when a run loads the file.
 """
 
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from .config import DEFAULT_AUGMENTATION
 from .data import PAD
 from .methods import get_method
 from .models import EMBEDDING_DIM
-from .runio import file_mode
+from .runio import atomic_write
 
 SIDE = 2 * PAD + 1  # crop offsets 0..2*PAD on each axis
 NUM_VIEWS = SIDE * SIDE * 2
@@ -105,19 +103,7 @@ def compute_outputs(teacher, arrays, normalize, device, batch_size, log=print):
 
 def save(path, obj):
     """torch.save straight to a temporary file, then rename (no in-memory copy of GBs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def build(run, weights, out, log=print):
