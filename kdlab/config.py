@@ -197,15 +197,13 @@ def resolve_grid(config):
     for name, path in grid["teacher_checkpoints"].items():
         if name not in teachers:
             raise ConfigError(f"config key 'teacher_checkpoints.{name}': {name} is not the teacher of any pair")
-        if not Path(path).is_file():
-            raise ConfigError(f"config key 'teacher_checkpoints.{name}': {path} does not exist")
     data = grid["data"]
     if data["dataset"] == "npz" and not data["npz_path"]:
         raise ConfigError("config key 'data.npz_path': dataset npz needs the path of its .npz file")
     for where, alphas in [("alphas", grid["alphas"])] + [(f"methods.{m}.alphas", b["alphas"])
                                                           for m, b in grid["methods"].items() if "alphas" in b]:
         names = [format_alpha(a) for a in alphas]
-        if any(float(n) != float(a) or "e" in n for n, a in zip(names, alphas)) or len(set(names)) < len(names):
+        if not all(map(plain_decimal, alphas)) or len(set(names)) < len(names):
             raise ConfigError(f"config key '{where}': {alphas} must be plain decimals (at most 6 significant "
                               f"digits, no exponent) that name distinct run directories alpha_<value>")
     for method, block in grid["methods"].items():
@@ -215,8 +213,7 @@ def resolve_grid(config):
         block["additive"] = [with_defaults(r, recipe) for r in block["additive"]]
         weights = [r[k] for r in block["additive"] for k in ("ce_weight", "kd_weight")]
         names = [recipe_name(additive=r) for r in block["additive"]]
-        if any(float(format_alpha(w)) != float(w) or "e" in format_alpha(w) for w in weights) or \
-                len(set(names)) < len(names):
+        if not all(map(plain_decimal, weights)) or len(set(names)) < len(names):
             raise ConfigError(f"config key 'methods.{method}.additive': the weights must be plain decimals (at "
                               f"most 6 significant digits, no exponent) that name distinct run directories "
                               f"additive_ce<ce_weight>_kd<kd_weight>")
@@ -227,9 +224,8 @@ def resolve_grid(config):
             raise ConfigError(f"config key 'pairs[{i}]': {pair['teacher']} -> {pair['student']} repeats "
                               f"pairs[{first_seen[key]}]; every pair must be listed once")
         first_seen[key] = i
-        for name, settings in grid["methods"].items():
-            settings = {k: v for k, v in settings.items() if k not in ("alphas", "additive")}
-            check_models_and_methods(pair["student"], pair["teacher"], name, settings, f"pairs[{i}].")
+        for name, block in grid["methods"].items():
+            check_models_and_methods(pair["student"], pair["teacher"], name, settings_of(block), f"pairs[{i}].")
     return grid
 
 
@@ -241,8 +237,13 @@ def grid_warnings(grid):
 
 
 def check_data_files(grid):
-    """Read the grid's data files (exist, readable, keys, shapes, labels) before any job is planned."""
+    """Read the grid's data files (exist, readable, keys, shapes, labels) and check that its
+    published teacher checkpoints exist, before the first job (not when planning: a dry run
+    plans without them)."""
     from .data import DataError, check_data
+    for name, path in grid["teacher_checkpoints"].items():
+        if not Path(path).is_file():
+            raise ConfigError(f"config key 'teacher_checkpoints.{name}': {path} does not exist")
     try:
         check_data(grid["data"])
     except DataError as e:
@@ -260,6 +261,17 @@ def load_grid(path):
 
 def format_alpha(alpha):
     return format(float(alpha), "g")
+
+
+def plain_decimal(x):
+    """Whether x prints as itself in a run directory's name (alpha_0.5, additive_ce1_kd0.9)."""
+    name = format_alpha(x)
+    return float(name) == float(x) and "e" not in name
+
+
+def settings_of(method_block):
+    """A method's own settings: its grid block without the keys that choose its recipes."""
+    return {k: v for k, v in method_block.items() if k not in ("alphas", "additive")}
 
 
 def recipe_name(alpha=None, additive=None):

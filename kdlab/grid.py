@@ -8,7 +8,7 @@ which may change without rerunning anything.
 
 from dataclasses import dataclass, field
 
-from .config import RUNTIME_KEYS, recipe_name
+from .config import RUNTIME_KEYS, recipe_name, settings_of
 from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
 from .teacher_cache import cache_path, why_not_cached
 
@@ -50,7 +50,7 @@ def paraphraser_path(grid, teacher, settings):
 
 
 def method_settings(grid, method):
-    return {k: v for k, v in grid["methods"][method].items() if k not in ("alphas", "additive")}
+    return settings_of(grid["methods"][method])
 
 
 # Stage 1 of FT uses only these training keys (and the runtime ones); leaving out the rest

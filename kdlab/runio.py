@@ -73,13 +73,14 @@ class UnreadableFile(Exception):
     pass
 
 
-def torch_load(path):
-    """Load a file saved by this package (weights_only=True), with a clear error if it is damaged."""
+def torch_load(path, mmap=False):
+    """Load a file saved by this package (weights_only=True), with a clear error if it is damaged;
+    mmap=True maps the tensors instead of reading them (the GB-sized teacher cache)."""
     import torch
     if not Path(path).exists():
         raise UnreadableFile(f"{path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError:
         raise  # an I/O failure is not a damaged file: never a reason to start over
     except Exception as e:

@@ -26,7 +26,7 @@ from .config import DEFAULT_AUGMENTATION
 from .data import PAD
 from .methods import get_method
 from .models import EMBEDDING_DIM
-from .runio import atomic_write
+from .runio import atomic_write, torch_load
 
 SIDE = 2 * PAD + 1  # crop offsets 0..2*PAD on each axis
 NUM_VIEWS = SIDE * SIDE * 2
@@ -91,9 +91,10 @@ def compute_outputs(teacher, arrays, normalize, device, batch_size, log=print):
         images = torch.from_numpy(arrays.train_x[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
         rows = torch.stack([torch.cat([logits.float(), embedding.float()], 1)
                             for *_, embedding, logits in map(teacher, map(normalize, all_views(images)))], 1)
-        if not torch.isfinite(rows.half()).all():
+        half = rows.half()
+        if not torch.isfinite(half).all():
             raise TeacherCacheError(f"teacher outputs overflow float16 (largest {rows.abs().max():.3g})")
-        outputs[start:start + len(images)] = rows.half().cpu()
+        outputs[start:start + len(images)] = half.cpu()
         done = min(start + batch_size, n)
         if done == n or start // batch_size % 20 == 0:
             rate = done * NUM_VIEWS / (time.perf_counter() - started)
@@ -131,13 +132,10 @@ class TeacherCache:
     """Reads a cache file, checks its key, and answers a batch's views with (embedding, logits)."""
 
     def __init__(self, path, expected_key, device):
-        from .runio import UnreadableFile
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (OSError, RuntimeError) as e:
-            raise UnreadableFile(f"teacher cache {path} cannot be loaded ({type(e).__name__}: {e})") from None
-        if saved.get("key") != expected_key:
-            differs = sorted(k for k in expected_key if saved.get("key", {}).get(k) != expected_key[k])
+        saved = torch_load(path, mmap=True)
+        key = saved.get("key", {}) if isinstance(saved, dict) else {}
+        if key != expected_key:
+            differs = sorted(k for k in expected_key if key.get(k) != expected_key[k])
             raise TeacherCacheError(f"teacher cache {path} was computed from another {', '.join(differs)}; "
                                     f"rebuild it (kdlab cache-teacher, or let snakemake do it)")
         self.outputs = saved["outputs"].to(device)  # 2.66 GB for CIFAR-100: on the GPU, gathers stay there

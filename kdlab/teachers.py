@@ -25,7 +25,7 @@ from .config import ConfigError, grid_schema, validate, with_defaults
 from .data import load_dataset, make_loaders
 from .methods import get_method
 from .models import build_model
-from .runio import atomic_write_json, file_sha256, now, provenance, save_weights
+from .runio import UnreadableFile, atomic_write_json, file_sha256, now, provenance, save_weights, torch_load
 from .train import Normalize, evaluate, log, pick_device
 
 # layerN.i.<part>.<param> -> stages.(N-1).i.<our part>.<param>
@@ -110,17 +110,14 @@ def import_teacher(run, run_dir):
     tr, run_dir, path = run["training"], Path(run_dir), Path(run["checkpoint"])
     if not path.is_file():
         raise ConfigError(f"config key 'teacher_checkpoints.{run['model']}': {path} does not exist")
-    for stale in ("metrics.json", "model.pth"):  # a previous import's completion marks
+    for stale in ("metrics.json", "model.pth", "model.pth.sha256"):  # a previous import's completion marks
         (run_dir / stale).unlink(missing_ok=True)
     started = now()
     arrays = load_dataset(run["data"])
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # weights_only refuses arbitrary pickles; a damaged file fails here too
-        raise ConversionError(f"{path}: cannot be read as a checkpoint of tensors "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    try:  # weights_only refuses arbitrary pickles; a damaged file fails here too
+        checkpoint = torch_load(path)
+    except UnreadableFile as e:
+        raise ConversionError(f"{e}; it must be a checkpoint of tensors") from None
     model, layout = convert(state_dict_of(checkpoint, path), run["model"], arrays.num_classes, path)
     device = pick_device(tr["device"])
     _, test_loader = make_loaders(arrays, tr["batch_size"], tr["num_workers"], run["seed"],

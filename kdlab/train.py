@@ -119,7 +119,7 @@ def fused_sgd(params, tr):
     return optimizer
 
 
-def gradient_share(model, loss_fn, teacher_outputs, x, y, views, index, ce_weight, method_weight):
+def gradient_share(model, loss_fn, teacher_outputs, x, y, views, ce_weight, method_weight):
     """Fraction of the gradient norm on the student's weights that comes from the method's loss.
 
     Measured in float32 on one batch; BatchNorm running statistics are restored so the
@@ -131,7 +131,7 @@ def gradient_share(model, loss_fn, teacher_outputs, x, y, views, index, ce_weigh
         teacher_out = teacher_outputs(x, views)
     student_out = model(x)
     ce = ce_weight * F.cross_entropy(student_out[-1], y)
-    method = method_weight * sum(loss_fn(student_out, teacher_out, y, index).values())
+    method = method_weight * sum(loss_fn(student_out, teacher_out, y, views[:, 0]).values())
     norms = []
     for part, retain in ((ce, True), (method, False)):
         grads = torch.autograd.grad(part, params, retain_graph=retain, allow_unused=True)
@@ -237,6 +237,8 @@ def train(run, run_dir, force_restart=False):
         model.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # a checkpoint from before kdlab fused SGD says fused: None
+            group["fused"] = True
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
@@ -267,7 +269,6 @@ def train(run, run_dir, force_restart=False):
         lr = lr_at(epoch, tr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-            group["fused"] = True  # also after resuming a checkpoint written before kdlab fused SGD
         train_loader.sampler.epoch = epoch
         model.train()
         loss_fn.train()
@@ -275,15 +276,15 @@ def train(run, run_dir, force_restart=False):
         sums, seen, skipped, nonfinite, share, pending, sizes = {}, 0, 0, 0, None, [], []
         for step, (images, labels, views) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
-            index = views[:, 0].to(device, non_blocking=True)
+            views = views.to(device, non_blocking=True)  # (dataset index, dy, dx, flip): for CRD and the cache
             if step == 0 and distilled:
-                share = gradient_share(model, loss_fn, teacher_outputs, x, y, views, index, ce_weight, method_weight)
+                share = gradient_share(model, loss_fn, teacher_outputs, x, y, views, ce_weight, method_weight)
             with autocast():
                 student_out = forward(x)
                 with torch.no_grad():
                     teacher_out = teacher_outputs(x, views)
                 ce = F.cross_entropy(student_out[-1].float(), y, label_smoothing=tr["label_smoothing"])
-                terms = {"ce": ce, **loss_fn(student_out, teacher_out, y, index)}
+                terms = {"ce": ce, **loss_fn(student_out, teacher_out, y, views[:, 0])}
                 loss = ce_weight * ce + method_weight * sum(v for k, v in terms.items() if k != "ce")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 
 from kdlab.cli import main as kdlab_main
-from kdlab.config import ConfigError, load_grid
+from kdlab.config import ConfigError, check_data_files, load_grid
 from kdlab.data import load_dataset
 from kdlab.grid import expand_grid
 from kdlab.models import build_model
@@ -181,8 +181,8 @@ def test_teacher_checkpoints_are_validated(tmp_path):
                                                                          "does not exist"),
                                  ({"Res/Net": str(ckpt)}, "'teacher_checkpoints'")):
         (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**cfg, "teacher_checkpoints": checkpoints}))
-        with pytest.raises(ConfigError, match=message):
-            load_grid(tmp_path / "grid.yaml")
+        with pytest.raises(ConfigError, match=message):  # a missing file: when the first job is due
+            check_data_files(load_grid(tmp_path / "grid.yaml"))
 
 
 def test_workflow_imports_instead_of_training(tmp_path):

@@ -70,8 +70,8 @@ def test_plan_of_the_group_grid_and_lint():
         "pretrain_paraphraser": len(teachers) if "ft" in grid["methods"] else 0,
         "train_student": len({p["student"] for p in pairs}) * len(seeds),
         "distill": sum(len(m.get("alphas", grid["alphas"])) for m in grid["methods"].values()) * len(pairs) * len(seeds),
-        "cache_teacher": len(teachers) if any(getattr(METHODS[m], "TEACHER_OUTPUTS", None) == "logits+embedding"
-                                              for m in grid["methods"]) else 0,
+        "cache_teacher": len(teachers) if grid["training"]["teacher_cache"] and any(
+            getattr(METHODS[m], "TEACHER_OUTPUTS", None) == "logits+embedding" for m in grid["methods"]) else 0,
         "aggregate": 1,
     }
     proc = subprocess.run(["snakemake", "-n", "--quiet", "rules"], cwd=REPO, capture_output=True, text=True, env=ENV)

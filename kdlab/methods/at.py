@@ -2,16 +2,16 @@
 
 The attention map of a stage output f (B, C, H, W) is mean_c f^p flattened over H*W and
 L2-normalised per sample; the loss per stage is the mean over samples and positions of
-the squared difference of the student's and the teacher's maps (the larger map
-average-pooled to the smaller's size first), summed over the stages. The map is
+the squared difference of the student's and the teacher's maps, summed over the stages
+(every CIFAR ResNet here has the same stage sizes, so RepDistiller's pooling of the
+larger map never applies). The map is
 invariant to the scale of f, so f is first divided by its (detached) largest magnitude:
 the same value and gradient, and f^p can neither overflow nor underflow in float32.
 """
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, pool_to_common_size, stages_setting
-from .rkd import scale_free
+from .base import MethodLoss, no_check, scale_free, stages_setting
 
 NAME = "at"
 VERSION = 1
@@ -39,6 +39,6 @@ class Loss(MethodLoss):
     def terms(self, student_out, teacher_out, labels, index):
         total = 0.0
         for stage in self.stages:
-            f_s, f_t = pool_to_common_size(student_out[stage], teacher_out[stage])
+            f_s, f_t = student_out[stage], teacher_out[stage]
             total = total + (attention_map(f_s, self.p) - attention_map(f_t, self.p).detach()).pow(2).mean()
         return {"at": self.weight * total}

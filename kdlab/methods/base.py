@@ -1,7 +1,6 @@
 """The one shared piece of the method interface."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,16 +28,15 @@ class MethodLoss(nn.Module):
         """Called before each training epoch (0-based), also after a resume: for schedules."""
 
 
+def scale_free(f):
+    """f divided by its (detached) largest magnitude: for losses invariant to the scale of f,
+    the same value and gradient, and squares or powers of f neither overflow nor underflow."""
+    return f / f.detach().abs().amax().clamp(min=1e-12)
+
+
 def at_least_float32(x):
     """fp16/bf16 -> float32; float32 and float64 (the reference tests' precision) stay as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def pool_to_common_size(f_s, f_t):
-    """Adaptive-average-pool the larger of two feature maps to the smaller's size (as RepDistiller)."""
-    size = min(f_s.shape[2], f_t.shape[2])
-    return (F.adaptive_avg_pool2d(f_s, size) if f_s.shape[2] > size else f_s,
-            F.adaptive_avg_pool2d(f_t, size) if f_t.shape[2] > size else f_t)
 
 
 def stages_setting(default, source):

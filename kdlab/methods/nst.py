@@ -1,6 +1,6 @@
 """NST, neuron selectivity transfer (Huang & Wang 2017), as RepDistiller runs it.
 
-Per stage (the larger map average-pooled to the smaller's size): each channel's map is
+Per stage (student and teacher maps have the same size): each channel's map is
 flattened and L2-normalised over positions; with the polynomial kernel
 k(x, y) = (x . y)^2 between channel vectors, the squared MMD
 mean k(t, t) (no gradient) + mean k(s, s) - 2 mean k(s, t), summed over the stages.
@@ -12,8 +12,7 @@ The MMD compares two sets of channel vectors: it needs the same number of positi
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, pool_to_common_size, stages_setting
-from .rkd import scale_free
+from .base import MethodLoss, no_check, scale_free, stages_setting
 
 NAME = "nst"
 VERSION = 1
@@ -42,7 +41,7 @@ class Loss(MethodLoss):
     def terms(self, student_out, teacher_out, labels, index):
         total = 0.0
         for stage in self.stages:
-            f_s, f_t = pool_to_common_size(student_out[stage], teacher_out[stage])
+            f_s, f_t = student_out[stage], teacher_out[stage]
             s, t = channel_maps(f_s), channel_maps(f_t).detach()
             total = total + (polynomial_kernel_mean(t, t) + polynomial_kernel_mean(s, s)
                              - 2 * polynomial_kernel_mean(s, t))

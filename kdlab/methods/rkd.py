@@ -11,7 +11,7 @@ losses are zero (with a graph, so backward still works), not NaN.
 import torch
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check
+from .base import MethodLoss, no_check, scale_free
 
 NAME = "rkd"
 VERSION = 2  # 1: the earlier toolbox's pairwise-cosine "angle" and weights 25/50
@@ -29,10 +29,6 @@ SETTINGS = {
 }
 check = no_check
 EPS = 1e-12
-
-
-def scale_free(e):
-    return e / e.detach().abs().amax().clamp(min=EPS)
 
 
 def normalised_distances(e):

@@ -8,8 +8,7 @@ the same value and gradient, and no overflow of F F^T in float32.
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, stages_setting
-from .rkd import scale_free
+from .base import MethodLoss, no_check, scale_free, stages_setting
 
 NAME = "sp"
 VERSION = 1

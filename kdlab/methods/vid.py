@@ -1,6 +1,6 @@
 """VID, variational information distillation (Ahn et al. 2019), the authors' code as in RepDistiller.
 
-Per stage (the larger map average-pooled to the smaller's size): a regressor of three
+Per stage (student and teacher maps have the same size): a regressor of three
 1x1 convolutions without bias (C_s -> C_t -> C_t -> C_t, ReLU between) predicts the
 mean of the teacher's stage output; a learned per-channel variance softplus(w) + 1e-5,
 w initialised so that it starts at `init_variance`; loss = mean over samples, channels
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import STAGE_CHANNELS
-from .base import MethodLoss, no_check, pool_to_common_size, stages_setting
+from .base import MethodLoss, no_check, stages_setting
 
 NAME = "vid"
 VERSION = 1
@@ -44,7 +44,6 @@ class StageVID(nn.Module):
                                                     math.log(math.expm1(init_variance - VARIANCE_FLOOR))))
 
     def forward(self, f_s, f_t):
-        f_s, f_t = pool_to_common_size(f_s, f_t)
         mean = self.regressor(f_s)
         variance = (F.softplus(self.raw_variance) + VARIANCE_FLOOR).view(1, -1, 1, 1)
         return (0.5 * ((mean - f_t).pow(2) / variance + variance.log())).mean()

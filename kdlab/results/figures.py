@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from ..runio import atomic_write_bytes
 from .health import chance_level
 from .runs import num, series, setting_label
-from .table import metric_words
+from .table import method_sort_key, metric_words
 
 # Okabe-Ito (colour-blind safe) first, then more; with a marker each, so that prints
 # in grey still work. A method keeps its colour in every figure: it is chosen by the
@@ -56,7 +56,7 @@ class MethodStyle:
         return self._style.get(method, ("#333333", "o"))[1]
 
     def sort_key(self, method: str) -> tuple:
-        return (self.order.index(method), "") if method in self.order else (len(self.order), method)
+        return method_sort_key(method, self.order)
 
 
 def _figure(width: float, height: float):

@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Callable
 
-
-def now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+from ..runio import now
 
 
 def chance_level(s: dict) -> float | None:

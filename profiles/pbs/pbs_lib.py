@@ -786,15 +786,20 @@ def _one_line(text):
     return " | ".join((text or "").strip().splitlines())[:300]
 
 
+def forced_history(settings):
+    """site.cfg's job_history: True / False when it forces it, None for auto."""
+    value = settings.get("job_history", "auto").strip().lower()
+    return {"yes": True, "true": True, "on": True, "1": True,
+            "no": False, "false": False, "off": False, "0": False}.get(value)
+
+
 def known_history(settings):
     """Whether the server keeps job history: True / False when site.cfg forces
     it or this session has learned it, None while unknown (qstat is then
     called with -x, and its answer tells)."""
-    forced = settings.get("job_history", "auto").strip().lower()
-    if forced in ("yes", "true", "on", "1"):
-        return True
-    if forced in ("no", "false", "off", "0"):
-        return False
+    forced = forced_history(settings)
+    if forced is not None:
+        return forced
     try:
         with open(history_path()) as f:
             return json.load(f).get("history")
@@ -821,7 +826,7 @@ def probe_history(settings):
 
 def learn_history(settings, history, why):
     """Record what a qstat answer revealed (nothing to learn when forced)."""
-    if settings.get("job_history", "auto").strip().lower() != "auto":
+    if forced_history(settings) is not None:
         return
     try:
         with open(history_path()) as f:

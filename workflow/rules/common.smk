@@ -35,11 +35,6 @@ IMPORTED_TEACHERS = "|".join(GRID["teacher_checkpoints"]) or "(?!)"
 TRAINED_TEACHERS = "|".join(t for t in BLOCKS_PER_STAGE if t not in GRID["teacher_checkpoints"]) or "(?!)"
 
 
-
-def run_dir(wildcards, output):
-    return os.path.dirname(output.metrics)
-
-
 def job(first_output):
     """The grid's job whose first output is `first_output` formatted with the wildcards."""
     return lambda wildcards: JOBS[first_output.format(**wildcards)]
