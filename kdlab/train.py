@@ -119,26 +119,20 @@ def fused_sgd(params, tr):
     return optimizer
 
 
-def gradient_share(model, loss_fn, teacher_outputs, x, y, views, ce_weight, method_weight):
+def gradient_share(method_grads, params):
     """Fraction of the gradient norm on the student's weights that comes from the method's loss.
 
-    Measured in float32 on one batch; BatchNorm running statistics are restored so the
-    measurement does not change training.
+    Taken on a training step itself: `method_grads` is the method term's gradient alone (one
+    extra backward on the step's graph), and the CE part is what the step's gradient adds to
+    it. No extra forward, so it costs a backward once per epoch and never touches BatchNorm's
+    statistics. A loss scale cancels out of the ratio.
     """
-    buffers = [b.clone() for b in chain(model.buffers(), loss_fn.buffers())]
-    params = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():
-        teacher_out = teacher_outputs(x, views)
-    student_out = model(x)
-    ce = ce_weight * F.cross_entropy(student_out[-1], y)
-    method = method_weight * sum(loss_fn(student_out, teacher_out, y, views[:, 0]).values())
-    norms = []
-    for part, retain in ((ce, True), (method, False)):
-        grads = torch.autograd.grad(part, params, retain_graph=retain, allow_unused=True)
-        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item())
-    for b, saved in zip(chain(model.buffers(), loss_fn.buffers()), buffers):
-        b.copy_(saved)
-    return norms[1] / (norms[0] + norms[1]) if norms[0] + norms[1] > 0 else None
+    method = [torch.zeros_like(p) if g is None else g for g, p in zip(method_grads, params)]
+    ce = [(torch.zeros_like(p) if p.grad is None else p.grad) - g for g, p in zip(method, params)]
+    norm = torch.nn.utils.get_total_norm
+    method_norm, ce_norm = torch.stack([norm(method), norm(ce)]).tolist()
+    share = method_norm / (method_norm + ce_norm) if method_norm + ce_norm > 0 else None
+    return share if share is None or math.isfinite(share) else None
 
 
 def new_history():
@@ -221,7 +215,8 @@ def train(run, run_dir, force_restart=False):
     teacher = load_frozen_teacher(run, arrays.num_classes, device, channels_last) if method.NEEDS_TEACHER else None
     distilled = run["kind"] == "distill"
     ce_weight, method_weight = loss_weights(run) if distilled else (1.0, 0.0)
-    params = [p for p in chain(model.parameters(), loss_fn.parameters()) if p.requires_grad]
+    student_params = [p for p in model.parameters() if p.requires_grad]
+    params = student_params + [p for p in loss_fn.parameters() if p.requires_grad]
     optimizer = fused_sgd(params, tr)
     amp_dtype = AMP_DTYPES.get(tr["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=tr["amp"] == "fp16")
@@ -277,17 +272,24 @@ def train(run, run_dir, force_restart=False):
         for step, (images, labels, views) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             views = views.to(device, non_blocking=True)  # (dataset index, dy, dx, flip): for CRD and the cache
-            if step == 0 and distilled:
-                share = gradient_share(model, loss_fn, teacher_outputs, x, y, views, ce_weight, method_weight)
+            # The gradient share needs a second backward on one step's graph, which a compiled
+            # backward cannot give (its buffers are donated): that step runs eagerly.
+            measure_share = step == 0 and distilled
             with autocast():
-                student_out = forward(x)
+                student_out = (model if measure_share else forward)(x)
                 with torch.no_grad():
                     teacher_out = teacher_outputs(x, views)
                 ce = F.cross_entropy(student_out[-1].float(), y, label_smoothing=tr["label_smoothing"])
                 terms = {"ce": ce, **loss_fn(student_out, teacher_out, y, views[:, 0])}
-                loss = ce_weight * ce + method_weight * sum(v for k, v in terms.items() if k != "ce")
+                method_loss = method_weight * sum(v for k, v in terms.items() if k != "ce")
+                loss = ce_weight * ce + method_loss
             optimizer.zero_grad(set_to_none=True)
+            if measure_share:  # the method term's gradient alone, before backward() frees the graph
+                method_grads = torch.autograd.grad(scaler.scale(method_loss), student_params, retain_graph=True,
+                                                   allow_unused=True)
             scaler.scale(loss).backward()
+            if measure_share:
+                share = gradient_share(method_grads, student_params)
             grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
                 [p.grad for p in params if p.grad is not None])
             figures = torch.stack([*(t.detach().float() for t in terms.values()), loss.detach().float(),

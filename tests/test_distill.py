@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdlab.methods.ft import MissingParaphraser, paraphraser_setting
 from kdlab.pretrain import pretrain_paraphraser
-from kdlab.train import train
+from kdlab.train import gradient_share, train
 
 from conftest import tiny_run
 
@@ -53,6 +54,35 @@ def test_every_method_learns_far_above_chance(method, alpha, trained_teacher, pa
     assert 0 < h["grad_share"][0] < 1 and all(s == 0 for s in h["skipped_steps"])
     assert h["train_loss"][0] == pytest.approx((1 - alpha) * h["terms"]["ce"][0] +
                                                alpha * sum(h["terms"][t][0] for t in terms), rel=1e-6)
+
+
+def test_the_gradient_share_is_the_method_terms_part_of_the_gradient_norm():
+    """Against float64 gradients of each part taken on their own; the share is taken the way the
+    step takes it (the method part alone, then one backward of the scaled sum)."""
+    torch.manual_seed(0)
+    layer, ce_only = torch.nn.Linear(6, 4), torch.nn.Parameter(torch.randn(4))  # no gradient from the method
+    x, y, target = torch.randn(9, 6), torch.randint(0, 4, (9,)), torch.randn(9, 4)
+
+    def parts(params, dtype):
+        weight, bias, extra = params
+        out = torch.tanh(x.to(dtype) @ weight.T + bias)
+        return 0.3 * F.cross_entropy(out + extra, y), 0.7 * (out - target.to(dtype)).pow(2).mean()
+
+    params = [layer.weight, layer.bias, ce_only]
+    params64 = [p.detach().double().requires_grad_() for p in params]
+    norms = []
+    for part in parts(params64, torch.float64):
+        grads = torch.autograd.grad(part, params64, retain_graph=True, allow_unused=True)
+        norms.append(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)).item())
+    expected = norms[1] / (norms[0] + norms[1])
+
+    ce, method = parts(params, torch.float32)
+    scale = 2.0 ** 16  # as the fp16 GradScaler scales both
+    method_grads = torch.autograd.grad(scale * method, params, retain_graph=True, allow_unused=True)
+    assert method_grads[2] is None
+    (scale * (ce + method)).backward()
+    assert gradient_share(method_grads, params) == pytest.approx(expected, rel=1e-5)
+    assert 0.05 < expected < 0.95  # both parts matter: a swapped or dropped part would fail
 
 
 # The anchors' additive recipes (RepDistiller's scripts): CE 1 + the published weight; KD 0.1 CE + 0.9 KD.

@@ -133,7 +133,7 @@ def test_a_kd_run_from_the_cache_ends_as_one_with_the_live_teacher(cached_teache
 
 
 class PoisonLoss(MethodLoss):
-    """NaN on the `POISONED` calls (counted from 1, the gradient-share probe included)."""
+    """NaN on the `POISONED` calls (counted from 1, one per training step)."""
     calls, poisoned = 0, ()
 
     def __init__(self, settings, run):
@@ -146,10 +146,10 @@ class PoisonLoss(MethodLoss):
 
 
 @pytest.mark.parametrize("amp,images,poisoned,message", [
-    # 10 steps per epoch, + 1 call per epoch for the gradient share: call 15 is epoch 2, step 3
-    ("off", 320, {15}, r"epoch 2, step 3: loss term 'poison' went non-finite; amp is 'off'"),
-    # 6 steps per epoch (fp16 is slow on a CPU): calls 9.. are epoch 2, steps 1..
-    ("fp16", 48, set(range(9, 100)), r"epoch 2, step 2: 2 consecutive optimizer steps skipped by the fp16 GradScaler"),
+    # 10 steps per epoch: call 13 is epoch 2, step 3
+    ("off", 320, {13}, r"epoch 2, step 3: loss term 'poison' went non-finite; amp is 'off'"),
+    # 6 steps per epoch (fp16 is slow on a CPU): calls 7.. are epoch 2, steps 1..
+    ("fp16", 48, set(range(7, 100)), r"epoch 2, step 2: 2 consecutive optimizer steps skipped by the fp16 GradScaler"),
 ])
 def test_the_guard_is_as_strong_when_figures_are_read_every_n_steps(monkeypatch, tmp_path, amp, images, poisoned,
                                                                      message):
@@ -172,14 +172,18 @@ def test_the_guard_is_as_strong_when_figures_are_read_every_n_steps(monkeypatch,
     assert checkpoint["epoch"] == 1 and all(torch.isfinite(w).all() for w in checkpoint["model"].values())
 
 
-def test_a_compiled_run_learns_and_resumes(tmp_path, monkeypatch):
+def test_a_compiled_run_learns_and_resumes(trained_teacher, tmp_path, monkeypatch):
+    """KD with the student and the live teacher compiled; the gradient share takes a second
+    backward through the compiled graph."""
     import kdlab.train
-    run = tiny_run(training={"compile": True, "epochs": 3, "milestones": [2]})
+    run = tiny_run(kind="distill", method="kd", alpha=0.5, teacher="ResNet8", seed=1,
+                   teacher_weights=str(trained_teacher[0] / "model.pth"),
+                   training={"compile": True, "epochs": 3, "milestones": [2]})
     evaluate, calls = kdlab.train.evaluate, []
 
-    def interrupted_in_epoch_2(*args):
+    def interrupted_in_epoch_2(*args):  # evaluations: the teacher's, epoch 1's, epoch 2's
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise KeyboardInterrupt
         return evaluate(*args)
     monkeypatch.setattr(kdlab.train, "evaluate", interrupted_in_epoch_2)
@@ -189,6 +193,7 @@ def test_a_compiled_run_learns_and_resumes(tmp_path, monkeypatch):
     metrics = train(run, tmp_path)
     assert metrics["resumed_at_epochs"] == [1] and metrics["status"] == "complete"
     assert metrics["best_acc"] > CHANCE + 40, metrics["history"]["test_acc"]
+    assert all(0 < share < 1 for share in metrics["history"]["grad_share"])
     assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "model.pth", weights_only=True))
 
 

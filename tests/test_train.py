@@ -177,7 +177,7 @@ def poison_method(monkeypatch):
 
 
 def test_guard_stops_a_nonfinite_loss_outside_amp(poison_method, trained_teacher, tmp_path):
-    poison_method(lambda call: call >= 15)  # 10 steps and 1 gradient-share call per epoch: epoch 2, step 3
+    poison_method(lambda call: call >= 13)  # 10 steps per epoch: epoch 2, step 3
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
                    teacher_weights=str(trained_teacher[0] / "model.pth"))
     with pytest.raises(GuardError, match=r"health guard: method 'poison', epoch 2, step 3: loss term 'poison' "
@@ -190,9 +190,9 @@ def test_guard_stops_a_nonfinite_loss_outside_amp(poison_method, trained_teacher
 
 
 def test_guard_counts_skipped_fp16_steps_then_stops(poison_method, trained_teacher, tmp_path):
-    # 2 steps per epoch (+1 call per epoch for the gradient share): epoch 1 poisons one
-    # step, then every step is poisoned until the guard gives up after 2 skipped in a row.
-    poison_method(lambda call: call == 2 or call >= 4)
+    # 2 steps per epoch: epoch 1 poisons one step, then every step is poisoned until the
+    # guard gives up after 2 skipped in a row.
+    poison_method(lambda call: call == 1 or call >= 3)
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8", seed=0,
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
                    data={"synthetic": {"num_classes": 5, "train_size": 16, "test_size": 8, "seed": 0}},
@@ -207,7 +207,7 @@ def test_guard_counts_skipped_fp16_steps_then_stops(poison_method, trained_teach
 
 def test_guard_stops_when_most_of_an_epochs_fp16_steps_are_skipped(poison_method, trained_teacher, tmp_path):
     # 4 steps per epoch; steps 1, 2 and 4 poisoned: never 3 in a row, but 3 of 4 skipped.
-    poison_method(lambda call: call in (2, 3, 5))
+    poison_method(lambda call: call in (1, 2, 4))
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
                    data={"synthetic": {"num_classes": 5, "train_size": 32, "test_size": 8, "seed": 0}},
@@ -220,7 +220,7 @@ def test_guard_stops_when_most_of_an_epochs_fp16_steps_are_skipped(poison_method
 def test_guard_stops_when_the_fp16_loss_scale_collapses(poison_method, trained_teacher, tmp_path, monkeypatch):
     # Stand-in for many scattered overflows: one skipped step halves the scale below the floor.
     monkeypatch.setattr("kdlab.train.MIN_LOSS_SCALE", 2.0 ** 16)
-    poison_method(lambda call: call == 2)
+    poison_method(lambda call: call == 1)
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
                    data={"synthetic": {"num_classes": 5, "train_size": 16, "test_size": 8, "seed": 0}},
