@@ -16,7 +16,7 @@ import torch
 from kdlab.config import method_settings, resolve_run
 from kdlab.data import load_dataset
 from kdlab.loss import Additive
-from kdlab.methods import METHODS, crd, ft
+from kdlab.methods import METHODS, ft
 from kdlab.methods.base import MethodLoss
 from kdlab.runio import atomic_torch_save
 from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, save
@@ -57,7 +57,8 @@ def method_loss(name, tmp_path):
     if name == "crd":
         # The one exception: CRD draws its negatives' keys from a torch.Generator seeded on the
         # host each step (draw_keys reads nothing from the device, so no sync), and the meta
-        # device has no generator. Everything else in CRD (sampling, scores, bank update) runs.
+        # device has no generator (nor does dynamo trace creating one). Everything else in CRD
+        # (sampling, scores, bank update) runs.
         loss.method.draw_keys = lambda shape, device: torch.rand(shape, dtype=torch.float64, device=device)
     return loss
 
