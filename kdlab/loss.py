@@ -21,9 +21,10 @@ def loss_weights(run):
     return 1.0 - run["alpha"], run["alpha"]
 
 
-def build_loss(run):
-    """The run's method loss; in the additive form its terms include the KD term's weight."""
-    method_loss = get_method(run["method"]).Loss(run["method_settings"], run)
+def build_loss(run, train_labels):
+    """The run's method loss; in the additive form its terms include the KD term's weight.
+    The training set's labels (already loaded by the caller) reach the method as run["train_labels"]."""
+    method_loss = get_method(run["method"]).Loss(run["method_settings"], {**run, "train_labels": train_labels})
     if "additive" not in run:
         return method_loss
     return Additive(method_loss, run["additive"], own_kd=run["method"] == "kd")

@@ -211,7 +211,7 @@ def train(run, run_dir, force_restart=False):
     channels_last = tr["channels_last"]
     normalize = Normalize(arrays.mean, arrays.std, device, channels_last)
     model = build_model(run["model"], arrays.num_classes).to(device, memory_format=memory_format(channels_last))
-    loss_fn = build_loss(run).to(device)
+    loss_fn = build_loss(run, arrays.train_y).to(device)
     teacher = load_frozen_teacher(run, arrays.num_classes, device, channels_last) if method.NEEDS_TEACHER else None
     distilled = run["kind"] == "distill"
     ce_weight, method_weight = loss_weights(run) if distilled else (1.0, 0.0)

@@ -8,6 +8,7 @@ import torch
 
 import kdlab.train
 from kdlab.config import method_settings, resolve_run
+from kdlab.data import load_dataset
 from kdlab.methods import crd
 from kdlab.train import train
 
@@ -18,7 +19,9 @@ CHANCE, MARGIN = 100 / 5, 40
 
 
 def crd_loss(**settings):
-    return crd.Loss(method_settings("crd", settings, "methods.crd"), {"data": resolve_run(tiny_run())["data"], "seed": 3})
+    data = resolve_run(tiny_run())["data"]
+    return crd.Loss(method_settings("crd", settings, "methods.crd"),
+                    {"data": data, "seed": 3, "train_labels": load_dataset(data).train_y})
 
 
 def outputs(batch, seed, scale=1.0, requires_grad=False):

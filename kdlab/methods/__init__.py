@@ -10,11 +10,16 @@ A method is one module with:
   SETTINGS           JSON-schema fragments of its config keys, each with a default and
                      a description that says where the default comes from
   check(settings, student, teacher)   raise ValueError for an unsupported combination
-  Loss(settings, run)                 a MethodLoss; `run` is the resolved run config
+  Loss(settings, run)                 a MethodLoss; `run` is the resolved run config plus
+                                      "train_labels" (the training set's labels, added by
+                                      kdlab/loss.py build_loss)
 
 The student's loss is (1 - alpha) * CE + alpha * sum(Loss(...) terms), or in the additive
 form ce_weight * CE + kd_weight * KD + sum(Loss(...) terms) (kdlab/loss.py).
-Adding a method: one module here and one entry in METHODS.
+Adding a method: one module here and one entry in METHODS. What runs every training step
+(terms, the forward of anything the loss trains) must not read device values on the host
+(.item(), float(), if tensor, boolean masks, nonzero, ...): on a GPU each is a sync that
+stalls the launch queue. tests/test_sync_free.py checks every method on the meta device.
 """
 
 from . import at, cc, crd, dist, dkd, fitnets, ft, kd, nst, none, pkt, rkd, sp, vid

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import load_dataset
 from ..models import EMBEDDING_DIM
 from .base import MethodLoss, no_check
 
@@ -52,10 +51,6 @@ check = no_check
 EPS = 1e-7  # RepDistiller's epsilon in the NCE ratios
 
 
-def train_labels(data):
-    return torch.from_numpy(load_dataset(data).train_y)
-
-
 def draw_seed(seed, epoch, step):
     """A 64-bit generator seed for one batch's draw, independent of the loaders' streams."""
     return int.from_bytes(hashlib.sha256(f"crd {seed} {epoch} {step}".encode()).digest()[:8], "little")
@@ -75,7 +70,7 @@ def nce_loss(scores, noise):
 class Loss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
-        labels = train_labels(run["data"])
+        labels = torch.as_tensor(run["train_labels"], dtype=torch.int64)  # build_loss adds them to the run
         n, dim = len(labels), settings["feat_dim"]
         smallest_pool = n - int(torch.bincount(labels).max())
         self.k = min(settings["nce_k"], smallest_pool)
@@ -101,13 +96,18 @@ class Loss(MethodLoss):
 
     def sample(self, index, labels):
         """(B, 1 + k) dataset indices: each sample's positive, then its negatives."""
-        g = torch.Generator(device=index.device).manual_seed(draw_seed(self.seed, self.epoch, self.step))
         same_class = self.dataset_labels.unsqueeze(0) == labels.unsqueeze(1)
-        # Float64 keys: ties among N keys are practically impossible, so the k smallest are unique.
-        keys = torch.rand(same_class.shape, generator=g, dtype=torch.float64, device=index.device)
+        keys = self.draw_keys(same_class.shape, index.device)
         negatives = keys.masked_fill(same_class, 2.0).topk(self.k, dim=1, largest=False).indices
         positive = keys.masked_fill(~same_class, 2.0).argmin(1) if self.relax else index
         return torch.cat([positive.unsqueeze(1), negatives], dim=1)
+
+    def draw_keys(self, shape, device):
+        """Uniform keys from a generator seeded on the host by (run seed, epoch, step): nothing is
+        read from the device. Float64: ties among N keys are practically impossible, so the k
+        smallest are unique."""
+        g = torch.Generator(device=device).manual_seed(draw_seed(self.seed, self.epoch, self.step))
+        return torch.rand(shape, generator=g, dtype=torch.float64, device=device)
 
     def scores(self, v, memory, contrast, z):
         """exp(v . m / nce_t) / Z for the sampled bank rows, and Z (estimated here if z < 0)."""

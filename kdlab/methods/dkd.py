@@ -47,6 +47,13 @@ def binary_log_probs(z, target_mask):
     return torch.stack([target - total, rest - total], 1)
 
 
+def non_target_columns(labels, num_classes):
+    """(B, C - 1) column indices of each row's non-target classes, in class order. Gathering
+    them replaces a boolean mask, which would read its count back to the host (a GPU sync)."""
+    columns = torch.arange(num_classes - 1, device=labels.device).unsqueeze(0)
+    return columns + (columns >= labels.unsqueeze(1)).long()
+
+
 def kl_batchmean(log_p_student, log_p_teacher):
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
@@ -65,10 +72,10 @@ class Loss(MethodLoss):
     def terms(self, student_out, teacher_out, labels, index):
         T = self.temperature
         z_s, z_t = student_out[-1] / T, teacher_out[-1].detach() / T
-        b, c = z_s.shape
+        c = z_s.shape[1]
         target_mask = F.one_hot(labels, c).to(z_s.dtype)
         tckd = kl_batchmean(binary_log_probs(z_s, target_mask), binary_log_probs(z_t, target_mask))
-        others = ~target_mask.bool()
-        nckd = kl_batchmean(F.log_softmax(z_s[others].view(b, c - 1), 1), F.log_softmax(z_t[others].view(b, c - 1), 1))
+        others = non_target_columns(labels, c)
+        nckd = kl_batchmean(F.log_softmax(z_s.gather(1, others), 1), F.log_softmax(z_t.gather(1, others), 1))
         scale = self.weight * self.ramp * T * T
         return {"dkd_tckd": scale * self.tckd_weight * tckd, "dkd_nckd": scale * self.nckd_weight * nckd}

@@ -37,7 +37,9 @@ def normalised_distances(e):
     squared = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1)  # differences, not |a|^2+|b|^2-2ab
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=e.device)
     d = squared.clamp(min=EPS).sqrt() * off_diagonal
-    return d / d[off_diagonal].mean().clamp(min=EPS)
+    # The mean over the b(b-1) off-diagonal entries as a sum (the diagonal is 0): a boolean
+    # mask would read its count back to the host, a sync on the GPU.
+    return d / (d.sum() / (b * (b - 1))).clamp(min=EPS)
 
 
 def triplet_cosines(e):
