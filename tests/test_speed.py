@@ -207,6 +207,6 @@ def test_the_classic_benchmark_runs_in_its_reduced_mode(capsys):
     names = ["classic", "kdlab, no levers", "kdlab + layout alone", "kdlab + cache alone",
              "kdlab, fastest (layout + cache)"]
     assert all(results[name] > 0 for name in names + ["bare"]) and results["cache_rate"] > 0
-    assert "bound: the student's bare training steps (layout + cache;" in out
+    assert "bound: the student's own work (layout + cache;" in out
     assert all(name in out for name in names[1:])
     assert "speed-up, kdlab fastest over classic" in out and "CIFAR-100 (50000 images, 100 classes): 2.66 GB" in out
