@@ -13,6 +13,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
+from .data import DEFAULT_AUGMENTATION
 from .methods import METHODS, get_method
 from .models import BLOCKS_PER_STAGE
 
@@ -282,17 +283,14 @@ def recipe_name(alpha=None, additive=None):
     return f"alpha_{format_alpha(alpha)}"
 
 
-# Today's augmentation, the default: left out of a run's identity (its Snakemake param and
-# fingerprint) so that runs made before data.augmentation existed stay complete and resumable.
-DEFAULT_AUGMENTATION = {"crop_padding": 4, "horizontal_flip": True}
-
-
 def split_runtime(run):
     """(what a run computes, how it runs): a run config without and with only RUNTIME_KEYS."""
     semantic, runtime = dict(run), {}
     for block, keys in RUNTIME_KEYS.items():
         semantic[block] = {k: v for k, v in run[block].items() if k not in keys}
         runtime[block] = {k: v for k, v in run[block].items() if k in keys}
+    # Today's augmentation, the default, is left out of a run's identity (its Snakemake param and
+    # fingerprint) so that runs made before data.augmentation existed stay complete and resumable.
     if semantic["data"].get("augmentation") == DEFAULT_AUGMENTATION:
         del semantic["data"]["augmentation"]
     return semantic, runtime

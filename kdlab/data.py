@@ -24,7 +24,9 @@ CIFAR_URL_HINT = {
     "Cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "Cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
 }
-PAD = 4  # the default crop padding (data.augmentation.crop_padding)
+# data.augmentation's defaults (the schema states them too; a test keeps the two equal).
+DEFAULT_AUGMENTATION = {"crop_padding": 4, "horizontal_flip": True}
+PAD = DEFAULT_AUGMENTATION["crop_padding"]
 # The arrays an npz file must hold, each under any one of its names (ours, then Keras's).
 NPZ_KEYS = {"train_x": ("train_x", "x_train"), "train_y": ("train_y", "y_train"),
             "test_x": ("test_x", "x_test"), "test_y": ("test_y", "y_test")}
@@ -177,7 +179,7 @@ class AugmentingSampler(Sampler):
     """Yields (index, dy, dx, flip) for a shuffled epoch, all drawn from (seed, epoch):
     dy, dx in 0..2*padding, flip 0 or 1 (always 0 without horizontal flips)."""
 
-    def __init__(self, size, seed, padding=PAD, horizontal_flip=True):
+    def __init__(self, size, seed, padding=PAD, horizontal_flip=DEFAULT_AUGMENTATION["horizontal_flip"]):
         self.size, self.seed, self.epoch = size, seed, 0
         self.padding, self.horizontal_flip = padding, horizontal_flip
 
@@ -223,7 +225,7 @@ class ImageDataset(Dataset):
 def make_loaders(arrays, batch_size, num_workers, seed, pin_memory, eval_batch_size=None, augmentation=None):
     """Train loader (augmented, reshuffled per epoch via sampler.epoch) and test loader;
     augmentation is the config's data.augmentation block (default: padding 4, flips)."""
-    augmentation = {"crop_padding": PAD, "horizontal_flip": True, **(augmentation or {})}
+    augmentation = {**DEFAULT_AUGMENTATION, **(augmentation or {})}
     padding = augmentation["crop_padding"]
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
     sampler = AugmentingSampler(len(arrays.train_x), seed, padding, augmentation["horizontal_flip"])

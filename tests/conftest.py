@@ -26,6 +26,33 @@ def tiny_run(**overrides):
     return run
 
 
+def tiny_student(method, teacher_dir, **overrides):
+    """A distilled ResNet8 student of the ResNet8 teacher in teacher_dir (seed 1, two epochs of
+    batch 16 at lr 0.1 unless overridden); give it an alpha or an additive recipe."""
+    overrides["training"] = {"epochs": 2, "batch_size": 16, "lr": 0.1, "milestones": [1],
+                             **overrides.get("training", {})}
+    return tiny_run(kind="distill", method=method, teacher="ResNet8", teacher_weights=str(teacher_dir / "model.pth"),
+                    seed=1, **overrides)
+
+
+def interrupt_after_checkpoints(module, checkpoints, job, *args):
+    """job(*args), stopped by a KeyboardInterrupt (a kill) right after module.save_checkpoint's
+    `checkpoints`-th checkpoint; the real save_checkpoint is back afterwards."""
+    real_save, saves = module.save_checkpoint, []
+
+    def dies_after_the_checkpoint(path, obj):
+        real_save(path, obj)
+        saves.append(path)
+        if len(saves) == checkpoints:
+            raise KeyboardInterrupt
+    module.save_checkpoint = dies_after_the_checkpoint
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job(*args)
+    finally:
+        module.save_checkpoint = real_save
+
+
 def comparable(metrics):
     """metrics.json without what legitimately differs between two runs of the same config."""
     m = copy.deepcopy(metrics)

@@ -128,25 +128,22 @@ def expected_counts(grid):
     return counts
 
 
+SHIPPED_COUNTS = {  # the numbers config/README.md quotes
+    "config.yaml": {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108, "cache_teacher": 3},
+    "demo.yaml": {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 1, "distill": 26},
+    "crd.yaml": {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 126, "cache_teacher": 2},
+}
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_config_validates_and_expands(name):
     raw = read_config(name)
     grid = load_grid(REPO / "config" / name)
     counts = Counter(job.rule for job in expand_grid(grid))
-    assert counts == expected_counts(grid)
+    assert counts == expected_counts(grid) == SHIPPED_COUNTS[name]
     assert {"kd", "fitnets", "rkd", "ft"} <= set(raw["methods"])
     if name != "config.yaml":  # the demo and the CRD-paper grid run every method
         assert set(raw["methods"]) == set(METHODS) - {"none"}
-
-
-def test_shipped_counts():
-    """The numbers config/README.md quotes."""
-    got = {name: dict(Counter(j.rule for j in expand_grid(load_grid(REPO / "config" / name)))) for name in SHIPPED}
-    assert got["config.yaml"] == {"train_teacher": 3, "pretrain_paraphraser": 3, "train_student": 9, "distill": 108,
-                                  "cache_teacher": 3}
-    assert got["demo.yaml"] == {"train_teacher": 1, "pretrain_paraphraser": 1, "train_student": 1, "distill": 26}
-    assert got["crd.yaml"] == {"train_teacher": 2, "pretrain_paraphraser": 2, "train_student": 6, "distill": 126,
-                                "cache_teacher": 2}
 
 
 def test_expansion_follows_the_grid():
@@ -177,19 +174,14 @@ def test_convex_and_additive_runs_live_apart():
         resolve_run({**runs["kd/additive_ce0.1_kd0.9"], "alpha": 0.5})
 
 
-def test_missing_blocks_take_their_defaults():
-    grid = resolve_grid({"pairs": [{"teacher": "ResNet14", "student": "ResNet8"}], "data": {},
-                         "training": {}, "resources": {}})
+@pytest.mark.parametrize("blocks", [{}, {"data": {}, "training": {}, "resources": {}}], ids=["omitted", "empty"])
+def test_missing_blocks_take_their_defaults(blocks):
+    grid = resolve_grid({"pairs": [{"teacher": "ResNet14", "student": "ResNet8"}], **blocks})
     assert grid["training"]["epochs"] == 240 and grid["data"]["dataset"] == "Cifar100"
-    assert grid["resources"]["runtime"]["distill"] == 600 and grid["experiments_dir"] == "experiments"
+    assert grid["resources"]["runtime"]["distill"] == 600 and grid["resources"]["threads"] == 4
+    assert grid["experiments_dir"] == "experiments"
     assert grid["methods"] == {} and grid["teacher_training"] == {}
     assert Counter(j.rule for j in expand_grid(grid)) == {"train_teacher": 1, "train_student": 3}
-
-
-def test_omitted_blocks_take_their_defaults():
-    grid = resolve_grid({"pairs": [{"teacher": "ResNet14", "student": "ResNet8"}]})
-    assert grid["data"]["dataset"] == "Cifar100" and grid["training"]["epochs"] == 240
-    assert grid["resources"]["threads"] == 4
 
 
 # --- bad configs ------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """CRD: the loss against a float64 reference written from RepDistiller's formulas, the
-negative sampler, numerics, training, and bit-identical resume of its memory banks."""
+negative sampler, numerics, training with KD in the additive form, and bit-identical resume
+of its memory banks (its convex form learns in test_distill.py, with every method)."""
 
 import copy
 
@@ -12,7 +13,7 @@ from kdlab.data import load_dataset
 from kdlab.methods import crd
 from kdlab.train import train
 
-from conftest import TINY_DATA, comparable, tiny_run
+from conftest import comparable, interrupt_after_checkpoints, tiny_run, tiny_student
 
 N = 320  # TINY_DATA's training set
 CHANCE, MARGIN = 100 / 5, 40
@@ -152,26 +153,12 @@ def test_crd_stays_finite(case, dtype):
     assert torch.isfinite(loss.memory_s).all() and torch.isfinite(loss.z).all()
 
 
-def student(teacher_dir, **overrides):
-    run = tiny_run(kind="distill", method="crd", teacher="ResNet8", teacher_weights=str(teacher_dir / "model.pth"),
-                   seed=1, method_settings={"nce_k": 64},
-                   training={"epochs": 3, "batch_size": 16, "lr": 0.1, "milestones": [2]})
-    run.update(overrides)
-    return run
-
-
 @pytest.fixture(scope="module")
 def additive_crd_kd(trained_teacher, tmp_path_factory):
-    run = student(trained_teacher[0], additive={"ce_weight": 1.0, "kd_weight": 1.0})
+    run = tiny_student("crd", trained_teacher[0], additive={"ce_weight": 1.0, "kd_weight": 1.0},
+                       method_settings={"nce_k": 64}, training={"epochs": 3, "milestones": [2]})
     run_dir = tmp_path_factory.mktemp("crd_additive")
     return run, run_dir, train(run, run_dir)
-
-
-def test_crd_learns_at_alpha_0_9(trained_teacher, tmp_path):
-    metrics = train(student(trained_teacher[0], alpha=0.9), tmp_path)
-    assert metrics["best_acc"] >= CHANCE + MARGIN, metrics["history"]["test_acc"]
-    assert set(metrics["history"]["terms"]) == {"ce", "crd"}
-    assert metrics["run"]["loss_form"] == "convex" and metrics["run"]["recipe"] == "alpha_0.9"
 
 
 def test_crd_plus_kd_learns_in_the_additive_form(additive_crd_kd):
@@ -185,19 +172,9 @@ def test_crd_plus_kd_learns_in_the_additive_form(additive_crd_kd):
         {"alpha": None, "loss_form": "additive", "ce_weight": 1.0, "kd_weight": 1.0, "recipe": "additive_ce1_kd1"}
 
 
-def test_crd_resumes_bit_identically_after_an_interruption(additive_crd_kd, tmp_path, monkeypatch):
+def test_crd_resumes_bit_identically_after_an_interruption(additive_crd_kd, tmp_path):
     run, reference_dir, reference = additive_crd_kd
-    saves, real_save = [], kdlab.train.save_checkpoint
-
-    def dies_after_two_checkpoints(path, obj):
-        real_save(path, obj)
-        saves.append(path)
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # stands in for a kill after epoch 2's checkpoint
-    monkeypatch.setattr(kdlab.train, "save_checkpoint", dies_after_two_checkpoints)
-    with pytest.raises(KeyboardInterrupt):
-        train(run, tmp_path)
-    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
+    interrupt_after_checkpoints(kdlab.train, 2, train, run, tmp_path)
     interrupted = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert interrupted["epoch"] == 2 and (interrupted["method"]["method.z"] > 0).all()
     metrics = train(run, tmp_path)

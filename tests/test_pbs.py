@@ -111,6 +111,32 @@ def run_snakemake(env, workdir, *extra, timeout=150):
     return p.returncode, p.stdout
 
 
+def wait_for(condition, seconds=60.0, every=0.2):
+    """condition()'s first true value, asked every `every` s for up to `seconds` s (else its last)."""
+    deadline = time.time() + seconds
+    while True:
+        value = condition()
+        if value or time.time() >= deadline:
+            return value
+        time.sleep(every)
+
+
+def ctrl_c_snakemake(env, workdir, *extra, when, settle=0.0):
+    """Snakemake in its own session, interrupted like Ctrl-C in a terminal (SIGINT to its whole
+    process group) once when() holds (or after 60 s), `settle` s later: (exit code, output, when's value)."""
+    p = subprocess.Popen(snakemake_cmd(workdir, *extra), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, start_new_session=True)
+    try:
+        seen = wait_for(when)
+        time.sleep(settle)
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, out, seen
+
+
 def starts(workdir, run_dir):
     with open(os.path.join(str(workdir), run_dir, "starts.txt")) as f:
         return [int(x) for x in f.read().split()]
@@ -275,10 +301,7 @@ def test_submit_show_request_and_job_script(tmp_path, pbs_env):
     jobid = p.stdout.strip()
     log = tmp_path / "logs" / "pbs" / ("distill.rkd.0.5.a-b-c.%s.log" % jobid)
     exitfile = tmp_path / "logs" / "pbs" / "exit" / jobid
-    for _ in range(100):
-        if exitfile.exists():
-            break
-        time.sleep(0.1)
+    wait_for(exitfile.exists, seconds=10, every=0.1)
     assert exitfile.read_text().split()[0] == "0"
     # the start marker, and the job's command got the cores PBS gave it (NCPUS)
     assert (tmp_path / "logs" / "pbs" / "start" / jobid).read_text().strip()
@@ -669,31 +692,15 @@ def test_cancel_with_ctrl_c_calls_qdel(tmp_path, pbs_env):
     """Ctrl-C in a terminal: SIGINT to snakemake's whole process group."""
     wd = tmp_path / "wd"
     set_control(pbs_env, history=True)   # to see how the jobs ended
-    p = subprocess.Popen(
-        snakemake_cmd(wd, "--config", "steps=200"), env=pbs_env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, universal_newlines=True, start_new_session=True)
     d = pbs_env["PBS_STANDIN_DIR"]
-    try:
-        deadline = time.time() + 60
-        running = []
-        while time.time() < deadline and not running:
-            time.sleep(0.3)
-            running = [j["id"] for j in standin.all_jobs(d) if j["state"] == "R"]
-        assert running, "no job started"
-        time.sleep(1.0)
-        os.killpg(p.pid, signal.SIGINT)
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode != 0
+    rc, out, running = ctrl_c_snakemake(pbs_env, wd, "--config", "steps=200", settle=1.0,
+                                        when=lambda: [j["id"] for j in standin.all_jobs(d) if j["state"] == "R"])
+    assert running, "no job started"
+    assert rc != 0
     assert "Terminating processes on user request" in out
     deleted = [a for c in read_log(pbs_env, "qdel") for a in c["argv"]]
     assert set(running) <= set(deleted), (running, deleted, out)
-    for _ in range(50):
-        if all(j["state"] == "F" for j in standin.all_jobs(d)):
-            break
-        time.sleep(0.1)
+    wait_for(lambda: all(j["state"] == "F" for j in standin.all_jobs(d)), seconds=5, every=0.1)
     jobs = standin.all_jobs(d)
     assert jobs and all(j["state"] == "F" and j["substate"] == 91 for j in jobs), jobs
     assert "qdel" in (wd / "logs" / "pbs" / "cancel.log").read_text()
@@ -712,10 +719,7 @@ def test_cancel_program_also_deletes_jobs_registered_with_sidecar(tmp_path, pbs_
     env = dict(pbs_env, SNAKEMAKE_CLUSTER_SIDECAR_VARS=json.dumps({"active": str(active)}))
     subprocess.run([str(PROFILE / "pbs-cancel"), "40.server"], env=env, cwd=str(tmp_path),
                    check=True, timeout=10)
-    for _ in range(50):
-        if read_log(pbs_env, "qdel"):
-            break
-        time.sleep(0.1)
+    wait_for(lambda: read_log(pbs_env, "qdel"), seconds=5, every=0.1)
     assert read_log(pbs_env, "qdel")[0]["argv"] == ["40.server", "41.server", "42.server"]
     marker = (tmp_path / "sidecar" / "cancel").read_text().split()
     assert marker == ["40.server", "41.server", "42.server"]
@@ -730,9 +734,7 @@ def test_restart_after_snakemake_died_reattaches_running_job(tmp_path, pbs_env):
     p = subprocess.Popen(cmd, env=pbs_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not any(j["state"] == "R" for j in standin.all_jobs(d)):
-            time.sleep(0.2)
+        wait_for(lambda: any(j["state"] == "R" for j in standin.all_jobs(d)))
         time.sleep(0.5)
     finally:
         os.kill(p.pid, signal.SIGKILL)
@@ -768,19 +770,8 @@ def test_restart_resumes_job_deleted_while_queued(tmp_path, pbs_env, setting):
     set_control(pbs_env, queue_delay=60)
     # `yes` also without the workflow profile: the plugin resumes the job by its PBS id.
     plain = ["--workflow-profile", "none"] if setting == "yes" else []
-    p = subprocess.Popen(snakemake_cmd(wd, target, "--config", "steps=2", *plain), env=pbs_env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         universal_newlines=True, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not any(   # Snakemake registered the PBS id
-                "server" in f.read_text() for f in (wd / ".snakemake" / "incomplete").glob("*")):
-            time.sleep(0.2)
-        os.killpg(p.pid, signal.SIGINT)
-        out, _ = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    _, out, _ = ctrl_c_snakemake(pbs_env, wd, target, "--config", "steps=2", *plain, when=lambda: any(
+        "server" in f.read_text() for f in (wd / ".snakemake" / "incomplete").glob("*")))  # the PBS id registered
     first = read_log(pbs_env, "qsub")[0]["jobid"]
     assert first in [a for c in read_log(pbs_env, "qdel") for a in c["argv"]], out
     set_control(pbs_env)

@@ -19,7 +19,7 @@ from kdlab.config import fingerprint, resolve_run, split_runtime
 from kdlab.runio import UnreadableFile, atomic_write_json, content_sha256, load_checked, verify_weights
 from kdlab.train import GuardError, train
 
-from conftest import comparable, read_json, tiny_run
+from conftest import comparable, interrupt_after_checkpoints, read_json, tiny_run
 from test_config import BAD, bad_config, demo, tree
 
 RELIABILITY_BAD = [name for name in BAD if any(word in name for word in (
@@ -129,19 +129,7 @@ def interrupted(tmp_path_factory):
     import kdlab.train
     reference = train(RUN, tmp_path_factory.mktemp("reference"))
     run_dir = tmp_path_factory.mktemp("interrupted")
-    real, calls = kdlab.train.save_checkpoint, []
-
-    def dies_after_two(path, obj):
-        real(path, obj)
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # stands in for a kill
-    kdlab.train.save_checkpoint = dies_after_two
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(RUN, run_dir)
-    finally:
-        kdlab.train.save_checkpoint = real
+    interrupt_after_checkpoints(kdlab.train, 2, train, RUN, run_dir)
     assert (run_dir / "checkpoint.prev.pth").exists()
     return reference, run_dir
 

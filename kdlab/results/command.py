@@ -11,10 +11,10 @@ from typing import Any, Callable
 from ..runio import atomic_write_bytes, finite_or_null
 from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, draw_accuracy_vs_alpha,
                       draw_methods_at_best_alpha, _draw_curve_job)
-from .health import build_health, health_markdown, outdated_version
+from .health import build_health, health_markdown
 from .registry import RegistryUnreadable, registry_versions
 from .runs import digest, load_runs
-from .table import build_table, registry_methods, table_csv, table_markdown
+from .table import build_table, registry_methods, shown_runs, table_csv, table_markdown
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache).
 STATE_VERSION = 3
@@ -112,10 +112,9 @@ def run_results(experiments: str = "experiments", out: str = "results",
     rows = build_table(summaries, chance_margin, method_versions, include_outdated, methods)
     health = build_health(summaries, chance_margin, method_versions)
     notes = []
-    n_out = sum(1 for s in summaries if s.get("state") == "complete"
-                and outdated_version(s, method_versions) is not None)
-    if n_out and not include_outdated:
-        notes.append(f"{n_out} complete run(s) made with an outdated method version are left "
+    left_out = shown_runs(summaries, method_versions, include_outdated)[1]
+    if left_out:
+        notes.append(f"{left_out} complete run(s) made with an outdated method version are left "
                      f"out (see health.md).")
     atomic_write_text(os.path.join(out, TABLE_CSV), table_csv(rows))
     atomic_write_text(os.path.join(out, TABLE_MD), table_markdown(rows, metric, notes, methods))

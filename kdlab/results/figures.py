@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from ..runio import atomic_write_bytes
 from .health import chance_level
 from .runs import num, series, setting_label
-from .table import method_sort_key, metric_words
+from .table import method_order, method_sort_key, metric_words
 
 # Okabe-Ito (colour-blind safe) first, then more; with a marker each, so that prints
 # in grey still work. A method keeps its colour in every figure: it is chosen by the
@@ -44,7 +44,7 @@ class MethodStyle:
     others (found in runs only) in name order."""
 
     def __init__(self, order: list[str], methods: Iterable[str] = ()):
-        names = list(order) + sorted(set(methods) - set(order))
+        names = method_order(order, methods)
         self._style = {m: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)])
                        for i, m in enumerate(names)}
         self.order = names
@@ -129,6 +129,19 @@ def _grid(n: int, ncols_max: int = 3) -> tuple[int, int]:
     return (n + ncols - 1) // ncols, ncols
 
 
+def _panel_figure(panels: list[dict], column_width: float, row_height: float, extra_height: float = 0.0):
+    """(figure, its columns, a subplot per (dataset, pair) panel titled with it), at most
+    three panels a row."""
+    nrows, ncols = _grid(len(panels))
+    fig = _figure(column_width * ncols, row_height * nrows + extra_height)
+    axes = []
+    for i, p in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.set_title(f"{p['dataset']}: {p['teacher'] or '?'} → {p['student'] or '?'}")
+        axes.append(ax)
+    return fig, ncols, axes
+
+
 def draw_accuracy_vs_alpha(panels: list[dict], path: str, dpi: int, metric: str,
                            style: MethodStyle) -> None:
     title = (f"Test accuracy vs. α ({metric_words(metric)} accuracy; mean ± 1 s.d. over seeds; "
@@ -137,12 +150,10 @@ def draw_accuracy_vs_alpha(panels: list[dict], path: str, dpi: int, metric: str,
         _placeholder(path, title, dpi)
         return
     from matplotlib.lines import Line2D
-    nrows, ncols = _grid(len(panels))
     with _rc():
-        fig = _figure(4.2 * ncols, 3.3 * nrows + 0.6)
+        fig, ncols, axes = _panel_figure(panels, 4.2, 3.3, extra_height=0.6)
         handles: dict[str, Any] = {}
-        for i, p in enumerate(panels):
-            ax = fig.add_subplot(nrows, ncols, i + 1)
+        for ax, p in zip(axes, panels):
             alphas_all = set()
             for method in sorted(p["methods"], key=style.sort_key):
                 pts = sorted((q for q in p["methods"][method] if q["alpha"]),
@@ -178,7 +189,6 @@ def draw_accuracy_vs_alpha(panels: list[dict], path: str, dpi: int, metric: str,
                 ax.set_xlim(ticks[0] - pad, ticks[-1] + pad)
             ax.set_xlabel("α (weight of the distillation loss)")
             ax.set_ylabel("Test accuracy (%)")
-            ax.set_title(f"{p['dataset']}: {p['teacher'] or '?'} → {p['student'] or '?'}")
         fig.suptitle(title)
         fig.tight_layout()
         # Below the panels (outside the figure box; the tight bbox at save takes it in).
@@ -195,12 +205,9 @@ def draw_methods_at_best_alpha(panels: list[dict], path: str, dpi: int, metric: 
     if not panels:
         _placeholder(path, title, dpi)
         return
-    nrows, ncols = _grid(len(panels))
     with _rc():
-        fig = _figure(max(4.2, 0.9 * (2 + max(len(p["methods"]) for p in panels)) + 1.2) * ncols,
-                      3.4 * nrows)
-        for i, p in enumerate(panels):
-            ax = fig.add_subplot(nrows, ncols, i + 1)
+        fig, _, axes = _panel_figure(panels, max(4.2, 0.9 * (2 + max(len(p["methods"]) for p in panels)) + 1.2), 3.4)
+        for ax, p in zip(axes, panels):
             bars = []  # (label, mean, std, colour, annotation, published or None)
             if p["student_acc"] and p["student_acc"]["mean"] is not None:
                 bars.append(("Student", p["student_acc"]["mean"], p["student_acc"]["std"],
@@ -235,7 +242,6 @@ def draw_methods_at_best_alpha(panels: list[dict], path: str, dpi: int, metric: 
             # Bars do not start at 0 when the differences are small: the label says so.
             ax.set_ylabel("Test accuracy (%)" if ymin <= 0 else
                           f"Test accuracy (%; axis starts at {ymin:.3g})")
-            ax.set_title(f"{p['dataset']}: {p['teacher'] or '?'} → {p['student'] or '?'}")
             ax.grid(axis="x", visible=False)
         fig.suptitle(title)
         fig.tight_layout()

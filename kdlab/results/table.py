@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from .health import is_near_chance, outdated_version
 from .published import load_sources, published_value, source_of
@@ -29,8 +29,24 @@ def registry_methods() -> list[str]:
         return []
 
 
+def method_order(registered: list[str], found: Iterable[str] = ()) -> list[str]:
+    """The registered methods in registry order, then those found only in runs, by name."""
+    return list(registered) + sorted(set(found) - set(registered))
+
+
 def method_sort_key(method: str, order: list[str]) -> tuple:
     return (order.index(method), "") if method in order else (len(order), method)
+
+
+def shown_runs(summaries: list[dict], method_versions: dict | None = None,
+               include_outdated: bool = False) -> tuple[list[dict], int]:
+    """(the runs the table shows, how many it leaves out): complete runs only, less those made
+    with an outdated method version unless ``include_outdated``."""
+    complete = [s for s in summaries if s.get("state") == "complete"]
+    if include_outdated:
+        return complete, 0
+    current = [s for s in complete if outdated_version(s, method_versions) is None]
+    return current, len(complete) - len(current)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -77,9 +93,7 @@ def build_table(summaries: list[dict], chance_margin: float = 5.0,
     without an alpha is its own row, never merged with an alpha."""
     order = registry_methods() if methods is None else methods
     sources = load_sources() if sources is None else sources
-    done = [s for s in summaries if s.get("state") == "complete"]
-    if not include_outdated:
-        done = [s for s in done if outdated_version(s, method_versions) is None]
+    done, _ = shown_runs(summaries, method_versions, include_outdated)
     teachers: dict[tuple, list] = {}
     students: dict[tuple, list] = {}
     distill: dict[tuple, list] = {}
@@ -241,8 +255,7 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
         lines += ["", "_No completed runs yet._", ""]
         return "\n".join(lines)
     # A column per registered method, then any method found in runs but not registered.
-    found = {r["method"] for r in rows if r["role"] == "distill"}
-    methods = order + sorted(found - set(order))
+    methods = method_order(order, (r["method"] for r in rows if r["role"] == "distill"))
     best = best_setting_rows(rows, metric)
     col = (f"{metric}_mean", f"{metric}_std")
     body = []
