@@ -54,9 +54,10 @@ def test_paraphraser_stage_one(paraphraser):
 @pytest.mark.parametrize("alpha", [0.5, 0.9])
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
 def test_every_method_learns_far_above_chance(method, alpha, trained_teacher, paraphraser, tmp_path):
-    # At alpha 0.9 the student trains on a tenth of CE (CC, weighing 0.02, carries no label
-    # information at all): a third epoch, so that no method passes or fails by a hair.
-    epochs = 3 if alpha == 0.9 else 2
+    # Three epochs, so that no method passes or fails by a hair: at alpha 0.9 the student trains
+    # on a tenth of CE (CC, weighing 0.02, carries no label information at all), and FitNets at
+    # 0.5 reached 70% after two.
+    epochs = 3
     teacher_dir, teacher_metrics = trained_teacher
     run = tiny_student(method, teacher_dir, alpha=alpha, training={"epochs": epochs, "milestones": [epochs - 1]},
                        **needs(method, paraphraser))
