@@ -145,6 +145,7 @@ def classic_loop(args, arrays, teacher_weights, device):
 # ---- kdlab ------------------------------------------------------------------------------
 
 def kdlab_run(args, data, teacher_weights, device, levers, run_dir):
+    torch.compiler.reset()  # each run compiles afresh, as in its own process (no recompile limit shared across runs)
     run = {"kind": "distill", "model": args.student, "teacher": args.teacher, "seed": 0, "method": "kd",
            "alpha": 0.9, "method_settings": {"temperature": 4.0}, "teacher_weights": str(teacher_weights),
            "data": data,
@@ -163,6 +164,7 @@ def bare_student_epoch(args, device, levers):
     bookkeeping. No KD loop with these levers, this student, batch and machine can beat it,
     so classic / this bounds their speed-up."""
     layout = memory_format("layout" in levers)
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = build_model(args.student, args.classes).to(device, memory_format=layout)
     forward = torch.compile(model) if "compile" in levers else model
@@ -217,8 +219,8 @@ def main(argv=None):
     parser.add_argument("--teacher", default="ResNet56")
     parser.add_argument("--student", default="ResNet20")
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--test-size", type=int, default=500)
+    parser.add_argument("--train-size", type=int, default=5000)
+    parser.add_argument("--test-size", type=int, default=1000, help="CIFAR's 5:1 by default")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="per run; the first is warm-up")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers, both loops")
