@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_AUGMENTATION
+from .data import DEFAULT_AUGMENTATION
 from .data import PAD
 from .methods import get_method
 from .models import EMBEDDING_DIM

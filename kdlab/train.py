@@ -131,8 +131,9 @@ def gradient_share(method_grads, params):
     ce = [(torch.zeros_like(p) if p.grad is None else p.grad) - g for g, p in zip(method, params)]
     norm = torch.nn.utils.get_total_norm
     method_norm, ce_norm = torch.stack([norm(method), norm(ce)]).tolist()
-    share = method_norm / (method_norm + ce_norm) if method_norm + ce_norm > 0 else None
-    return share if share is None or math.isfinite(share) else None
+    if not (math.isfinite(method_norm) and math.isfinite(ce_norm)) or method_norm + ce_norm == 0:
+        return None  # an overflowed step (one the GradScaler skips) has no share to tell
+    return method_norm / (method_norm + ce_norm)
 
 
 def new_history():
@@ -290,6 +291,7 @@ def train(run, run_dir, force_restart=False):
             scaler.scale(loss).backward()
             if measure_share:
                 share = gradient_share(method_grads, student_params)
+                del method_grads  # parameter-sized: not kept through the epoch
             grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
                 [p.grad for p in params if p.grad is not None])
             figures = torch.stack([*(t.detach().float() for t in terms.values()), loss.detach().float(),

@@ -18,8 +18,8 @@ The student's loss is (1 - alpha) * CE + alpha * sum(Loss(...) terms), or in the
 form ce_weight * CE + kd_weight * KD + sum(Loss(...) terms) (kdlab/loss.py).
 Adding a method: one module here and one entry in METHODS. What runs every training step
 (terms, the forward of anything the loss trains) must not read device values on the host
-(.item(), float(), if tensor, boolean masks, nonzero, ...): on a GPU each is a sync that
-stalls the launch queue. tests/test_sync_free.py checks every method on the meta device.
+(.item(), float(), if tensor, indexing with a boolean mask, nonzero, ...): on a GPU each
+is a sync that stalls the launch queue. tests/test_sync_free.py checks every method on the meta device.
 """
 
 from . import at, cc, crd, dist, dkd, fitnets, ft, kd, nst, none, pkt, rkd, sp, vid

@@ -11,7 +11,7 @@ class MethodLoss(nn.Module):
     65504; the method losses are cheap next to the network, so they always run in fp32.
     Subclasses implement terms(student_out, teacher_out, labels, index) -> {name: scalar};
     `index` holds each sample's dataset index (int64, on the device) during training and
-    is None where there is none (gradient-share probes use the batch's, tests may pass None).
+    is None where there is none (tests may pass None).
     """
 
     def forward(self, student_out, teacher_out, labels, index=None):
