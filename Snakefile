@@ -13,6 +13,7 @@ from kdlab.config import ConfigError, check_data_files, grid_warnings, resolve_g
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
+from kdlab import teacher_cache
 
 if not workflow.overwrite_configfiles:  # --configfile replaces the default, --config amends it
     configfile: "config/config.yaml"

@@ -43,7 +43,7 @@ from kdlab.data import make_synthetic
 from kdlab.models import EMBEDDING_DIM, build_model
 from kdlab.runio import file_sha256, save_weights
 from kdlab.teacher_cache import NUM_VIEWS, cache_key, cache_path, compute_outputs, save
-from kdlab.train import Normalize, load_frozen_teacher, memory_format, pick_device, train
+from kdlab.train import AMP_DTYPES, Normalize, load_frozen_teacher, memory_format, pick_device, train
 
 LEVERS = ("layout", "cache", "compile")
 CIFAR100_IMAGES = 50000
@@ -176,7 +176,7 @@ def bare_student_epoch(args, device, levers):
     batch_sizes = [args.batch_size] * full + ([rest] if rest else [])
     test_batches = [torch.randn(min(256, args.test_size - i), 3, 32, 32, device=device).contiguous(
         memory_format=layout) for i in range(0, args.test_size, 256)]
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp_dtype = AMP_DTYPES.get(args.amp)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
 
     def epoch(sizes):

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_AUGMENTATION
-from .data import PAD
+from .data import DEFAULT_AUGMENTATION, PAD
 from .methods import get_method
 from .models import EMBEDDING_DIM
 from .runio import atomic_write, torch_load

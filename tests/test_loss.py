@@ -74,3 +74,34 @@ def test_additive_form_takes_the_reference_sgd_steps(tmp_path):
     moved = max((p.detach() - p0).abs().max().item() for p, p0 in zip(expected.values(), start))
     worst = max((got[k] - v.detach()).abs().max().item() for k, v in expected.items())
     assert moved > 0.1 and worst < 1e-5, (moved, worst)  # float32 rounding (~2e-7), not a rescaling
+
+
+def test_the_kd_weight_scales_method_kds_own_term_and_the_kd_added_to_another_method():
+    """Both paths of the additive form against T^2 * KL(p_t || p_s) in float64: method kd's own
+    term times kd_weight (its temperature), and the KD term added beside another method's terms
+    (kd_temperature), which stay as they were."""
+    import pytest
+    from kdlab.loss import Additive
+    from kdlab.methods import kd
+    from kdlab.methods.base import MethodLoss
+
+    torch.manual_seed(0)
+    student_out, teacher_out = (torch.randn(6, 64), torch.randn(6, 5)), (torch.randn(6, 64), torch.randn(6, 5) * 3)
+    labels = torch.randint(0, 5, (6,))
+
+    def reference_kd(temperature):
+        p_t = F.softmax(teacher_out[-1].double() / temperature, 1)
+        log_p_s = F.log_softmax(student_out[-1].double() / temperature, 1)
+        return (temperature ** 2 * (p_t * (p_t.log() - log_p_s)).sum(1).mean()).item()
+
+    class Other(MethodLoss):
+        def terms(self, student_out, teacher_out, labels, index):
+            return {"other": student_out[-1].sum()}
+
+    recipe = {"ce_weight": 0.1, "kd_weight": 0.9, "kd_temperature": 2.0}
+    own = Additive(kd.Loss({"temperature": 4.0}, {}), recipe, own_kd=True)(student_out, teacher_out, labels, None)
+    assert set(own) == {"kd"} and own["kd"].item() == pytest.approx(0.9 * reference_kd(4.0), rel=1e-5)
+    added = Additive(Other(), recipe, own_kd=False)(student_out, teacher_out, labels, None)
+    assert set(added) == {"other", "kd"} and added["other"].item() == pytest.approx(student_out[-1].sum().item())
+    assert added["kd"].item() == pytest.approx(0.9 * reference_kd(2.0), rel=1e-5)
+    assert reference_kd(2.0) != pytest.approx(reference_kd(4.0), rel=1e-2)  # the temperature is checked too

@@ -21,7 +21,7 @@ from kdlab.runio import file_sha256
 from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, why_not_cached
 from kdlab.train import GuardError, Normalize, load_frozen_teacher, train
 
-from conftest import REPO, read_json, tiny_run
+from conftest import REPO, interrupt_after_checkpoints, read_json, tiny_run
 
 CHANCE = 100 / 5
 CACHE_DATA = {"dataset": "Synthetic", "synthetic": {"num_classes": 5, "train_size": 64, "test_size": 100, "seed": 0}}
@@ -172,24 +172,14 @@ def test_the_guard_is_as_strong_when_figures_are_read_every_n_steps(monkeypatch,
     assert checkpoint["epoch"] == 1 and all(torch.isfinite(w).all() for w in checkpoint["model"].values())
 
 
-def test_a_compiled_run_learns_and_resumes(trained_teacher, tmp_path, monkeypatch):
+def test_a_compiled_run_learns_and_resumes(trained_teacher, tmp_path):
     """KD with the student and the live teacher compiled (each epoch's first step, where the
     gradient share takes a second backward, runs the eager model)."""
     import kdlab.train
     run = tiny_run(kind="distill", method="kd", alpha=0.5, teacher="ResNet8", seed=1,
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
                    training={"compile": True, "epochs": 3, "milestones": [2]})
-    evaluate, calls = kdlab.train.evaluate, []
-
-    def interrupted_in_epoch_2(*args):  # evaluations: the teacher's, epoch 1's, epoch 2's
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(*args)
-    monkeypatch.setattr(kdlab.train, "evaluate", interrupted_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train(run, tmp_path)
-    monkeypatch.setattr(kdlab.train, "evaluate", evaluate)
+    interrupt_after_checkpoints(kdlab.train, 1, train, run, tmp_path)
     metrics = train(run, tmp_path)
     assert metrics["resumed_at_epochs"] == [1] and metrics["status"] == "complete"
     assert metrics["best_acc"] > CHANCE + 40, metrics["history"]["test_acc"]

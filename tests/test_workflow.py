@@ -236,10 +236,12 @@ def test_after_a_hard_kill_of_snakemake_one_command_recovers(demo):
         return path.exists() and read_json(path)["config"]["method_settings"]["temperature"]
     while time.time() < deadline and temperature("progress.json") != 3.0:
         time.sleep(0.1)
+    assert temperature("progress.json") == 3.0, "the distillation never started"
     os.kill(proc.pid, signal.SIGKILL)  # Snakemake only: its job runs on and completes
     proc.wait()
     while time.time() < deadline and temperature("metrics.json") != 3.0:
         time.sleep(0.1)
+    assert temperature("metrics.json") == 3.0, "the orphaned job did not finish without Snakemake"
     time.sleep(1)  # the orphaned job's last writes
     snakemake(workdir, "--unlock", overlay=changed)
     without_profile = snakemake(workdir, "-n", "--workflow-profile", "none", overlay=changed, check=False)

@@ -77,7 +77,7 @@ rule pretrain_paraphraser:
         "kdlab pretrain-paraphraser --config {params.run:q} --runtime \"$KDLAB_RUNTIME_STUDENT\" --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
-TEACHER_CACHE = f"{TEACHER}/teacher_cache.pth"
+TEACHER_CACHE = f"{TEACHER}/{teacher_cache.FILE_NAME}"  # where kdlab/grid.py expects it
 
 
 rule cache_teacher:
