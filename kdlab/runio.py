@@ -150,6 +150,13 @@ def checksum_path(path):
     return Path(path).with_name(Path(path).name + ".sha256")
 
 
+def remove_completion_marks(run_dir):
+    """Before a run starts afresh: a previous run's final weights, their checksum and metrics.json."""
+    weights = Path(run_dir) / "model.pth"
+    for stale in (Path(run_dir) / "metrics.json", weights, checksum_path(weights)):
+        stale.unlink(missing_ok=True)
+
+
 def verify_weights(path):
     """The checksum of weights written by save_weights, after checking it; UnreadableFile if
     the file or its sidecar is missing or they disagree."""

@@ -25,7 +25,8 @@ from .config import ConfigError, grid_schema, validate, with_defaults
 from .data import load_dataset, make_loaders
 from .methods import get_method
 from .models import build_model
-from .runio import UnreadableFile, atomic_write_json, file_sha256, now, provenance, save_weights, torch_load
+from .runio import (UnreadableFile, atomic_write_json, file_sha256, now, provenance, remove_completion_marks,
+                    save_weights, torch_load)
 from .train import Normalize, evaluate, log, pick_device
 
 # layerN.i.<part>.<param> -> stages.(N-1).i.<our part>.<param>
@@ -110,8 +111,7 @@ def import_teacher(run, run_dir):
     tr, run_dir, path = run["training"], Path(run_dir), Path(run["checkpoint"])
     if not path.is_file():
         raise ConfigError(f"config key 'teacher_checkpoints.{run['model']}': {path} does not exist")
-    for stale in ("metrics.json", "model.pth", "model.pth.sha256"):  # a previous import's completion marks
-        (run_dir / stale).unlink(missing_ok=True)
+    remove_completion_marks(run_dir)
     started = now()
     arrays = load_dataset(run["data"])
     try:  # weights_only refuses arbitrary pickles; a damaged file fails here too

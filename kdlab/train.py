@@ -23,7 +23,7 @@ from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model
 from .runio import (UnreadableFile, atomic_write_json, file_sha256, load_checked, load_weights, now, previous_path,
-                    provenance, save_checkpoint, save_weights)
+                    provenance, remove_completion_marks, save_checkpoint, save_weights)
 from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -241,8 +241,7 @@ def train(run, run_dir, force_restart=False):
         state["resumed_at_epochs"].append(ckpt["epoch"])
         log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
     else:
-        for stale in ("metrics.json", "model.pth", "model.pth.sha256"):  # a previous run's completion marks
-            (run_dir / stale).unlink(missing_ok=True)
+        remove_completion_marks(run_dir)
         teacher_acc = evaluate(teacher, test_loader, normalize, device, autocast)[1] if teacher else None
         state = {"history": new_history(), "teacher_acc": teacher_acc, "started": now(), "resumed_at_epochs": [],
                  "consecutive_skipped": 0}  # in the checkpoint: a streak of skipped steps survives a resume

@@ -18,6 +18,8 @@ from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid, reso
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS
 
+from test_data import write_cifar
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "config" / "README.md"
 SHIPPED = ["config.yaml", "demo.yaml", "crd.yaml"]
@@ -321,12 +323,9 @@ def test_integer_valued_floats_are_rejected(dotted, value):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_check_config_prints_the_job_counts(name, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # check-config reads the data files: stand-ins for the CIFAR archives
-    for folder, files in (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
-                          ("cifar-100-python", ["train", "test"])):
-        (tmp_path / "data" / folder).mkdir(parents=True)
-        for file in files:
-            (tmp_path / "data" / folder / file).write_bytes(b"stand-in")
+    monkeypatch.chdir(tmp_path)  # check-config loads the data: small archives in CIFAR's format
+    for dataset in ("Cifar10", "Cifar100"):
+        write_cifar(tmp_path / "data", dataset)
     assert kdlab_main(["check-config", str(REPO / "config" / name)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out

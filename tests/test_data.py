@@ -172,13 +172,17 @@ def test_check_data_reads_every_file_before_any_job(tmp_path):
     with pytest.raises(DataError, match="not a readable .npz"):
         check_data(cfg)
     cifar = {"dataset": "Cifar100", "data_dir": str(tmp_path), "download": False}
-    with pytest.raises(DataError, match=r"cifar-100-python/train cannot be read"):
+    with pytest.raises(DataError, match=r"cifar-100-python/train is missing"):
         check_data(cifar)
     check_data({**cifar, "download": True})  # the first job downloads it
     write_cifar(tmp_path, "Cifar100")
     check_data(cifar)
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"")
-    with pytest.raises(DataError, match=r"cifar-100-python/test is empty"):
+    with pytest.raises(DataError, match=r"cifar-100-python/test is not a readable CIFAR archive \(EOFError"):
+        check_data(cifar)
+    with open(tmp_path / "cifar-100-python" / "test", "wb") as f:  # the right keys, the wrong shape
+        pickle.dump({b"data": np.zeros((3, 100), np.uint8), b"fine_labels": [0, 1, 2]}, f)
+    with pytest.raises(DataError, match=r"cifar-100-python/test holds data of shape \(3, 100\)"):
         check_data(cifar)
     check_data({"dataset": "Synthetic"})
 

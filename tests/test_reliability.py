@@ -100,7 +100,7 @@ def test_check_config_reads_the_data_files(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "config key 'data.data_dir'" in err and "cifar-100-python/train cannot be read" in err
+    assert "config key 'data.data_dir'" in err and "cifar-100-python/train is missing" in err and "data.download: true" in err
 
 
 def test_augmentation_is_part_of_what_a_run_computes():
