@@ -10,7 +10,7 @@ import math
 import random
 import sys
 import time
-from itertools import chain
+from itertools import chain, count
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,29 @@ class Normalize:
 def memory_format(channels_last):
     # channels_last (NHWC in memory) is what fast CPU and cuDNN bf16/fp16 convolutions want.
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+class FeaturesDetached(torch.nn.Module):
+    """The model, with its stage features (every output but the embedding and logits) detached."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        *features, embedding, logits = self.model(x)
+        return (*(f.detach() for f in features), embedding, logits)
+
+
+def student_forward(model, method):
+    """The student as the training step calls it. For a method whose loss reads only the
+    student's embedding and logits (its STUDENT_OUTPUTS), the stage features leave the
+    forward detached: a compiled backward cannot see that no gradient comes back to them,
+    so it would fill zero gradients for them and add them in, every step (4% of a compiled
+    ResNet20 step on the CPU). Eager autograd skips them anyway."""
+    if getattr(method, "STUDENT_OUTPUTS", None) == "logits+embedding":
+        return FeaturesDetached(model)
+    return model
 
 
 def load_frozen_teacher(run, num_classes, device, channels_last=False):
@@ -226,7 +249,8 @@ def train(run, run_dir, force_restart=False):
     inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
     run_fingerprint = fingerprint(run, inputs)
     teacher_outputs = teacher_source(run, teacher, inputs.get("teacher_weights"), arrays, device, tr["compile"])
-    forward = torch.compile(model) if tr["compile"] else model  # `model` keeps the state_dict's names
+    student = student_forward(model, method)
+    forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     checkpoint_path = run_dir / "checkpoint.pth"
     ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart)
     if ckpt:
@@ -256,7 +280,6 @@ def train(run, run_dir, force_restart=False):
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
         f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
-    loss_scale = scaler.get_scale()  # 1.0 when the scaler is off; it changes only in update()
     sync_every, no_scaler = SYNC_EVERY.get(device.type, 1), torch.ones(1, device=device)
 
     for epoch in range(start_epoch, tr["epochs"]):
@@ -268,7 +291,7 @@ def train(run, run_dir, force_restart=False):
         model.train()
         loss_fn.train()
         loss_fn.start_epoch(epoch)
-        sums, seen, skipped, nonfinite, share, pending, sizes = {}, 0, 0, 0, None, [], []
+        tally, share, pending, sizes = StepTally(scaler, tr["amp"], tr["max_skipped_steps"], state), None, [], []
         for step, (images, labels, views) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             views = views.to(device, non_blocking=True)  # (dataset index, dy, dx, flip): for CRD and the cache
@@ -304,54 +327,29 @@ def train(run, run_dir, force_restart=False):
             sizes.append(len(y))
             if len(pending) < sync_every and step + 1 < len(train_loader):
                 continue
-            # One host sync for the figures of every step since the last one.
-            for at, batch, (*term_values, total, correct, norm, scale) in zip(
-                    range(step + 1 - len(pending), step + 1), sizes, torch.stack(pending).tolist()):
-                bad = [name for name, v in zip(terms, term_values) if not math.isfinite(v)]
-                nonfinite += bool(bad) or not math.isfinite(total)
-                if not scaler.is_enabled() and (bad or not math.isfinite(norm)):
-                    stop(record, run_dir, f"{guard_where(run, epoch, at)}: {what_went_wrong(bad)}; amp is "
-                         f"{tr['amp']!r}, so there is no GradScaler to skip the step. The last good checkpoint "
-                         f"is kept.")
-                scale_before, loss_scale = loss_scale, scale
-                if loss_scale < scale_before or loss_scale == 0:  # the GradScaler skipped this step
-                    skipped += 1
-                    state["consecutive_skipped"] += 1
-                    if state["consecutive_skipped"] >= tr["max_skipped_steps"]:
-                        stop(record, run_dir, f"{guard_where(run, epoch, at)}: {state['consecutive_skipped']} "
-                             f"consecutive optimizer steps skipped by the fp16 GradScaler; {what_went_wrong(bad)}. "
-                             f"The last good checkpoint is kept.")
-                    continue
-                if scaler.is_enabled() and loss_scale < MIN_LOSS_SCALE:
-                    # Intermittent overflows halve the scale faster than it regrows: the scaled
-                    # gradients underflow to zero and the weights stop moving, without a streak.
-                    stop(record, run_dir, f"{guard_where(run, epoch, at)}: the fp16 GradScaler's scale fell to "
-                         f"{loss_scale:.3g}; gradients overflow too often to train. The last good checkpoint "
-                         f"is kept.")
-                state["consecutive_skipped"] = 0
-                seen += batch
-                for name, value in [*zip(terms, term_values), ("loss", total)]:
-                    sums[name] = sums.get(name, 0.0) + value * batch
-                sums["correct"] = sums.get("correct", 0.0) + correct
+            problem = tally.read(list(terms), torch.stack(pending).tolist(), sizes, step + 1 - len(pending))  # a sync
+            if problem:
+                stop(record, run_dir, f"{guard_where(run, epoch, problem[0])}: {problem[1]} The last good checkpoint "
+                                      f"is kept.")
             pending, sizes = [], []
             if show_bar:
-                print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {total:.4f}",
+                print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {tally.last_loss:.4f}",
                       end="", file=sys.stderr, flush=True)
         if show_bar:
             print("\r", end="", file=sys.stderr)
 
-        if skipped > len(train_loader) // 2:
+        if tally.skipped > len(train_loader) // 2:
             stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: the fp16 GradScaler "
-                 f"skipped {skipped} of {len(train_loader)} optimizer steps. The last good checkpoint is kept.")
+                 f"skipped {tally.skipped} of {len(train_loader)} optimizer steps. The last good checkpoint is kept.")
         test_loss, test_acc = evaluate(forward, test_loader, normalize, device, autocast)
-        seen = max(seen, 1)
+        sums, seen = tally.sums, max(tally.seen, 1)
         for name in terms:
             history["terms"].setdefault(name, []).append(sums.get(name, float("nan")) / seen)
         for key, value in (("train_loss", sums.get("loss", float("nan")) / seen),
                            ("train_acc", 100.0 * sums.get("correct", 0.0) / seen),
                            ("test_loss", test_loss), ("test_acc", test_acc), ("lr", lr),
-                           ("epoch_seconds", time.perf_counter() - t0), ("skipped_steps", skipped),
-                           ("nonfinite_losses", nonfinite), ("grad_share", share)):
+                           ("epoch_seconds", time.perf_counter() - t0), ("skipped_steps", tally.skipped),
+                           ("nonfinite_losses", tally.nonfinite), ("grad_share", share)):
             history[key].append(value)
         log(epoch_line(epoch, tr["epochs"], history, run["method"]))
         check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, model, loss_fn)
@@ -389,6 +387,49 @@ def teacher_source(run, teacher, teacher_sha256, arrays, device, compile_teacher
     log(f"teacher runs live: {reason}")
     forward = torch.compile(teacher) if compile_teacher else teacher
     return lambda x, views: forward(x)
+
+
+class StepTally:
+    """One epoch's step figures as they are read back to the host: the sums behind the
+    epoch's averages, and the health guard's verdict on each step, in order."""
+
+    def __init__(self, scaler, amp, max_skipped, state):
+        # The scale as the last step left it (1.0 when the scaler is off; it changes only in
+        # update()); a step's row holds the scale after it, which drops exactly when the
+        # GradScaler skipped that step.
+        self.scaled, self.loss_scale = scaler.is_enabled(), scaler.get_scale()
+        self.amp, self.max_skipped, self.state = amp, max_skipped, state
+        self.sums, self.seen, self.skipped, self.nonfinite, self.last_loss = {}, 0, 0, 0, float("nan")
+
+    def read(self, names, rows, sizes, first_step):
+        """Tally rows of (loss terms..., loss, correct, gradient norm, loss scale) of steps
+        first_step, first_step + 1, ...; return (step, what went wrong) for the first step at
+        which the run must stop, else None."""
+        for at, batch, (*term_values, total, correct, norm, scale) in zip(count(first_step), sizes, rows):
+            self.last_loss = total
+            bad = [name for name, v in zip(names, term_values) if not math.isfinite(v)]
+            self.nonfinite += bool(bad) or not math.isfinite(total)
+            if not self.scaled and (bad or not math.isfinite(norm)):
+                return at, f"{what_went_wrong(bad)}; amp is {self.amp!r}, so there is no GradScaler to skip the step."
+            scale_before, self.loss_scale = self.loss_scale, scale
+            if self.loss_scale < scale_before or self.loss_scale == 0:  # the GradScaler skipped this step
+                self.skipped += 1
+                self.state["consecutive_skipped"] += 1
+                if self.state["consecutive_skipped"] >= self.max_skipped:
+                    return at, (f"{self.state['consecutive_skipped']} consecutive optimizer steps skipped by the "
+                                f"fp16 GradScaler; {what_went_wrong(bad)}.")
+                continue
+            if self.scaled and self.loss_scale < MIN_LOSS_SCALE:
+                # Intermittent overflows halve the scale faster than it regrows: the scaled
+                # gradients underflow to zero and the weights stop moving, without a streak.
+                return at, (f"the fp16 GradScaler's scale fell to {self.loss_scale:.3g}; gradients overflow too "
+                            f"often to train.")
+            self.state["consecutive_skipped"] = 0
+            self.seen += batch
+            for name, value in [*zip(names, term_values), ("loss", total)]:
+                self.sums[name] = self.sums.get(name, 0.0) + value * batch
+            self.sums["correct"] = self.sums.get("correct", 0.0) + correct
+        return None
 
 
 def checkpoint(run_fingerprint, epoch, finished, model, loss_fn, optimizer, scaler, state):

@@ -7,6 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdlab.config import method_settings, resolve_run
+from kdlab.data import load_dataset
+from kdlab.methods import METHODS, ft
+from kdlab.runio import atomic_torch_save
+
 torch.set_num_threads(1)  # tests run next to each other's subprocesses on 2 cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +38,17 @@ def tiny_student(method, teacher_dir, **overrides):
                              **overrides.get("training", {})}
     return tiny_run(kind="distill", method=method, teacher="ResNet8", teacher_weights=str(teacher_dir / "model.pth"),
                     seed=1, **overrides)
+
+
+def every_method_loss(name, tmp_path):
+    """Method `name`'s Loss with default settings, for the tiny data (FT gets a fresh paraphraser)."""
+    settings = method_settings(name, {}, f"methods.{name}")
+    data = resolve_run(tiny_run())["data"]
+    paraphraser = tmp_path / "paraphraser.pth"
+    atomic_torch_save(paraphraser, {"state_dict": ft.Paraphraser(METHODS["ft"].SETTINGS["rate"]["default"])
+                                    .state_dict(), "settings": method_settings("ft", {}, "methods.ft")})
+    run = {"data": data, "seed": 0, "paraphraser": str(paraphraser), "train_labels": load_dataset(data).train_y}
+    return METHODS[name].Loss(settings, run)
 
 
 def interrupt_after_checkpoints(module, checkpoints, job, *args):

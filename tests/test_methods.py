@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from kdlab.config import ConfigError, resolve_run
+from kdlab.data import load_dataset
 from kdlab.methods import METHODS, fitnets, ft, kd, rkd
 from kdlab.runio import atomic_torch_save
 
-from conftest import tiny_run
+from conftest import every_method_loss, tiny_run
 
 FT_SETTINGS = {"rate": 0.5, "weight": 500.0, "factor": "flatten", "translator_bn": False,
                "paraphraser_loss": "l1", "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
@@ -162,3 +163,45 @@ def test_every_method_declares_documented_settings():
         assert isinstance(module.VERSION, int) and module.VERSION >= 1
         for key, spec in module.SETTINGS.items():
             assert "default" in spec and len(spec.get("description", "")) > 20, (name, key)
+
+
+def terms_of_every_method(name, tmp_path, student_out, teacher_out):
+    """Method `name`'s loss terms on the tiny data's first 8 training images, with fixed seeds."""
+    torch.manual_seed(0)
+    loss = every_method_loss(name, tmp_path).train()
+    loss.start_epoch(0)
+    index = torch.arange(8)
+    labels = torch.as_tensor(load_dataset(resolve_run(tiny_run())["data"]).train_y[:8], dtype=torch.int64)
+    return loss(student_out, teacher_out, labels, index)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_declares_which_student_outputs_its_loss_reads(name, tmp_path):
+    """STUDENT_OUTPUTS = "logits+embedding" detaches the student's stage features in training
+    (kdlab/train.py student_forward): a method that declares it but reads a feature would
+    silently train without that term's gradient, and one that reads none but does not say so
+    pays for zero gradients in every compiled step."""
+    student_out = tuple(x.requires_grad_() for x in features(8, 0)[:4] + (torch.randn(8, 5),))
+    terms = terms_of_every_method(name, tmp_path, student_out, features(8, 1)[:4] + (torch.randn(8, 5),))
+    if terms:
+        sum(terms.values()).backward()
+    reads_features = any(x.grad is not None and x.grad.abs().sum() > 0 for x in student_out[:3])
+    declared = getattr(METHODS[name], "STUDENT_OUTPUTS", None)
+    assert declared in (None, "logits+embedding")
+    assert reads_features == (declared is None), (name, reads_features, declared)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.NEEDS_TEACHER))
+def test_every_method_declares_which_teacher_outputs_its_loss_reads(name, tmp_path):
+    """TEACHER_OUTPUTS = "logits+embedding" serves the teacher from the cache, which holds no
+    stage features: the terms must not change when those are NaN, and a method whose terms
+    do not change must say so (the cache would spare it the live teacher)."""
+    student_out = features(8, 0)[:4] + (torch.randn(8, 5),)
+    teacher_out = features(8, 1)[:4] + (torch.randn(8, 5),)
+    with_features = terms_of_every_method(name, tmp_path, student_out, teacher_out)
+    nan_features = tuple(torch.full_like(x, float("nan")) for x in teacher_out[:3]) + teacher_out[3:]
+    without = terms_of_every_method(name, tmp_path, student_out, nan_features)
+    unchanged = all(torch.equal(with_features[k], without[k]) for k in with_features)
+    declared = getattr(METHODS[name], "TEACHER_OUTPUTS", None)
+    assert declared in (None, "logits+embedding")
+    assert unchanged == (declared == "logits+embedding"), (name, with_features, without)

@@ -19,7 +19,7 @@ from kdlab.methods.base import MethodLoss, no_check
 from kdlab.models import build_model
 from kdlab.runio import file_sha256
 from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, why_not_cached
-from kdlab.train import GuardError, Normalize, load_frozen_teacher, train
+from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
 
 from conftest import REPO, interrupt_after_checkpoints, read_json, tiny_run
 
@@ -50,6 +50,22 @@ def test_a_channels_last_run_matches_an_nchw_run(tmp_path):
     # 20 steps at a high learning rate amplify rounding differences; still the same run.
     assert b["test_loss"] == pytest.approx(a["test_loss"], rel=5e-2)
     assert b["test_acc"] == pytest.approx(a["test_acc"], abs=3)
+
+
+def test_the_compiled_student_detaches_only_the_outputs_its_loss_does_not_read():
+    torch.manual_seed(0)
+    model = build_model("ResNet8", 5)
+    assert student_forward(model, METHODS["fitnets"]) is model  # reads the stage features
+    x = torch.randn(8, 3, 32, 32)
+    compiled = torch.compile(student_forward(model, METHODS["kd"]))(x)
+    assert [o.requires_grad for o in compiled] == [False, False, False, True, True]
+    compiled_grads = torch.autograd.grad(compiled[-1].pow(2).sum() + compiled[-2].sum(), list(model.parameters()))
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager[-1].pow(2).sum() + eager[-2].sum(), list(model.parameters()))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+    for (name, _), a, b in zip(model.named_parameters(), eager_grads, compiled_grads):
+        assert (b - a).norm() <= 1e-4 * a.norm(), name
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,12 @@ dynamo captures .item() and boolean masks into the graph instead of refusing the
 import pytest
 import torch
 
-from kdlab.config import method_settings, resolve_run
-from kdlab.data import load_dataset
 from kdlab.loss import Additive
-from kdlab.methods import METHODS, ft
+from kdlab.methods import METHODS
 from kdlab.methods.base import MethodLoss
-from kdlab.runio import atomic_torch_save
 from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, save
 
-from conftest import tiny_run
+from conftest import every_method_loss
 
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64,), (5,)]  # ResNet8 outputs, 5 classes
 BATCH = 4
@@ -47,13 +44,7 @@ def step_on_meta(loss):
 
 
 def method_loss(name, tmp_path):
-    settings = method_settings(name, {}, f"methods.{name}")
-    data = resolve_run(tiny_run())["data"]
-    paraphraser = tmp_path / "paraphraser.pth"
-    atomic_torch_save(paraphraser, {"state_dict": ft.Paraphraser(METHODS["ft"].SETTINGS["rate"]["default"])
-                                    .state_dict(), "settings": method_settings("ft", {}, "methods.ft")})
-    run = {"data": data, "seed": 0, "paraphraser": str(paraphraser), "train_labels": load_dataset(data).train_y}
-    loss = Additive(METHODS[name].Loss(settings, run), {"kd_weight": 1.0, "kd_temperature": 4.0}, own_kd=name == "kd")
+    loss = Additive(every_method_loss(name, tmp_path), {"kd_weight": 1.0, "kd_temperature": 4.0}, own_kd=name == "kd")
     if name == "crd":
         # The one exception: CRD draws its negatives' keys from a torch.Generator seeded on the
         # host each step (draw_keys reads nothing from the device, so no sync), and the meta

@@ -7,6 +7,10 @@ A method is one module with:
   TEACHER_OUTPUTS    optional: "logits+embedding" if the loss reads only teacher_out[-2]
                      (embedding) and teacher_out[-1] (logits); such methods are served
                      from the teacher-output cache (kdlab/teacher_cache.py)
+  STUDENT_OUTPUTS    optional: "logits+embedding" if the loss reads only student_out[-2:];
+                     the student's stage features then leave its forward detached
+                     (kdlab/train.py student_forward). Both are checked against each
+                     method's loss (tests/test_methods.py)
   SETTINGS           JSON-schema fragments of its config keys, each with a default and
                      a description that says where the default comes from
   check(settings, student, teacher)   raise ValueError for an unsupported combination

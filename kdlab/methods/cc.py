@@ -17,6 +17,7 @@ NAME = "cc"
 VERSION = 1
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 0.02,
                "description": "Weight of the CC loss: 0.02 as RepDistiller/CRD (CE 1 + 0.02 CC)."},

@@ -30,6 +30,7 @@ NAME = "crd"
 VERSION = 1
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 0.8,
                "description": "Weight of the CRD loss; 0.8 as RepDistiller (-b 0.8 with CE 1: the additive "

@@ -15,6 +15,7 @@ NAME = "dist"
 VERSION = 1
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 1.0,
                "description": "Weight of the DIST loss: 1, with beta = gamma = 2 below. The authors' CIFAR-100 "

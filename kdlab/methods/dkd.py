@@ -21,6 +21,7 @@ NAME = "dkd"
 VERSION = 1
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 1.0,
                "description": "Weight of the DKD loss after the warm-up: 1 as mdistiller (CE 1 + DKD)."},

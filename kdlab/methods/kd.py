@@ -8,6 +8,7 @@ NAME = "kd"
 VERSION = 1
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "temperature": {"type": "number", "minimum": 0.5, "maximum": 100, "default": 4.0,
                     "description": "Softmax temperature T in [0.5, 100]; the loss is scaled by T^2, so a tiny T "

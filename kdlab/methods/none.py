@@ -5,6 +5,7 @@ from .base import MethodLoss, no_check
 NAME = "none"
 VERSION = 1
 NEEDS_TEACHER = False
+STUDENT_OUTPUTS = "logits+embedding"  # cross-entropy reads only the logits
 SETTINGS = {}
 check = no_check
 

@@ -15,6 +15,7 @@ NAME = "pkt"
 VERSION = 1
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 30000.0,
                "description": "Weight of the PKT loss: 30000 as RepDistiller/CRD (CE 1 + 30000 PKT)."},

@@ -17,6 +17,7 @@ NAME = "rkd"
 VERSION = 2  # 1: the earlier toolbox's pairwise-cosine "angle" and weights 25/50
 NEEDS_TEACHER = True
 TEACHER_OUTPUTS = "logits+embedding"  # reads only teacher_out[-2:], so the teacher cache serves it
+STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient to its features
 SETTINGS = {
     "distance_weight": {"type": "number", "minimum": 0, "default": 1.0,
                         "description": "Weight of the distance loss. The paper uses 25 with CE at weight 1; "
