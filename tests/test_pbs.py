@@ -310,6 +310,37 @@ def test_submit_show_request_and_job_script(tmp_path, pbs_env):
     subprocess.run(["bash", "-n", script], check=True)
 
 
+def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pbs_env):
+    """A restarted Snakemake that submits a job whose PBS job of an earlier run is still
+    queued gets that job's id back (no second job training on the same checkpoint); once
+    that job has left PBS, or for another job, pbs-submit submits as usual."""
+    set_control(pbs_env, queue_delay=60)  # the first job stays queued
+
+    def submit(rule):
+        jobscript = tmp_path / ("snakejob.%s.1.sh" % rule)
+        props = single_props(1, runtime=5)
+        props["rule"] = rule
+        jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(props))
+        p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
+                           env=pbs_env, check=True, timeout=30)
+        return p.stdout.strip(), p.stderr
+
+    first, _ = submit("train_teacher")
+    again, message = submit("train_teacher")
+    assert again == first and "watching it instead of submitting it again" in message
+    assert len(read_log(pbs_env, "qsub")) == 1
+    assert "re-attached to PBS job %s" % first in (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    other, _ = submit("distill")
+    assert other != first and len(read_log(pbs_env, "qsub")) == 2
+    subprocess.run(["qdel", first], env=pbs_env, check=True, timeout=10)
+    wait_for(lambda: first not in [j["id"] for j in standin.all_jobs(pbs_env["PBS_STANDIN_DIR"])
+                                   if j["state"] in ("Q", "R")], seconds=10, every=0.1)
+    fresh, message = submit("train_teacher")
+    assert fresh not in (first, other) and "watching" not in message
+    assert len(read_log(pbs_env, "qsub")) == 3
+
+
 # ----------------------------------------------------------------- status: parsing
 
 JSON_OUT = {
