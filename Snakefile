@@ -9,7 +9,7 @@ import sys
 
 from snakemake.settings.types import DeploymentMethod
 
-from kdlab.config import ConfigError, check_data_files, grid_warnings, resolve_grid, split_runtime
+from kdlab.config import ConfigError, check_data_files, grid_warnings, read_yaml, resolve_grid, split_runtime
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
@@ -19,6 +19,8 @@ if not workflow.overwrite_configfiles:  # --configfile replaces the default, --c
     configfile: "config/config.yaml"
 
 try:
+    for path in workflow.overwrite_configfiles or ["config/config.yaml"]:
+        read_yaml(path)  # Snakemake's YAML loader keeps the last of a key given twice; ours refuses it
     GRID = resolve_grid(config)  # the whole config is validated before any job is planned
     if workflow.is_main_process:  # once, not again in every cluster job
         for warning in grid_warnings(GRID):

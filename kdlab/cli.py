@@ -5,30 +5,38 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 
-
-def read_run_config(text):
-    """A run config given inline as JSON, or as the path of a YAML/JSON file."""
-    from .config import ConfigError
-    if text.lstrip().startswith("{"):
+def read_run_config(text, option):
+    """A run config given inline as JSON, or as the path of a YAML/JSON file: a mapping."""
+    from .config import ConfigError, read_yaml
+    if text.lstrip().startswith(("{", "[")):
         try:
-            return json.loads(text)
+            run = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--config is not valid JSON: {e}") from None
-    try:
-        return yaml.safe_load(Path(text).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read the run config {text}: {e}") from None
+            raise ConfigError(f"{option} is not valid JSON: {e}") from None
+    else:
+        run = read_yaml(text, f"the {option} file") if text else None
+    if not isinstance(run, dict):
+        raise ConfigError(f"{option} must be a mapping of config keys (inline JSON or a YAML/JSON file), "
+                          f"not {'nothing' if run is None else type(run).__name__}")
+    return run
 
 
 def full_run_config(args):
     """--config, with the blocks of --runtime (workers, device, data_dir: how, not what) merged in."""
-    run = read_run_config(args.config)
-    if args.runtime:
-        for block, values in read_run_config(args.runtime).items():
-            run[block] = {**run.get(block, {}), **values}
+    from .config import ConfigError
+    run = read_run_config(args.config, "--config")
+    for block, values in (read_run_config(args.runtime, "--runtime") if args.runtime else {}).items():
+        if not isinstance(values, dict) or not isinstance(run.get(block, {}), dict):
+            raise ConfigError(f"--runtime: block {block!r} must be a mapping in both --runtime and --config")
+        run[block] = {**run.get(block, {}), **values}
     return run
+
+
+def thread_count(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 def set_threads(args):
@@ -89,7 +97,7 @@ def build_parser():
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result "
                    "(e.g. '{\"training\": {\"num_workers\": 8}}')")
     p.add_argument("--run-dir", required=True, type=Path, help="the run directory (checkpoint, metrics)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--force-restart", action="store_true", help="ignore any checkpoint and start fresh")
     p.set_defaults(func=cmd_train)
 
@@ -97,7 +105,7 @@ def build_parser():
     p.add_argument("--config", required=True, help="the run config (method ft): inline JSON or a file")
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
     p.add_argument("--out", required=True, type=Path, help="where to write paraphraser.pth")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--force-restart", action="store_true")
     p.set_defaults(func=cmd_pretrain)
 
@@ -107,7 +115,7 @@ def build_parser():
                    "checkpoint, data): inline JSON or a file")
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
     p.add_argument("--run-dir", required=True, type=Path, help="the teacher's run directory")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_import_teacher)
 
     p = sub.add_parser("cache-teacher", help="the teacher's logits and embedding for all 162 views of every "
@@ -116,7 +124,7 @@ def build_parser():
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
     p.add_argument("--weights", required=True, type=Path, help="the teacher's model.pth")
     p.add_argument("--out", required=True, type=Path, help="where to write the cache (beside the weights)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_cache_teacher)
 
     p = sub.add_parser("check-config", help="validate an experiment grid config and its data files, and count "

@@ -24,6 +24,10 @@ RUNTIME_KEYS = {"data": {"data_dir", "download"},
                              "channels_last", "compile", "teacher_cache"}}
 
 
+# data keys that only some datasets read: given with another, they would be silently ignored.
+DATASET_KEYS = {"npz_path": ("npz",), "num_classes": ("npz",), "synthetic": ("Synthetic",)}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -104,13 +108,39 @@ def unsafe_values(instance, path=()):
 def schema_message(error):
     if error.validator == "pattern" and "description" in error.schema:
         return f"{error.instance!r} is not allowed here: it must be {error.schema['description']}"
-    return error.message
+    return error.message + yaml_hint(error)
+
+
+def yaml_hint(error):
+    """Why a value has the wrong type, where YAML or Snakemake's --config is the likely cause."""
+    if error.validator != "type":
+        return ""
+    value, wanted = error.instance, error.validator_value
+    wanted = set(wanted) if isinstance(wanted, list) else {wanted}
+    if isinstance(value, bool) and "string" in wanted:
+        return " (YAML reads off/on/yes/no unquoted as booleans: quote the word, e.g. \"off\")"
+    if not (isinstance(value, str) and wanted & {"number", "integer", "array", "object"}):
+        return ""
+    if value[:1] in "[{":
+        return (" (snakemake --config passes lists and mappings as strings: set them in a YAML file given with a "
+                "second --configfile)")
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    if "e" in value.lower():
+        return " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write 1.0e-3 or 0.001)"
+    return " (a number in quotes is a string: remove the quotes)"
 
 
 def validate(instance, schema, prefix=""):
     validator = StrictValidator(schema)
-    errors = [(list(e.absolute_path), schema_message(e)) for e in validator.iter_errors(instance)]
-    errors += unsafe_values(instance)
+    try:
+        errors = [(list(e.absolute_path), schema_message(e)) for e in validator.iter_errors(instance)]
+        errors += unsafe_values(instance)
+    except RecursionError:
+        raise ConfigError(f"invalid configuration{f' under {prefix!r}' if prefix else ''}: it contains itself "
+                          f"(a recursive YAML alias) or is nested too deeply") from None
     if errors:
         lines = []
         for path, message in sorted(errors, key=lambda e: [str(p) for p in e[0]]):
@@ -198,9 +228,15 @@ def resolve_grid(config):
     for name, path in grid["teacher_checkpoints"].items():
         if name not in teachers:
             raise ConfigError(f"config key 'teacher_checkpoints.{name}': {name} is not the teacher of any pair")
+    for key in ("experiments_dir", "results_dir"):
+        check_directory(grid[key], key)
     data = grid["data"]
     if data["dataset"] == "npz" and not data["npz_path"]:
         raise ConfigError("config key 'data.npz_path': dataset npz needs the path of its .npz file")
+    for key in (config.get("data") or {}):
+        if key in DATASET_KEYS and data["dataset"] not in DATASET_KEYS[key]:
+            raise ConfigError(f"config key 'data.{key}': only dataset {' or '.join(DATASET_KEYS[key])} reads it, "
+                              f"and data.dataset is {data['dataset']}: remove it")
     for where, alphas in [("alphas", grid["alphas"])] + [(f"methods.{m}.alphas", b["alphas"])
                                                           for m, b in grid["methods"].items() if "alphas" in b]:
         names = [format_alpha(a) for a in alphas]
@@ -230,6 +266,15 @@ def resolve_grid(config):
     return grid
 
 
+def check_directory(path, key):
+    """`path` is a directory or can be made one: no part of it is an existing file."""
+    for part in (Path(path), *Path(path).parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"config key '{key}': {part} is a file, not a directory")
+            return
+
+
 def grid_warnings(grid):
     """Settings that are legal but probably not meant: printed, never fatal."""
     return [f"config key 'pairs[{i}]': teacher {p['teacher']} is not larger than its student {p['student']}"
@@ -252,12 +297,41 @@ def check_data_files(grid):
         raise ConfigError(f"config key '{key}': {e}") from None
 
 
-def load_grid(path):
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path, what="the config"):
+    """A YAML/JSON file's content; every way it can be unreadable is a ConfigError naming the file."""
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        loader = UniqueKeyLoader(Path(path).read_bytes().decode("utf-8"))
+        loader.name = str(path)  # for the error marks: 'in "<path>", line 3, column 1'
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {what} {path}: it is not UTF-8 text (byte {e.object[e.start]:#x} at "
+                          f"position {e.start})") from None
+    except RecursionError:
+        raise ConfigError(f"cannot read {what} {path}: it is nested too deeply") from None
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read the config {path}: {e}") from None
-    return resolve_grid(config or {})
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+
+
+def load_grid(path):
+    return resolve_grid(read_yaml(path) or {})
 
 
 def format_alpha(alpha):

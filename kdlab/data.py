@@ -30,6 +30,7 @@ PAD = DEFAULT_AUGMENTATION["crop_padding"]
 # The arrays an npz file must hold, each under any one of its names (ours, then Keras's).
 NPZ_KEYS = {"train_x": ("train_x", "x_train"), "train_y": ("train_y", "y_train"),
             "test_x": ("test_x", "x_test"), "test_y": ("test_y", "y_test")}
+MAX_CLASSES = 100000  # the schema's maximum for data.num_classes
 
 
 class DataError(Exception):
@@ -55,7 +56,9 @@ class ImageArrays:
         self.test_x, self.test_y = test_x, test_y.astype(np.int64)
         self.num_classes = num_classes
         pixels = train_x.reshape(-1, 3).astype(np.float64) / 255.0
-        self.mean, self.std = pixels.mean(0).tolist(), pixels.std(0).tolist()
+        # Normalisation divides by the std: a constant channel (say, grayscale stored in red
+        # only) is centred and left unscaled instead of turning every input into NaN.
+        self.mean, self.std = pixels.mean(0).tolist(), [s if s > 0 else 1.0 for s in pixels.std(0).tolist()]
 
 
 def load_cifar_pickles(name, data_dir, download=False):
@@ -137,6 +140,9 @@ def load_npz(path, num_classes=None):
             raise DataError(f"npz dataset: {path}: {key} must hold integer labels, got {arrays[key].dtype}")
     if num_classes is None:
         num_classes = int(max(arrays["train_y"].max(initial=0), arrays["test_y"].max(initial=0))) + 1
+        if num_classes > MAX_CLASSES:
+            raise DataError(f"npz dataset: {path}: labels go up to {num_classes - 1}; they must be 0..K-1 with K at "
+                            f"most {MAX_CLASSES}")
     return ImageArrays(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"], num_classes, str(path))
 
 

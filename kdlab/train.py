@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import fingerprint, recipe_name, resolve_run
+from .config import ConfigError, fingerprint, recipe_name, resolve_run
 from .data import load_dataset, make_loaders
 from .loss import build_loss, loss_weights
 from .methods import get_method
@@ -46,7 +46,13 @@ def log(message):
 def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        # Checked here, in the job, not by check-config: a cluster's login node has no GPU.
+        raise ConfigError(f"config key 'training.device': {name!r}, but this machine has {gpus} usable CUDA "
+                          f"device(s); use 'auto' (the GPU where there is one) or 'cpu'")
+    return device
 
 
 def seed_everything(seed, deterministic):
@@ -106,10 +112,19 @@ def student_forward(model, method):
 def load_frozen_teacher(run, num_classes, device, channels_last=False):
     teacher, path = build_model(run["teacher"], num_classes), run["teacher_weights"]
     try:
-        teacher.load_state_dict(load_weights(path))
-    except (UnreadableFile, RuntimeError, AttributeError) as e:  # RuntimeError: not this model's weights
+        weights = load_weights(path)
+        if not isinstance(weights, dict):
+            raise UnreadableFile(f"it holds a {type(weights).__name__}, not a state dict")
+    except UnreadableFile as e:
         raise UnreadableFile(f"teacher weights {path}: {str(e).splitlines()[0]}. They are the output of rule "
-                             f"train_teacher: delete {path} and run snakemake again to rebuild them") from None
+                             f"train_teacher (import_teacher for a published checkpoint): delete {path} and run "
+                             f"snakemake again to rebuild them") from None
+    try:
+        teacher.load_state_dict(weights)
+    except RuntimeError as e:  # a sound file of another architecture or number of classes
+        details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ConfigError(f"teacher weights {path} do not fit teacher {run['teacher']} with {num_classes} classes"
+                          f"{': ' + details[0] if details else ''}") from None
     return teacher.to(device, memory_format=memory_format(channels_last)).eval().requires_grad_(False)
 
 

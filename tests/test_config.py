@@ -245,6 +245,16 @@ BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must n
     "teacher_seed not trained": ("teacher_seed", 1, "teacher_seed", "teacher_seeds"),
     "npz without npz_path": ("data.dataset", "npz", "data.npz_path", "npz"),
     "unknown dataset": ("data.dataset", "cifar100", "data.dataset", "'cifar100'"),
+    "another dataset's key": ("data.dataset", "Cifar100", "data.synthetic", "only dataset Synthetic reads it"),
+    "milestone twice": ("training.milestones", [2, 2], "training.milestones", "non-unique"),
+    "epochs beyond bound": ("training.epochs", 10 ** 400, "training.epochs", "is greater than the maximum"),
+    "workers beyond bound": ("training.num_workers", 100000, "training.num_workers", "is greater than the maximum"),
+    "YAML 1.1 exponent": ("training.lr", "1e-3", "training.lr", "1.0e-3"),
+    "YAML boolean for a word": ("training.amp", False, "training.amp", "quote the word"),
+    "--config list as a string": ("seeds", "[0, 1]", "seeds", "second --configfile"),
+    "output dir is a file": ("experiments_dir", __file__, "experiments_dir", "is a file, not a directory"),
+    "output dir inside a file": ("results_dir", __file__ + "/results", "results_dir", "is a file, not a directory"),
+    "a quoted number": ("training.epochs", "3", "training.epochs", "remove the quotes"),
     "seeds not a list": ("seeds", 0, "seeds", "not of type 'array'"),
     "duplicate seeds": ("seeds", [0, 0], "seeds", "non-unique"),
     "epochs as a string": ("training.epochs", "240", "training.epochs", "not of type 'integer'"),
@@ -342,6 +352,21 @@ def test_check_config_rejects_unreadable_files(tmp_path, capsys):
                        (broken, "cannot read the config"), (listed, "config key '(top level)'")):
         assert kdlab_main(["check-config", str(path)]) == 2
         assert text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    ("seeds: [0]\nseeds: [1]\n", "key 'seeds' appears twice in one mapping"),
+    ("training:\n  epochs: 3\n  epochs: 5\n", "key 'epochs' appears twice in one mapping"),
+    ("experiments_dir: caf\xe9\n".encode("latin-1"), "it is not UTF-8 text (byte 0xe9 at position 20)"),
+    ("seeds: " + "[" * 5000 + "\n", "nested too deeply"),
+    ("seeds: &s [0, *s]\n", "it contains itself (a recursive YAML alias)"),
+], ids=["duplicate key", "duplicate nested key", "latin-1", "deep nesting", "recursive alias"])
+def test_check_config_refuses_what_yaml_would_take_or_choke_on(content, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert kdlab_main(["check-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def kdlab(*args):

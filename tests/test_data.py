@@ -6,6 +6,7 @@ import torch
 
 from kdlab.data import (PAD, AugmentingSampler, DataError, ImageDataset, check_data, load_cifar_pickles, load_npz,
                         make_loaders, make_synthetic)
+from kdlab.train import Normalize
 
 
 def write_cifar(root, name, n_train=6, n_test=4, seed=0):
@@ -82,6 +83,21 @@ def test_npz_dataset_and_its_errors(tmp_path):
         load_npz(path)
     with pytest.raises(DataError, match=r"nothere.npz is missing"):
         load_npz(tmp_path / "nothere.npz")
+
+
+def test_npz_labels_beyond_the_class_bound_and_a_constant_channel(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    path = tmp_path / "mine.npz"
+    np.savez(path, train_x=x, train_y=np.array([0, 1, 2, 10 ** 9]), test_x=x[:2], test_y=np.array([2, 0]))
+    with pytest.raises(DataError, match=r"mine.npz: labels go up to 1000000000; they must be 0..K-1 with K at most"):
+        load_npz(path)
+    x[..., 1:] = 0  # grayscale stored in red only
+    np.savez(path, train_x=x, train_y=np.array([0, 1, 2, 1]), test_x=x[:2], test_y=np.array([2, 0]))
+    arrays = load_npz(path)
+    assert arrays.std[1:] == [1.0, 1.0] and arrays.std[0] == pytest.approx(x[..., 0].std() / 255)
+    normalized = Normalize(arrays.mean, arrays.std, "cpu")(torch.from_numpy(x).permute(0, 3, 1, 2))
+    assert torch.isfinite(normalized).all() and (normalized[:, 1:] == 0).all()
 
 
 def test_synthetic_contrast_and_noise_make_the_task_harder():

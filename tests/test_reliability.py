@@ -16,7 +16,9 @@ import yaml
 
 from kdlab.cli import main as kdlab_main
 from kdlab.config import fingerprint, resolve_run, split_runtime
-from kdlab.runio import UnreadableFile, atomic_write_json, content_sha256, load_checked, verify_weights
+from kdlab.models import build_model
+from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, load_checked, save_weights,
+                         verify_weights)
 from kdlab.train import GuardError, train
 
 from conftest import comparable, interrupt_after_checkpoints, read_json, tiny_run
@@ -73,6 +75,51 @@ def test_a_job_refuses_a_bad_value_at_start_naming_the_key(key, value, tmp_path,
     assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 2
     assert f"config key '{key}'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--runtime", '{"training": 5}'], "--runtime: block 'training' must be a mapping"),
+    (["--runtime", "[1]"], "--runtime must be a mapping of config keys"),
+    (["--config", "[1]"], "--config must be a mapping of config keys"),
+    (["--config", ""], "--config must be a mapping of config keys (inline JSON or a YAML/JSON file), not nothing"),
+], ids=["runtime block", "runtime list", "config list", "config empty"])
+def test_a_job_refuses_malformed_config_options(args, message, tmp_path, capsys):
+    run = ["--config", json.dumps(tiny_run()), "--run-dir", str(tmp_path / "run")]
+    for option, value in zip(args[::2], args[1::2]):
+        if option in run:
+            run[run.index(option) + 1] = value
+        else:
+            run += [option, value]
+    assert kdlab_main(["train", *run]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("threads", ["0", "-1", "two"])
+def test_threads_must_be_a_positive_whole_number(threads, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        kdlab_main(["train", "--config", "{}", "--run-dir", str(tmp_path), "--threads", threads])
+    assert stop.value.code == 2 and "argument --threads: must be a whole number of at least 1" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_job_asked_for_cuda_on_a_machine_without_names_the_key(tmp_path, capsys):
+    run = tiny_run(training={"device": "cuda:1"})
+    assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "config key 'training.device': 'cuda:1', but this machine has 0 usable CUDA device(s)" in \
+        capsys.readouterr().err
+
+
+def test_teacher_weights_of_another_architecture_are_named_not_called_damaged(tmp_path, capsys):
+    weights = tmp_path / "teacher" / "model.pth"
+    weights.parent.mkdir()
+    save_weights(weights, build_model("ResNet8", 3).state_dict())  # the tiny data have 5 classes
+    run = tiny_run(kind="distill", method="kd", alpha=0.5, teacher="ResNet8", teacher_weights=str(weights))
+    assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher weights {weights} do not fit teacher ResNet8 with 5 classes: size mismatch for " in err
+    assert "delete" not in err and weights.exists()
 
 
 def test_teacher_not_larger_than_its_student_is_a_warning(tmp_path, capsys):

@@ -82,6 +82,13 @@ def test_plan_of_the_group_grid_and_lint():
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
+def test_a_config_file_with_a_key_given_twice_stops_the_workflow_naming_it(tmp_path):
+    (tmp_path / "overlay.yaml").write_text("seeds: [0]\nseeds: [1]\n")  # Snakemake's loader keeps the last
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.output
+    assert f"cannot read the config {tmp_path / 'overlay.yaml'}: key 'seeds' appears twice" in proc.output
+
+
 def test_crd_recipe_plans_every_method_in_its_additive_form(tmp_path):
     """config/crd.yaml: one run of each method and recipe, planned through the wildcards."""
     jobs = [j for j in expand_grid(load_grid(REPO / "config" / "crd.yaml")) if j.rule == "distill"]

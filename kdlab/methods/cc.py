@@ -21,7 +21,7 @@ STUDENT_OUTPUTS = "logits+embedding"  # reads only student_out[-2:]: no gradient
 SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 0.02,
                "description": "Weight of the CC loss: 0.02 as RepDistiller/CRD (CE 1 + 0.02 CC)."},
-    "embed_dim": {"type": "integer", "minimum": 1, "default": 128,
+    "embed_dim": {"type": "integer", "minimum": 1, "maximum": 65536, "default": 128,
                   "description": "Output size of the two learned linear embeddings: 128 as RepDistiller (feat_dim)."},
     "normalize": {"type": "boolean", "default": False,
                   "description": "L2-normalise the embeddings: false as RepDistiller's code (LinearEmbed, no "

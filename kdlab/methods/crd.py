@@ -35,7 +35,7 @@ SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 0.8,
                "description": "Weight of the CRD loss; 0.8 as RepDistiller (-b 0.8 with CE 1: the additive "
                               "recipe ce_weight 1, kd_weight 0)."},
-    "feat_dim": {"type": "integer", "minimum": 1, "default": 128,
+    "feat_dim": {"type": "integer", "minimum": 1, "maximum": 65536, "default": 128,
                  "description": "Dimension of the learned embeddings and of the memory banks; 128 as RepDistiller."},
     "nce_k": {"type": "integer", "minimum": 1, "default": 16384,
               "description": "Negatives per sample, drawn without replacement from the other classes; 16384 as "
