@@ -425,7 +425,9 @@ def test_argparse_entry_point(campaign, tmp_path, capsys):
     h = json.loads((o / R.HEALTH_JSON).read_text())
     assert {e["run"].split("/")[1] for e in h["outdated"]} == {"teachers", "none"}
     assert {r["role"] for r in read_csv(o / R.TABLE_CSV)} == {"distill"}
-    assert cli(exp, "--out", o, "--method-versions", "{not json", "--quiet") == 2
+    with pytest.raises(SystemExit) as exc:
+        cli(exp, "--out", o, "--method-versions", "{not json", "--quiet")
+    assert exc.value.code == 2
     args = make_parser().parse_args(["results"])
     assert (args.experiments, args.out, args.chance_margin, args.method_versions) == \
         ("experiments", "results", 5.0, None)
@@ -461,6 +463,89 @@ def test_empty_or_missing_experiments_directory(tmp_path, capsys, missing):
     assert "# Run health" in (out / R.HEALTH_MD).read_text()
     for name in (R.FIG_ALPHA, R.FIG_BEST):   # placeholders, so declared outputs exist
         png_size(out / name)
+
+
+# A bad value of each option: (arguments, the option the error names, what it says).
+# "{file}" is an existing plain file.
+BAD_ARGUMENTS = [
+    (["--out", "{file}"], "--out", "{file} is a file, not a directory"),
+    (["--out", "{file}/sub"], "--out", "is a file, not a directory"),
+    (["--out", ""], "--out", "must not be empty"),
+    (["{file}"], "experiments", "{file} is a file, not a directory"),
+    ([""], "experiments", "must not be empty"),
+    *[(["--dpi", v], "--dpi", "from 10 to 600") for v in ("0", "-5", "9", "601", "100000")],
+    (["--dpi", "3.5"], "--dpi", "not an integer"),
+    *[(["--curve-dpi", v], "--curve-dpi", "from 10 to 600") for v in ("0", "100000")],
+    *[(["--jobs", v], "--jobs", "from 1 to 256") for v in ("0", "-1", "257")],
+    (["--jobs", "two"], "--jobs", "not an integer"),
+    *[([f"--chance-margin={v}"], "--chance-margin",  # "=": argparse takes "-inf" for an option
+       "finite number of percentage points from 0 to 100")
+      for v in ("nan", "inf", "-inf", "-1", "100.5")],
+    (["--chance-margin", "five"], "--chance-margin", "not a number"),
+    *[(["--method-versions", json.dumps({"rkd": 2, "kd": v})], "--method-versions",
+       f"version of 'kd' must be a positive integer, not {json.dumps(v)}")
+      for v in (None, {"a": 1}, True, 0, -1, 1.5, "2")],
+    (["--method-versions", "[1, 2]"], "--method-versions", "cannot read '[1, 2]'"),
+    (["--method-versions", "{file}"], "--method-versions", "must be a JSON object"),
+    (["--method-versions", "{kd: 1}"], "--method-versions", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("argv, option, says", BAD_ARGUMENTS,
+                         ids=[" ".join(a) or "''" for a, _, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_an_argparse_error_naming_the_option(tmp_path, monkeypatch, capsys,
+                                                             argv, option, says):
+    monkeypatch.chdir(tmp_path)
+    Path("file").write_text("[1]")              # a file, and a JSON list as --method-versions
+    Path("experiments").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        make_parser().parse_args(["results", *(a.replace("{file}", "file") for a in argv)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and says.replace("{file}", "file") in err, err
+    assert "Traceback" not in err
+    assert sorted(os.listdir()) == ["experiments", "file"]  # nothing written, not even --out
+
+
+def test_range_limits_and_good_method_versions_are_accepted(tmp_path):
+    args = make_parser().parse_args(["results", str(tmp_path), "--out", str(tmp_path / "new/o"),
+                                     "--dpi", "10", "--curve-dpi", "600", "--jobs", "256",
+                                     "--chance-margin", "0", "--method-versions", '{"kd": 3}'])
+    assert (args.dpi, args.curve_dpi, args.jobs, args.chance_margin, args.method_versions) == \
+        (10, 600, 256, 0.0, {"kd": 3})
+    args = make_parser().parse_args(["results", "--dpi", "600", "--jobs", "1",
+                                     "--chance-margin", "100", "--method-versions", ""])
+    assert (args.dpi, args.jobs, args.chance_margin, args.method_versions) == (600, 1, 100.0, None)
+    assert not (tmp_path / "new").exists()      # parsing makes no directory
+
+
+def test_out_in_a_directory_we_cannot_write_is_an_argparse_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere
+    with pytest.raises(SystemExit) as exc:
+        make_parser().parse_args(["results", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert f"argument --out: cannot write into {tmp_path}" in capsys.readouterr().err
+
+
+def test_console_summary_counts_unreadable_runs_as_health_does(tmp_path, capsys):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    bad = exp / "Cifar100/teachers/A/1"
+    bad.mkdir(parents=True)
+    (bad / "metrics.json").write_text("garbage")
+    assert cli(exp, "--out", out, "--no-curves", "--dpi", 10) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 runs (0 complete, 0 incomplete, 0 failed, 0 near chance, 0 outdated, " \
+           "1 unreadable)" in last, last
+    assert json.loads((out / R.HEALTH_JSON).read_text())["counts"]["unreadable"] == 1
+    assert "## Unreadable run files (1)" in (out / R.HEALTH_MD).read_text()
+
+
+def test_run_results_on_a_file_says_it_is_not_a_directory(tmp_path):
+    experiments = tmp_path / "experiments"
+    experiments.write_text("")
+    said = []
+    R.run_results(str(experiments), str(tmp_path / "o"), curves=False, dpi=10, log=said.append)
+    assert f"experiments directory '{experiments}' is not a directory" in said[0]
 
 
 # ----------------------------------------------------------------- incremental

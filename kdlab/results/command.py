@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -57,17 +58,98 @@ def _default_jobs() -> int:
 
 
 def parse_method_versions(value: str | None) -> dict | None:
-    """``--method-versions``: a JSON object, or the path of a JSON file holding one."""
+    """``--method-versions``: a JSON object ``{method: positive int}``, or the path of a
+    JSON file holding one. Raises OSError (unreadable file) or ValueError (bad content,
+    naming the method)."""
     if value is None or value == "":
         return None
     text = value
     if not value.lstrip().startswith("{"):
         with open(value, encoding="utf-8") as fh:
             text = fh.read()
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError("--method-versions must be a JSON object {method: version}")
-    return {str(k): int(v) for k, v in data.items()}
+        raise ValueError("must be a JSON object {method: version}")
+    for method, version in data.items():
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"the version of {method!r} must be a positive integer, "
+                             f"not {json.dumps(version)}")
+    return data
+
+
+# Argument types: a bad value stops the command before any work, with an argparse
+# error naming the option (exit status 2), never a traceback from deep inside.
+# 600 dpi already makes the methods figure of 14 methods and 15 pairs (5 rows of 3) about
+# 28000 x 10000 pixels, 1.1 GB of RGBA; 1200 would be 4.6 GB.
+DPI_RANGE = (10, 600)
+JOBS_RANGE = (1, 256)
+
+
+def _method_versions_arg(value: str) -> dict | None:
+    try:
+        return parse_method_versions(value)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {value!r}: {exc.strerror or exc}") \
+            from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{n} is out of range: must be from {low} to {high}")
+        return n
+    return parse
+
+
+def _chance_margin(value: str) -> float:
+    """Percentage points above chance (100 / classes): 100 already flags every run."""
+    try:
+        margin = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (math.isfinite(margin) and 0 <= margin <= 100):
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be a finite number "
+                                         f"of percentage points from 0 to 100")
+    return margin
+
+
+def _not_a_directory(path: str) -> str:
+    return f"{path} is a file, not a directory" if os.path.isfile(path) else \
+        f"{path} is not a directory"
+
+
+def _experiments_dir(value: str) -> str:
+    """A missing directory is fine (no runs yet); a file is a mistake."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    if os.path.lexists(value) and not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(_not_a_directory(value))
+    return value
+
+
+def _out_dir(value: str) -> str:
+    """A directory, or one that can be made: its nearest existing ancestor is a
+    writable directory."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    existing = value
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise argparse.ArgumentTypeError(_not_a_directory(existing) if existing == value else
+                                         f"cannot create {value}: {_not_a_directory(existing)}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {existing}")
+    return value
 
 
 def _load_state(out: str) -> dict:
@@ -99,7 +181,8 @@ def run_results(experiments: str = "experiments", out: str = "results",
     state = _load_state(out)
     report: dict[str, Any] = {"drawn": [], "skipped": [], "removed": [], "errors": []}
     if not os.path.isdir(experiments):
-        log(f"kdlab results: experiments directory '{experiments}' does not exist; "
+        why = "is not a directory" if os.path.lexists(experiments) else "does not exist"
+        log(f"kdlab results: experiments directory '{experiments}' {why}; "
             f"writing empty results to '{out}'.")
     summaries, run_cache, parsed = load_runs(experiments, {} if force else state.get("runs"))
     report.update(runs=len(summaries), parsed=parsed)
@@ -187,8 +270,8 @@ def run_results(experiments: str = "experiments", out: str = "results",
     c = health["counts"]
     log(f"kdlab results: {c['runs']} runs ({c['complete']} complete, {c['incomplete']} "
         f"incomplete, {c['failed']} failed, {c['near_chance']} near chance, "
-        f"{c['outdated']} outdated); {len(rows)} table rows; figures drawn "
-        f"{len(report['drawn'])}, unchanged {len(report['skipped'])} -> {out}/")
+        f"{c['outdated']} outdated, {c['unreadable']} unreadable); {len(rows)} table rows; "
+        f"figures drawn {len(report['drawn'])}, unchanged {len(report['skipped'])} -> {out}/")
     return report
 
 
@@ -202,11 +285,7 @@ def _record(name, fp, err, figs, report, log) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        versions = parse_method_versions(args.method_versions)
-    except (OSError, ValueError) as exc:
-        print(f"kdlab results: bad --method-versions: {exc}", file=sys.stderr)
-        return 2
+    versions = args.method_versions  # parsed and checked by _method_versions_arg
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     if versions is None:  # by hand: the registry's own versions, read without torch
         try:
@@ -230,13 +309,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "accuracy_vs_alpha.png, methods_at_best_alpha.png and curves/*.png into "
                     "--out, comparing with published numbers where a run's dataset, pair "
                     "and recipe match (kdlab/results/published.json). Figures whose input data did not change are not redrawn.")
-    p.add_argument("experiments", nargs="?", default="experiments",
+    p.add_argument("experiments", nargs="?", default="experiments", type=_experiments_dir,
                    help="experiments directory (default: %(default)s)")
-    p.add_argument("--out", default="results", help="output directory (default: %(default)s)")
-    p.add_argument("--chance-margin", type=float, default=5.0, metavar="POINTS",
+    p.add_argument("--out", default="results", type=_out_dir,
+                   help="output directory (default: %(default)s)")
+    p.add_argument("--chance-margin", type=_chance_margin, default=5.0, metavar="POINTS",
                    help="flag complete runs whose best accuracy is within POINTS percentage "
-                        "points of chance, 100/num_classes (default: %(default)s)")
-    p.add_argument("--method-versions", default=None, metavar="JSON",
+                        "points of chance, 100/num_classes; 0 to 100 (default: %(default)s)")
+    p.add_argument("--method-versions", default=None, metavar="JSON", type=_method_versions_arg,
                    help="current version of each method, as a JSON object "
                         "('{\"kd\": 1, \"rkd\": 2}') or a JSON file (default: the versions in "
                         "kdlab/methods); runs made with an older method_version are listed in "
@@ -248,10 +328,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "epoch (default: %(default)s; the full table has both, and the "
                         "comparison with published numbers always uses the source's own)")
     p.add_argument("--no-curves", action="store_true", help="skip the per-run curve figures")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes for drawing curves (default: min(4, CPUs available))")
-    p.add_argument("--dpi", type=int, default=300, help="aggregate figures (default: 300)")
-    p.add_argument("--curve-dpi", type=int, default=150, help="per-run curves (default: 150)")
+    p.add_argument("--jobs", type=_int_in(*JOBS_RANGE), default=None,
+                   help=f"processes for drawing curves, {JOBS_RANGE[0]} to {JOBS_RANGE[1]} "
+                        f"(default: min(4, CPUs available))")
+    p.add_argument("--dpi", type=_int_in(*DPI_RANGE), default=300,
+                   help=f"aggregate figures, {DPI_RANGE[0]} to {DPI_RANGE[1]} (default: 300)")
+    p.add_argument("--curve-dpi", type=_int_in(*DPI_RANGE), default=150,
+                   help=f"per-run curves, {DPI_RANGE[0]} to {DPI_RANGE[1]} (default: 150)")
     p.add_argument("--force", action="store_true",
                    help="ignore the cache: re-read every run and redraw every figure")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
