@@ -33,6 +33,19 @@ def full_run_config(args):
     return run
 
 
+def output_file(text):
+    """--out: checked before the work that would be written there."""
+    if not text or Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"must name a file, and {text!r} is {'a directory' if text else 'empty'}")
+    return Path(text)
+
+
+def run_directory(text):
+    if not text or (Path(text).exists() and not Path(text).is_dir()):
+        raise argparse.ArgumentTypeError(f"{text!r} is {'a file, not a directory' if text else 'empty'}")
+    return Path(text)
+
+
 def thread_count(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
@@ -96,7 +109,7 @@ def build_parser():
     p.add_argument("--config", required=True, help="the run config: inline JSON or a YAML/JSON file")
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result "
                    "(e.g. '{\"training\": {\"num_workers\": 8}}')")
-    p.add_argument("--run-dir", required=True, type=Path, help="the run directory (checkpoint, metrics)")
+    p.add_argument("--run-dir", required=True, type=run_directory, help="the run directory (checkpoint, metrics)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--force-restart", action="store_true", help="ignore any checkpoint and start fresh")
     p.set_defaults(func=cmd_train)
@@ -104,7 +117,7 @@ def build_parser():
     p = sub.add_parser("pretrain-paraphraser", help="Factor Transfer stage 1: write paraphraser.pth")
     p.add_argument("--config", required=True, help="the run config (method ft): inline JSON or a file")
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
-    p.add_argument("--out", required=True, type=Path, help="where to write paraphraser.pth")
+    p.add_argument("--out", required=True, type=output_file, help="where to write paraphraser.pth")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--force-restart", action="store_true")
     p.set_defaults(func=cmd_pretrain)
@@ -114,7 +127,7 @@ def build_parser():
     p.add_argument("--config", required=True, help="the import's config (kind import_teacher, model, seed, "
                    "checkpoint, data): inline JSON or a file")
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
-    p.add_argument("--run-dir", required=True, type=Path, help="the teacher's run directory")
+    p.add_argument("--run-dir", required=True, type=run_directory, help="the teacher's run directory")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_import_teacher)
 
@@ -123,7 +136,7 @@ def build_parser():
     p.add_argument("--config", required=True, help="a run config whose model is the teacher: inline JSON or a file")
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
     p.add_argument("--weights", required=True, type=Path, help="the teacher's model.pth")
-    p.add_argument("--out", required=True, type=Path, help="where to write the cache (beside the weights)")
+    p.add_argument("--out", required=True, type=output_file, help="where to write the cache (beside the weights)")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
     p.set_defaults(func=cmd_cache_teacher)
 

@@ -253,7 +253,11 @@ def resolve_grid(config):
         if not all(map(plain_decimal, weights)) or len(set(names)) < len(names):
             raise ConfigError(f"config key 'methods.{method}.additive': the weights must be plain decimals (at "
                               f"most 6 significant digits, no exponent) that name distinct run directories "
-                              f"additive_ce<ce_weight>_kd<kd_weight>")
+                              f"additive_ce<ce_weight>_kd<kd_weight> (kd_temperature is not part of the name: "
+                              f"two recipes may not differ in it alone)")
+        if method == "kd" and any(r["ce_weight"] + r["kd_weight"] == 0 for r in block["additive"]):
+            raise ConfigError(f"config key 'methods.kd.additive': a recipe with ce_weight and kd_weight both 0 "
+                              f"trains on a loss of exactly 0")
     first_seen = {}
     for i, pair in enumerate(grid["pairs"]):
         key = (pair["teacher"], pair["student"])
@@ -289,7 +293,8 @@ def check_data_files(grid):
     from .data import DataError, check_data
     for name, path in grid["teacher_checkpoints"].items():
         if not Path(path).is_file():
-            raise ConfigError(f"config key 'teacher_checkpoints.{name}': {path} does not exist")
+            raise ConfigError(f"config key 'teacher_checkpoints.{name}': {path} "
+                              f"{'is not a file' if Path(path).exists() else 'does not exist'}")
     try:
         check_data(grid["data"])
     except DataError as e:

@@ -66,7 +66,12 @@ def load_cifar_pickles(name, data_dir, download=False):
     root = Path(data_dir) / folder
     if download and not root.exists():
         import torchvision.datasets as tvd
-        (tvd.CIFAR10 if name == "Cifar10" else tvd.CIFAR100)(str(data_dir), train=True, download=True)
+        try:
+            (tvd.CIFAR10 if name == "Cifar10" else tvd.CIFAR100)(str(data_dir), train=True, download=True)
+        except Exception as e:  # URLError, timeouts, a full disk, a bad checksum: torchvision raises them all
+            raise DataError(f"{name}: data.download is true, but downloading {CIFAR_URL_HINT[name]} into "
+                            f"{data_dir} failed ({type(e).__name__}: {e}). Download it where there is a network "
+                            f"and extract it into {data_dir}/") from None
 
     def read(files):
         xs, ys = [], []
@@ -140,9 +145,9 @@ def load_npz(path, num_classes=None):
             raise DataError(f"npz dataset: {path}: {key} must hold integer labels, got {arrays[key].dtype}")
     if num_classes is None:
         num_classes = int(max(arrays["train_y"].max(initial=0), arrays["test_y"].max(initial=0))) + 1
-        if num_classes > MAX_CLASSES:
-            raise DataError(f"npz dataset: {path}: labels go up to {num_classes - 1}; they must be 0..K-1 with K at "
-                            f"most {MAX_CLASSES}")
+        if not 2 <= num_classes <= MAX_CLASSES:
+            raise DataError(f"npz dataset: {path}: labels go up to {num_classes - 1}; they must be 0..K-1 with K "
+                            f"from 2 to {MAX_CLASSES}")
     return ImageArrays(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"], num_classes, str(path))
 
 

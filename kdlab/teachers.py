@@ -110,7 +110,8 @@ def import_teacher(run, run_dir):
     run = with_defaults(run, schema)
     tr, run_dir, path = run["training"], Path(run_dir), Path(run["checkpoint"])
     if not path.is_file():
-        raise ConfigError(f"config key 'teacher_checkpoints.{run['model']}': {path} does not exist")
+        raise ConfigError(f"config key 'teacher_checkpoints.{run['model']}': {path} "
+                          f"{'is not a file' if path.exists() else 'does not exist'}")
     remove_completion_marks(run_dir)
     started = now()
     arrays = load_dataset(run["data"])

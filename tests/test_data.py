@@ -52,6 +52,19 @@ def test_missing_cifar_says_where_to_put_which_files(tmp_path):
     assert "cifar-100-python.tar.gz" in message and "download" in message
 
 
+def test_a_failed_download_names_the_setting_and_what_to_do(tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(DataError, match=r"Cifar100: data.download is true, but downloading https://\S+"
+                                        r"cifar-100-python.tar.gz into .* failed \(URLError: .*Name or service not "
+                                        r"known.*\). Download it where there is a network"):
+        load_cifar_pickles("Cifar100", tmp_path, download=True)
+
+
 def test_corrupt_and_misshapen_cifar_files_are_named(tmp_path):
     write_cifar(tmp_path, "Cifar100")
     (tmp_path / "cifar-100-python" / "test").write_bytes(b"not a pickle")
@@ -90,7 +103,10 @@ def test_npz_labels_beyond_the_class_bound_and_a_constant_channel(tmp_path):
     x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     path = tmp_path / "mine.npz"
     np.savez(path, train_x=x, train_y=np.array([0, 1, 2, 10 ** 9]), test_x=x[:2], test_y=np.array([2, 0]))
-    with pytest.raises(DataError, match=r"mine.npz: labels go up to 1000000000; they must be 0..K-1 with K at most"):
+    with pytest.raises(DataError, match=r"mine.npz: labels go up to 1000000000; they must be 0..K-1 with K from 2"):
+        load_npz(path)
+    np.savez(path, train_x=x, train_y=np.zeros(4, int), test_x=x[:2], test_y=np.zeros(2, int))
+    with pytest.raises(DataError, match=r"mine.npz: labels go up to 0; they must be 0..K-1 with K from 2"):
         load_npz(path)
     x[..., 1:] = 0  # grayscale stored in red only
     np.savez(path, train_x=x, train_y=np.array([0, 1, 2, 1]), test_x=x[:2], test_y=np.array([2, 0]))

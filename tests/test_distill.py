@@ -144,6 +144,9 @@ def test_ft_stage_two_refuses_to_start_without_the_paraphraser(trained_teacher, 
                                                  r"does not exist; run stage 1 first"):
         train(run, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
+    run.pop("paraphraser")
+    with pytest.raises(MissingParaphraser, match=r"ft: config key 'paraphraser' is missing; stage 2 needs"):
+        train(run, tmp_path / "run")
 
 
 def test_paraphraser_stage_one_resumes_after_an_interruption(trained_teacher, paraphraser, tmp_path, capsys):

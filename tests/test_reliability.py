@@ -103,6 +103,19 @@ def test_threads_must_be_a_positive_whole_number(threads, tmp_path, capsys):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["cache-teacher", "--config", "{}", "--weights", "w.pth", "--out", "."], "argument --out: must name a file, "
+                                                                              "and '.' is a directory"),
+    (["pretrain-paraphraser", "--config", "{}", "--out", "."], "argument --out: must name a file"),
+    (["train", "--config", "{}", "--run-dir", __file__], "argument --run-dir: '%s' is a file, not a directory"
+     % __file__),
+], ids=["cache into a directory", "paraphraser into a directory", "run dir a file"])
+def test_output_paths_are_checked_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        kdlab_main(args)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_a_job_asked_for_cuda_on_a_machine_without_names_the_key(tmp_path, capsys):
     run = tiny_run(training={"device": "cuda:1"})

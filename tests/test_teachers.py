@@ -179,6 +179,7 @@ def test_teacher_checkpoints_are_validated(tmp_path):
                                                            "teacher of any pair"),
                                  ({"ResNet14": str(tmp_path / "no.pth")}, "'teacher_checkpoints.ResNet14': .* "
                                                                          "does not exist"),
+                                 ({"ResNet14": str(tmp_path)}, "'teacher_checkpoints.ResNet14': .* is not a file"),
                                  ({"Res/Net": str(ckpt)}, "'teacher_checkpoints'")):
         (tmp_path / "grid.yaml").write_text(yaml.safe_dump({**cfg, "teacher_checkpoints": checkpoints}))
         with pytest.raises(ConfigError, match=message):  # a missing file: when the first job is due

@@ -87,8 +87,12 @@ class MissingParaphraser(Exception):
 
 
 def load_paraphraser(path, settings):
-    path = Path(path) if path else None
-    if path is None or not path.exists():
+    if not path:
+        raise MissingParaphraser("ft: config key 'paraphraser' is missing; stage 2 needs the paraphraser that "
+                                 "stage 1 writes (`kdlab pretrain-paraphraser`, or the workflow's "
+                                 "pretrain_paraphraser rule)")
+    path = Path(path)
+    if not path.exists():
         raise MissingParaphraser(
             f"ft: stage 2 needs the pre-trained paraphraser, but {path} does not exist; run stage 1 first "
             f"(`kdlab pretrain-paraphraser`, or let the workflow's pretrain_paraphraser rule run)")
