@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from kdlab.cli import main as kdlab_main
-from kdlab.config import ConfigError, grid_schema, load_grid, resolve_grid, resolve_run
+from kdlab.config import ConfigError, grid_schema, load_grid, read_yaml, resolve_grid, resolve_run
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS
 
@@ -369,6 +369,12 @@ def test_check_config_refuses_what_yaml_would_take_or_choke_on(content, message,
     assert kdlab_main(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_yaml_merge_key_may_be_overridden_without_counting_as_a_duplicate(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("base: &b {epochs: 3, lr: 0.1}\ntraining: {<<: *b, epochs: 5}\n")
+    assert read_yaml(path)["training"] == {"epochs": 5, "lr": 0.1}
 
 
 def kdlab(*args):
