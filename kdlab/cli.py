@@ -156,14 +156,14 @@ def main(argv=None):
         return args.func(args)
     from .config import ConfigError
     from .data import DataError
-    from .methods.ft import MissingParaphraser
+    from .methods.ft import ParaphraserError
     from .runio import UnreadableFile
     from .teachers import ConversionError
     from .teacher_cache import TeacherCacheError
     from .train import GuardError
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, DataError, MissingParaphraser, UnreadableFile, GuardError,
+    except (ConfigError, ConversionError, DataError, ParaphraserError, UnreadableFile, GuardError,
             TeacherCacheError, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

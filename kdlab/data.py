@@ -8,6 +8,7 @@ sampler from a generator seeded with (seed, epoch), not inside worker processes,
 an epoch's batches are the same with any num_workers and after a resume.
 """
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -59,6 +60,13 @@ class ImageArrays:
         # Normalisation divides by the std: a constant channel (say, grayscale stored in red
         # only) is centred and left unscaled instead of turning every input into NaN.
         self.mean, self.std = pixels.mean(0).tolist(), [s if s > 0 else 1.0 for s in pixels.std(0).tolist()]
+
+    def sha256(self):
+        """Of every image and label, both splits: what a checkpoint was trained and tested on."""
+        h = hashlib.sha256()
+        for array in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
 
 
 def load_cifar_pickles(name, data_dir, download=False):

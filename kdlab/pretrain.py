@@ -45,6 +45,8 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
         optimizer.load_state_dict(ckpt["optimizer"])
         losses = ckpt["losses"]
         log(f"resuming the paraphraser from epoch {len(losses)}")
+    else:  # a stale paraphraser.pth must not outlive a retrain that a kill interrupts
+        out_path.unlink(missing_ok=True)
 
     epochs = settings["paraphraser_epochs"]
     for epoch in range(len(losses), epochs):

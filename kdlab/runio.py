@@ -5,6 +5,7 @@ use the atomic writes without loading torch.
 """
 
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -79,6 +80,8 @@ def torch_load(path, mmap=False):
     import torch
     if not Path(path).exists():
         raise UnreadableFile(f"{path} does not exist")
+    if Path(path).is_dir():
+        raise UnreadableFile(f"{path} is a directory, not a file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except OSError:
@@ -168,9 +171,10 @@ def verify_weights(path):
         print(f"WARNING: {path} has no checksum file {sidecar.name} (written before kdlab checksummed its "
               f"files); it cannot be verified", flush=True)
         return actual
-    expected = (sidecar.read_text().split() or [""])[0]
+    expected = (sidecar.read_bytes().decode("utf-8", "replace").split() or [""])[0]
     if actual != expected:
-        raise UnreadableFile(f"{path} is corrupt: its SHA-256 does not match {sidecar.name}")
+        raise UnreadableFile(f"{path} or its checksum file {sidecar.name} is corrupt: the SHA-256 of {path.name} "
+                             f"does not match the one recorded")
     return actual
 
 
@@ -188,15 +192,17 @@ def previous_path(path):
 def save_checkpoint(path, obj):
     """Keep the last two: the current checkpoint also becomes the previous one (a hard link,
     so that at no instant is there no checkpoint), then the new one replaces it."""
-    path = Path(path)
-    if path.exists():
+    path, previous = Path(path), previous_path(path)
+    # After a kill between the two steps both names are one file already, and rename()
+    # between two links of one file does nothing (POSIX): the temporary link would stay.
+    if path.exists() and not (previous.exists() and os.path.samefile(path, previous)):
         tmp = path.with_name(f".{path.name}.prev.tmp")
         tmp.unlink(missing_ok=True)
         try:
             os.link(path, tmp)
         except OSError:  # a file system without hard links
             shutil.copyfile(path, tmp)
-        os.replace(tmp, previous_path(path))
+        os.replace(tmp, previous)
     save_checked(path, obj)
 
 
@@ -205,6 +211,19 @@ def file_sha256(path):
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+@functools.cache
+def code_sha256():
+    """What trains a run: kdlab's source (the results tool aside) and torch's version. A
+    finished checkpoint stands for its run only under the same code."""
+    import torch
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256(torch.__version__.encode())
+    for source in sorted(package.rglob("*.py")):
+        if "results" not in source.relative_to(package).parts:
+            h.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
     return h.hexdigest()
 
 

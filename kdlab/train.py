@@ -22,8 +22,8 @@ from .data import load_dataset, make_loaders
 from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model
-from .runio import (UnreadableFile, atomic_write_json, file_sha256, load_checked, load_weights, now, previous_path,
-                    provenance, remove_completion_marks, save_checkpoint, save_weights)
+from .runio import (UnreadableFile, atomic_write_json, code_sha256, file_sha256, load_checked, load_weights, now,
+                    previous_path, provenance, remove_completion_marks, save_checkpoint, save_weights)
 from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -202,8 +202,14 @@ def run_record(run, status, state, epochs_planned, prov, num_classes, error=None
     }
 
 
-def load_resume_state(path, run_fingerprint, force_restart):
-    """The checkpoint to resume from, or None (with the reason logged) to start fresh."""
+def load_resume_state(path, run_fingerprint, force_restart, identity=None):
+    """The checkpoint to resume from, or None (with the reason logged) to start fresh.
+
+    `identity` ({"code_sha256", "data_sha256"}, as checkpoint() stores them): a checkpoint of
+    other data is not resumed, and a finished checkpoint of the same code is returned, to
+    write the run's outputs from it (a rerun after Snakemake lost track of a finished job,
+    or after its outputs were deleted, trains nothing). Without it, a finished checkpoint
+    starts fresh."""
     if force_restart:
         log("--force-restart: starting fresh")
         return None
@@ -224,9 +230,16 @@ def load_resume_state(path, run_fingerprint, force_restart):
         if ckpt.get("fingerprint") != run_fingerprint:
             log(f"{name} belongs to a different configuration (fingerprint changed): starting fresh")
             return None
-        if ckpt.get("finished"):
-            log(f"{name} is of a finished run: starting fresh")
+        identity = identity or {}
+        if ckpt.get("data_sha256", identity.get("data_sha256")) != identity.get("data_sha256"):
+            log(f"{name} was trained on other data (the dataset's files changed): starting fresh")
             return None
+        if ckpt.get("finished"):
+            if not identity or ckpt.get("code_sha256") != identity["code_sha256"]:
+                log(f"{name} is of a finished run{' of other code (kdlab or torch changed)' if identity else ''}: "
+                    f"starting fresh")
+                return None
+            log(f"{name} holds this run, finished by the same code: writing its outputs from it, without training")
         if candidate != path:
             log(f"resuming from the previous checkpoint {candidate}")
         return ckpt
@@ -267,7 +280,8 @@ def train(run, run_dir, force_restart=False):
     student = student_forward(model, method)
     forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     checkpoint_path = run_dir / "checkpoint.pth"
-    ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart)
+    identity = {"code_sha256": code_sha256(), "data_sha256": arrays.sha256()}
+    ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart, identity)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt["method"])
@@ -277,8 +291,9 @@ def train(run, run_dir, force_restart=False):
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-        state["resumed_at_epochs"].append(ckpt["epoch"])
-        log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
+        if not ckpt["finished"]:
+            state["resumed_at_epochs"].append(ckpt["epoch"])
+            log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
     else:
         remove_completion_marks(run_dir)
         teacher_acc = evaluate(teacher, test_loader, normalize, device, autocast)[1] if teacher else None
@@ -370,8 +385,8 @@ def train(run, run_dir, force_restart=False):
         check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, model, loss_fn)
         last = epoch + 1 == tr["epochs"]
         if not last:
-            save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, epoch + 1, False, model, loss_fn,
-                                                        optimizer, scaler, state))
+            save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, identity, epoch + 1, False, model,
+                                                        loss_fn, optimizer, scaler, state))
             atomic_write_json(run_dir / "progress.json", record("running"))
 
     # Completion (the weights were checked above): final weights and their checksum, then
@@ -381,7 +396,7 @@ def train(run, run_dir, force_restart=False):
     prov["finished"] = now()
     atomic_write_json(run_dir / "metrics.json", record("complete"))
     atomic_write_json(run_dir / "progress.json", record("complete"))
-    save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, tr["epochs"], True, model, loss_fn,
+    save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, identity, tr["epochs"], True, model, loss_fn,
                                                 optimizer, scaler, state))
     previous_path(checkpoint_path).unlink(missing_ok=True)  # a finished run has nothing to fall back to
     log(f"done: best test accuracy {max(history['test_acc']):.2f}%, last {history['test_acc'][-1]:.2f}%")
@@ -447,9 +462,9 @@ class StepTally:
         return None
 
 
-def checkpoint(run_fingerprint, epoch, finished, model, loss_fn, optimizer, scaler, state):
+def checkpoint(run_fingerprint, identity, epoch, finished, model, loss_fn, optimizer, scaler, state):
     # The learning rate is a pure function of the epoch, so there is no scheduler state to keep.
-    return {"fingerprint": run_fingerprint, "epoch": epoch, "finished": finished,
+    return {"fingerprint": run_fingerprint, **identity, "epoch": epoch, "finished": finished,
             "model": model.state_dict(), "method": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "state": state}
 

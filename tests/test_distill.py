@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import kdlab.pretrain
 import kdlab.train
 from kdlab.methods import METHODS
-from kdlab.methods.ft import MissingParaphraser, paraphraser_setting
+from kdlab.methods.ft import ParaphraserError, paraphraser_setting
 from kdlab.pretrain import pretrain_paraphraser
 from kdlab.train import gradient_share, train
 
@@ -140,12 +140,12 @@ def test_rkd_under_fp16_autocast_learns(trained_teacher, tmp_path):
 def test_ft_stage_two_refuses_to_start_without_the_paraphraser(trained_teacher, tmp_path):
     run = tiny_student("ft", trained_teacher[0], alpha=0.5, method_settings=FT_SETTINGS,
                        paraphraser=str(tmp_path / "paraphraser.pth"))
-    with pytest.raises(MissingParaphraser, match=r"stage 2 needs the pre-trained paraphraser, but .*paraphraser.pth "
+    with pytest.raises(ParaphraserError, match=r"stage 2 needs the pre-trained paraphraser, but .*paraphraser.pth "
                                                  r"does not exist; run stage 1 first"):
         train(run, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
     run.pop("paraphraser")
-    with pytest.raises(MissingParaphraser, match=r"ft: config key 'paraphraser' is missing; stage 2 needs"):
+    with pytest.raises(ParaphraserError, match=r"ft: config key 'paraphraser' is missing; stage 2 needs"):
         train(run, tmp_path / "run")
 
 

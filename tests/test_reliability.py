@@ -17,8 +17,8 @@ import yaml
 from kdlab.cli import main as kdlab_main
 from kdlab.config import fingerprint, resolve_run, split_runtime
 from kdlab.models import build_model
-from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, load_checked, save_weights,
-                         verify_weights)
+from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, load_checked, save_checkpoint,
+                         save_weights, verify_weights)
 from kdlab.train import GuardError, train
 
 from conftest import comparable, interrupt_after_checkpoints, read_json, tiny_run
@@ -213,7 +213,13 @@ def mismatching_checksum(path):
     torch.save(ckpt, path)
 
 
+def replaced_by_a_directory(path):
+    path.unlink()
+    path.mkdir()
+
+
 DAMAGE = {
+    "a directory": replaced_by_a_directory,
     "empty": lambda p: p.write_bytes(b""),
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 3]),
     "garbage": lambda p: p.write_bytes(random.Random(0).randbytes(5000)),
@@ -248,6 +254,22 @@ def test_both_checkpoints_damaged_starts_fresh(interrupted, tmp_path, capsys):
     assert metrics["resumed_at_epochs"] == [] and comparable(metrics) == comparable(reference)
 
 
+def test_a_kill_between_linking_and_saving_leaves_no_temporary_link(interrupted, tmp_path):
+    """A kill after checkpoint.prev.pth became a link of checkpoint.pth, before the new one
+    replaced it: the next save must not leave its temporary link behind (rename() between
+    two links of one file does nothing) and must keep two distinct checkpoints."""
+    _, source = interrupted
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    (run_dir / "checkpoint.prev.pth").unlink()
+    os.link(run_dir / "checkpoint.pth", run_dir / "checkpoint.prev.pth")
+    before = load_checked(run_dir / "checkpoint.pth")["epoch"]
+    save_checkpoint(run_dir / "checkpoint.pth", {"epoch": before + 1})
+    assert not list(run_dir.glob(".*.tmp"))
+    assert load_checked(run_dir / "checkpoint.prev.pth")["epoch"] == before
+    assert load_checked(run_dir / "checkpoint.pth")["epoch"] == before + 1
+
+
 def test_checkpoints_carry_a_checksum_of_their_content(interrupted, tmp_path):
     _, source = interrupted
     ckpt = torch.load(source / "checkpoint.pth", weights_only=True)
@@ -266,7 +288,7 @@ def teacher_dir(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "bit rot"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "bit rot", "sidecar not text"])
 def test_damaged_teacher_weights_name_the_file_and_the_rule(teacher_dir, tmp_path, damage, capsys):
     weights = tmp_path / "model.pth"
     shutil.copy(teacher_dir / "model.pth", weights)
@@ -279,6 +301,8 @@ def test_damaged_teacher_weights_name_the_file_and_the_rule(teacher_dir, tmp_pat
         weights.write_bytes(b"")
     elif damage == "truncated":
         weights.write_bytes(data[:1000])
+    elif damage == "sidecar not text":
+        (tmp_path / "model.pth.sha256").write_bytes(b"\xcd\xff\n")
     else:
         middle = len(data) // 2
         weights.write_bytes(data[:middle] + bytes(b ^ 1 for b in data[middle:middle + 64]) + data[middle + 64:])
@@ -302,6 +326,21 @@ def test_damaged_paraphraser_names_the_file_and_the_rule(tmp_path, capsys):
     path.write_bytes(b"")
     with pytest.raises(UnreadableFile, match=r"truncated or corrupt.*rule pretrain_paraphraser"):
         load_paraphraser(str(path), settings)
+
+
+def test_a_paraphraser_of_other_settings_or_another_teacher_is_refused(tmp_path):
+    from kdlab.methods.ft import PARAPHRASER_KEYS, ParaphraserError, load_paraphraser
+    from kdlab.runio import save_checked
+    settings = {"rate": 0.5, "paraphraser_loss": "l1", "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
+    path = tmp_path / "paraphraser.pth"
+    save_checked(path, {"state_dict": {}, "settings": {k: settings[k] for k in PARAPHRASER_KEYS},
+                        "teacher_weights_sha256": "a" * 64})
+    with pytest.raises(ParaphraserError, match=r"trained with paraphraser_epochs=1, but this run asks for 3: delete "
+                                               r".*rule pretrain_paraphraser"):
+        load_paraphraser(str(path), {**settings, "paraphraser_epochs": 3})
+    with pytest.raises(ParaphraserError, match=r"pre-trained on another teacher's features .*aaaaaaaaaaaa.*"
+                                               r"bbbbbbbbbbbb.*rule pretrain_paraphraser"):
+        load_paraphraser(str(path), settings, teacher_sha256="b" * 64)
 
 
 # --- non-finite weights are never saved ----------------------------------------------

@@ -10,12 +10,13 @@ import types
 import pytest
 import torch
 
+import kdlab.train
 from kdlab import methods
 from kdlab.methods.base import MethodLoss, no_check
-from kdlab.runio import torch_load
+from kdlab.runio import torch_load, verify_weights
 from kdlab.train import GuardError, train
 
-from conftest import REPO, comparable, read_json, tiny_run
+from conftest import REPO, comparable, interrupt_after_checkpoints, read_json, tiny_run
 
 CHANCE = 100 / 5
 
@@ -63,10 +64,39 @@ def test_truncated_checkpoint_is_reported_and_moved_aside(tmp_path, capsys):
     assert (tmp_path / "checkpoint.corrupt.pth").exists() and metrics["status"] == "complete"
 
 
-def test_changed_config_or_finished_checkpoint_starts_fresh(tmp_path, capsys):
-    train(tiny_run(training={"epochs": 2}), tmp_path)
-    train(tiny_run(training={"epochs": 2}), tmp_path)
-    assert "checkpoint is of a finished run: starting fresh" in capsys.readouterr().out
+def test_a_finished_checkpoint_writes_the_outputs_unless_code_or_data_changed(tmp_path, capsys, monkeypatch):
+    """Snakemake reruns a finished job whose completion it never recorded (it was killed
+    itself), or whose outputs were deleted: the finished checkpoint holds the run."""
+    run = tiny_run(training={"epochs": 2})
+    first = train(run, tmp_path)
+    weights = (tmp_path / "model.pth").read_bytes()
+    for output in ("metrics.json", "model.pth", "model.pth.sha256"):
+        (tmp_path / output).unlink()
+    capsys.readouterr()
+    again = train(run, tmp_path)
+    out = capsys.readouterr().out
+    assert "checkpoint holds this run, finished by the same code: writing its outputs from it" in out
+    assert "epoch 1/2" not in out and "resuming" not in out
+    assert comparable(again) == comparable(first) and again["resumed_at_epochs"] == []
+    assert (tmp_path / "model.pth").read_bytes() == weights and verify_weights(tmp_path / "model.pth")
+    monkeypatch.setattr("kdlab.train.code_sha256", lambda: "other code")
+    train(run, tmp_path)
+    assert "checkpoint is of a finished run of other code (kdlab or torch changed): starting fresh" in \
+        capsys.readouterr().out
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, capsys, monkeypatch):
+    import kdlab.data
+    run = tiny_run(training={"epochs": 2})
+    interrupt_after_checkpoints(kdlab.train, 1, train, run, tmp_path)
+    monkeypatch.setattr(kdlab.data.ImageArrays, "sha256", lambda self: "other data")
+    metrics = train(run, tmp_path)
+    assert "checkpoint was trained on other data (the dataset's files changed): starting fresh" in \
+        capsys.readouterr().out
+    assert metrics["resumed_at_epochs"] == []
+
+
+def test_the_fingerprint_is_what_a_run_computes():
     # Workers and device do not change the result: not part of the fingerprint.
     from kdlab.config import fingerprint, resolve_run
     a = fingerprint(resolve_run(tiny_run()), {})

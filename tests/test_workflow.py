@@ -125,18 +125,22 @@ def test_demo_runs_end_to_end_and_a_second_run_does_nothing(demo):
     assert "Nothing to be done" in again.output
 
 
-def test_forcerun_distill_reruns_only_distillations_from_scratch(demo):
+def test_forcerun_distill_reruns_only_distillations_from_their_finished_checkpoints(demo):
+    """The same code and config: each forced run's outputs come from its finished checkpoint
+    (no epoch is trained again; other code retrains: test_train)."""
     workdir, _ = demo
     teacher = workdir / "experiments/Synthetic/teachers/ResNet8/0/metrics.json"
     before = teacher.stat().st_mtime_ns
-    proc = snakemake(workdir, "-R", "distill")
     methods = load_grid(REPO / "config" / "demo.yaml")["methods"]
+    earlier = {m: read_json(workdir / DISTILL.format(m) / "metrics.json") for m in methods}
+    proc = snakemake(workdir, "-R", "distill")
     assert planned(proc.output) == collections.Counter({"distill": len(methods), "aggregate": 1})
     assert teacher.stat().st_mtime_ns == before
     for method in methods:
         log = (workdir / f"logs/distill/Synthetic/{method}/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text()
-        assert "checkpoint is of a finished run: starting fresh" in log
-        assert read_json(workdir / DISTILL.format(method) / "metrics.json")["resumed_at_epochs"] == []
+        assert "holds this run, finished by the same code: writing its outputs from it" in log
+        assert "| lr " not in log  # no epoch line: nothing trained
+        assert comparable(read_json(workdir / DISTILL.format(method) / "metrics.json")) == comparable(earlier[method])
 
 
 def test_deleted_metrics_or_changed_setting_reruns_exactly_those_runs(demo):

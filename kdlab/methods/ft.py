@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import STAGE_CHANNELS
-from ..runio import UnreadableFile, load_checked
+from ..runio import UnreadableFile, file_sha256, load_checked
 from .base import MethodLoss, no_check
 
 NAME = "ft"
@@ -82,18 +82,18 @@ FACTORS = {
 }
 
 
-class MissingParaphraser(Exception):
-    pass
+class ParaphraserError(Exception):
+    """Stage 2's paraphraser is missing, or was pre-trained for other settings or another teacher."""
 
 
-def load_paraphraser(path, settings):
+def load_paraphraser(path, settings, teacher_sha256=None):
     if not path:
-        raise MissingParaphraser("ft: config key 'paraphraser' is missing; stage 2 needs the paraphraser that "
+        raise ParaphraserError("ft: config key 'paraphraser' is missing; stage 2 needs the paraphraser that "
                                  "stage 1 writes (`kdlab pretrain-paraphraser`, or the workflow's "
                                  "pretrain_paraphraser rule)")
     path = Path(path)
     if not path.exists():
-        raise MissingParaphraser(
+        raise ParaphraserError(
             f"ft: stage 2 needs the pre-trained paraphraser, but {path} does not exist; run stage 1 first "
             f"(`kdlab pretrain-paraphraser`, or let the workflow's pretrain_paraphraser rule run)")
     try:
@@ -103,10 +103,15 @@ def load_paraphraser(path, settings):
     except UnreadableFile as e:
         raise UnreadableFile(f"ft paraphraser {path}: {e}. It is the output of rule pretrain_paraphraser: delete "
                              f"{path} and run snakemake again to rebuild it") from None
+    rebuild = f"delete {path} and run snakemake again to rebuild it (rule pretrain_paraphraser)"
     for key in PARAPHRASER_KEYS:
         if saved["settings"][key] != settings[key]:
-            raise ValueError(f"ft: {path} was trained with {key}={saved['settings'][key]!r}, "
-                             f"but this run asks for {settings[key]!r}")
+            raise ParaphraserError(f"ft: {path} was trained with {key}={saved['settings'][key]!r}, but this run asks "
+                                   f"for {settings[key]!r}: {rebuild}")
+    if teacher_sha256 and saved.get("teacher_weights_sha256", teacher_sha256) != teacher_sha256:
+        raise ParaphraserError(f"ft: {path} was pre-trained on another teacher's features (teacher weights sha256 "
+                               f"{saved['teacher_weights_sha256'][:12]}..., this run's teacher {teacher_sha256[:12]}...): "
+                               f"{rebuild}")
     paraphraser = Paraphraser(settings["rate"])
     paraphraser.load_state_dict(saved["state_dict"])
     return paraphraser
@@ -116,7 +121,9 @@ class Loss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
         self.weight, self.factor = settings["weight"], FACTORS[settings["factor"]]
-        self.paraphraser = load_paraphraser(run.get("paraphraser"), settings).requires_grad_(False).eval()
+        teacher_sha256 = file_sha256(run["teacher_weights"]) if run.get("teacher_weights") else None
+        self.paraphraser = load_paraphraser(run.get("paraphraser"), settings,
+                                            teacher_sha256).requires_grad_(False).eval()
         c = STAGE_CHANNELS[-1]
         self.translator = conv_stack([c, c] + [factor_channels(settings["rate"])] * 2,
                                      batch_norm=settings["translator_bn"])
