@@ -704,6 +704,11 @@ def test_misplaced_metrics_are_left_out_and_named(tmp_path, capsys):
     assert "0 unreadable, 1 misplaced, 0 duplicate)" in capsys.readouterr().err
     # No curve is drawn for it either: it would show the teacher's history under the KD path.
     assert [p.name for p in (out / R.CURVES_DIR).iterdir()] == [R.curve_name(teacher)]
+    # Also seen from the dataset's directory (paths of 3 and 4 components).
+    rep = R.run_results(str(exp / "Cifar100"), str(tmp_path / "o"), curves=False, dpi=10,
+                        log=lambda m: None)
+    assert [(e["run"], e["claims"]) for e in rep["health"]["misplaced"]] == \
+        [("kd/alpha_0.5/ResNet110_to_ResNet20/0", "Cifar100/teachers/ResNet110/0")]
 
 
 def test_duplicate_identities_are_never_both_counted(tmp_path):

@@ -103,15 +103,17 @@ KIND_WORDS = {"teacher": "teacher", "student": "plain student", "distill": "dist
 
 
 def layout_depth(rel: str) -> int:
-    """How many trailing components of a run path form a run directory of the grid's layout:
-    4 (``{dataset}/teachers|none/{model}/{seed}``), 5 (``{dataset}/{method}/{recipe}/
-    {teacher}_to_{student}/{seed}``) or 0 (another layout: nothing is checked there)."""
+    """How many components a run directory of the grid's layout has, judged by the last three
+    of a run path: 4 (``{dataset}/teachers|none/{model}/{seed}``), 5 (``{dataset}/{method}/
+    {recipe}/{teacher}_to_{student}/{seed}``) or 0 (another layout: nothing is checked there).
+    The path may have more components (EXPERIMENTS above the tree) or fewer (EXPERIMENTS a
+    dataset's directory)."""
     parts = rel.split("/")
-    if len(parts) < 4 or not SEED_DIR.fullmatch(parts[-1]):
+    if len(parts) < 3 or not SEED_DIR.fullmatch(parts[-1]):
         return 0
     if parts[-3] in ("teachers", "none"):
         return 4
-    if len(parts) >= 5 and RECIPE_DIR.fullmatch(parts[-3]) and "_to_" in parts[-2]:
+    if RECIPE_DIR.fullmatch(parts[-3]) and "_to_" in parts[-2]:
         return 5
     return 0
 
@@ -181,7 +183,7 @@ def check_placement(summaries: list[dict]) -> None:
 
     ``misplaced``: the directory its run block names (shown with ``?`` for what the block
     leaves out), when the run lies in a run directory of the grid's layout (layout_depth)
-    whose trailing components disagree with it. ``duplicates``: for every run of a group
+    whose last components disagree with it. ``duplicates``: for every run of a group
     claiming the same identity, ``{"kind", "claims": the directory of that identity, "runs":
     [their paths], "used": the one whose path matches its block (or, without a block, gave
     it its identity), if exactly one does, else None}``. Runs in another layout are not
@@ -194,9 +196,9 @@ def check_placement(summaries: list[dict]) -> None:
         claim, depth = s.get("claimed"), layout_depth(s["rel"])
         if not depth or s.get("state") == "unreadable":
             continue
-        tail = s["rel"].split("/")[-depth:]
-        if claim and (len(claim) != depth
-                      or any(c is not None and c != t for c, t in zip(claim, tail))):
+        tail = s["rel"].split("/")[-depth:]  # compared from the seed upwards
+        if claim and (len(claim) != depth or any(
+                c is not None and c != t for c, t in zip(reversed(claim), reversed(tail)))):
             s["misplaced"] = show_dir(claim)
         else:
             placed.add(s["rel"])
