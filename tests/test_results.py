@@ -340,7 +340,8 @@ def test_health_names_exactly_the_planted_runs(campaign):
     h = json.loads((out / R.HEALTH_JSON).read_text())
     for key in ("incomplete", "failed", "near_chance", "outdated"):
         assert {e["run"] for e in h[key]} == planted[key], key
-    assert h["unreadable"] == []
+    assert h["unreadable"] == [] and h["misplaced"] == [] and h["duplicates"] == []
+    assert (h["counts"]["misplaced"], h["counts"]["duplicate"]) == (0, 0)
     (failed,) = h["failed"]
     assert failed["error"] == "non-finite loss in 50 consecutive steps"
     assert failed["epochs_done"] == 4
@@ -535,7 +536,7 @@ def test_console_summary_counts_unreadable_runs_as_health_does(tmp_path, capsys)
     assert cli(exp, "--out", out, "--no-curves", "--dpi", 10) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "1 runs (0 complete, 0 incomplete, 0 failed, 0 near chance, 0 outdated, " \
-           "1 unreadable)" in last, last
+           "1 unreadable, 0 misplaced, 0 duplicate)" in last, last
     assert json.loads((out / R.HEALTH_JSON).read_text())["counts"]["unreadable"] == 1
     assert "## Unreadable run files (1)" in (out / R.HEALTH_MD).read_text()
 
@@ -678,3 +679,95 @@ def test_additive_recipes_get_their_own_rows(tmp_path):
     assert set(rows) == {"alpha_0.9", "additive_ce0.1_kd0.9"}
     assert float(rows["additive_ce0.1_kd0.9"]["best_mean"]) == 65.0 and rows["additive_ce0.1_kd0.9"]["alpha"] == ""
     png_size(out / R.FIG_ALPHA)  # the alpha figures show the convex runs only
+
+
+# ------------------------------------------------- misplaced and duplicate run files
+
+def test_misplaced_metrics_are_left_out_and_named(tmp_path, capsys):
+    """The audit's case: a teacher's metrics.json copied over a KD run's."""
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    teacher = write_run(exp, "teacher", student="ResNet110", seed=0, best=74.0)
+    kd = write_run(exp, "distill", method="kd", alpha=0.5, teacher="ResNet110",
+                   student="ResNet20", seed=0, best=70.0)
+    shutil.copy(exp / teacher / "metrics.json", exp / kd / "metrics.json")
+    assert cli(exp, "--out", out, "--dpi", 10, "--curve-dpi", 10, "--jobs", 1) == 0
+    rows = read_csv(out / R.TABLE_CSV)
+    assert [(r["role"], r["n_seeds"], r["seeds"], r["best_std"]) for r in rows] == \
+        [("teacher", "1", "0", "")]                 # not "2", "0 0", 0.0
+    h = json.loads((out / R.HEALTH_JSON).read_text())
+    (m,) = h["misplaced"]
+    assert m["message"] == (f"misplaced: {kd}/metrics.json holds the metrics of the teacher "
+                            f"run Cifar100/teachers/ResNet110/0")
+    assert (h["counts"]["misplaced"], h["counts"]["complete"], h["duplicates"]) == (1, 1, [])
+    assert f"misplaced: `{kd}/metrics.json` holds the metrics of the teacher run " \
+           f"`Cifar100/teachers/ResNet110/0`" in (out / R.HEALTH_MD).read_text()
+    assert "0 unreadable, 1 misplaced, 0 duplicate)" in capsys.readouterr().err
+    # No curve is drawn for it either: it would show the teacher's history under the KD path.
+    assert [p.name for p in (out / R.CURVES_DIR).iterdir()] == [R.curve_name(teacher)]
+    # Also seen from the dataset's directory (paths of 3 and 4 components).
+    rep = R.run_results(str(exp / "Cifar100"), str(tmp_path / "o"), curves=False, dpi=10,
+                        log=lambda m: None)
+    assert [(e["run"], e["claims"]) for e in rep["health"]["misplaced"]] == \
+        [("kd/alpha_0.5/ResNet110_to_ResNet20/0", "Cifar100/teachers/ResNet110/0")]
+
+
+def test_duplicate_identities_are_never_both_counted(tmp_path):
+    exp = tmp_path / "experiments"
+    placed = write_run(exp, "teacher", student="A", seed=0, best=74.0)
+    shutil.copytree(exp / placed, exp / "Cifar100/backup/A_seed0")       # a copy: same claim
+    kd = dict(method="kd", alpha=0.5, teacher="A", student="B", seed=1)
+    for where in ("mine/x", "mine/y"):                  # two copies, neither in its directory
+        write_run(tmp_path / "tmp", "distill", **kd, best=60.0)
+        shutil.copytree(tmp_path / "tmp", exp / where / "copy")
+        shutil.rmtree(tmp_path / "tmp")
+    rep = R.run_results(str(exp), str(tmp_path / "o"), curves=False, dpi=10, log=lambda m: None)
+    h = rep["health"]
+    assert sorted((d["claims"], tuple(d["runs"]), d["used"]) for d in h["duplicates"]) == [
+        ("Cifar100/kd/alpha_0.5/A_to_B/1",
+         tuple(f"mine/{w}/copy/{run_rel('distill', 'Cifar100', **kd)}" for w in "xy"), None),
+        ("Cifar100/teachers/A/0", ("Cifar100/backup/A_seed0", placed), placed)]
+    assert (h["counts"]["duplicate"], h["counts"]["misplaced"], h["counts"]["complete"]) == (3, 0, 1)
+    assert [(r["role"], r["n_seeds"]) for r in rep["rows"]] == [("teacher", 1)]
+    md = (tmp_path / "o" / R.HEALTH_MD).read_text()
+    assert f"the teacher run `Cifar100/teachers/A/0` is claimed by `Cifar100/backup/A_seed0`, " \
+           f"`{placed}`: only `{placed}` used" in md
+
+
+def test_other_layouts_are_not_flagged(tmp_path):
+    """A correct tree seen from above (its trailing components are checked), a user's own
+    layout, and older run blocks that leave fields out: nothing is flagged."""
+    root = tmp_path / "all"
+    write_run(root / "experiments", "teacher", student="A", seed=0, best=74.0)
+    rel = write_run(root / "experiments", "distill", method="kd", alpha=0.5, teacher="A",
+                    student="B", best=60.0)
+    p = root / "experiments" / rel / "metrics.json"
+    data = json.loads(p.read_text())
+    del data["run"]["seed"], data["run"]["dataset"]   # an older writer
+    p.write_text(json.dumps(data))
+    write_run(tmp_path / "tmp", "student", student="B", seed=2, best=55.0)
+    shutil.copytree(tmp_path / "tmp" / "Cifar100/none/B/2", root / "mine" / "plain-B")
+    rep = R.run_results(str(root), str(tmp_path / "o"), curves=False, dpi=10, log=lambda m: None)
+    assert (rep["health"]["misplaced"], rep["health"]["duplicates"]) == ([], [])
+    assert rep["health"]["counts"]["complete"] == 3
+    assert {r["role"] for r in rep["rows"]} == {"teacher", "student", "distill"}
+
+
+def test_run_block_names_the_directory_the_grid_gives_it():
+    """runs.claimed_dir repeats kdlab.grid's path formula without torch: the run block that
+    train.py records for every job of a grid names that job's directory."""
+    from kdlab.config import resolve_grid, resolve_run
+    from kdlab.grid import expand_grid
+    from kdlab.train import run_record
+
+    grid = resolve_grid({"pairs": [{"teacher": "ResNet14", "student": "ResNet8"}],
+                         "seeds": [0, 3], "teacher_seeds": [0, 2], "alphas": [0.5],
+                         "methods": {"kd": {"alphas": [0.25, 1], "additive": [
+                             {"ce_weight": 0.1, "kd_weight": 0.9}, {"ce_weight": 1, "kd_weight": 0}]},
+                             "rkd": {}}})
+    state = {"history": {"test_acc": [50.0]}, "teacher_acc": None, "resumed_at_epochs": []}
+    jobs = [j for j in expand_grid(grid) if j.rule in ("train_teacher", "train_student", "distill")]
+    assert len(jobs) == 2 + 2 + 2 * 5
+    for job in jobs:
+        block = run_record(resolve_run(job.run), "complete", state, 1, {}, 100)["run"]
+        run_dir = os.path.relpath(os.path.dirname(job.outputs[0]), grid["experiments_dir"])
+        assert R.runs.show_dir(R.runs.claimed_dir(json.loads(json.dumps(block)))) == run_dir

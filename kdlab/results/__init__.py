@@ -7,7 +7,8 @@ failed one. It never imports torch (the method registry is read from its source,
 
 The package, in the order the command uses it:
 
-* ``runs``       finding runs and summarising each run file;
+* ``runs``       finding runs, summarising each run file, marking misplaced and
+  duplicate ones;
 * ``registry``   the registered methods and their versions, without importing them;
 * ``published``  published numbers (``published.json``, with their sources) and which
   runs match their dataset, pair and recipe;

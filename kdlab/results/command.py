@@ -14,11 +14,11 @@ from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, dr
                       draw_methods_at_best_alpha, _draw_curve_job)
 from .health import build_health, health_markdown
 from .registry import RegistryUnreadable, registry_versions
-from .runs import digest, load_runs
+from .runs import digest, left_out, load_runs
 from .table import build_table, registry_methods, shown_runs, table_csv, table_markdown
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache).
-STATE_VERSION = 3
+STATE_VERSION = 4
 STATE_NAME = ".results-state.json"
 
 TABLE_CSV = "results.csv"
@@ -195,9 +195,9 @@ def run_results(experiments: str = "experiments", out: str = "results",
     rows = build_table(summaries, chance_margin, method_versions, include_outdated, methods)
     health = build_health(summaries, chance_margin, method_versions)
     notes = []
-    left_out = shown_runs(summaries, method_versions, include_outdated)[1]
-    if left_out:
-        notes.append(f"{left_out} complete run(s) made with an outdated method version are left "
+    n_outdated = shown_runs(summaries, method_versions, include_outdated)[1]
+    if n_outdated:
+        notes.append(f"{n_outdated} complete run(s) made with an outdated method version are left "
                      f"out (see health.md).")
     atomic_write_text(os.path.join(out, TABLE_CSV), table_csv(rows))
     atomic_write_text(os.path.join(out, TABLE_MD), table_markdown(rows, metric, notes, methods))
@@ -234,7 +234,7 @@ def run_results(experiments: str = "experiments", out: str = "results",
         if curves:
             todo = []
             for s in summaries:
-                if s.get("state") == "unreadable":
+                if s.get("state") == "unreadable" or left_out(s):
                     continue
                 name = f"{CURVES_DIR}/{curve_name(s['rel'])}"
                 fp = fingerprint([STYLE_VERSION, "curve", curve_dpi, s["digest"], s["file"],
@@ -270,7 +270,8 @@ def run_results(experiments: str = "experiments", out: str = "results",
     c = health["counts"]
     log(f"kdlab results: {c['runs']} runs ({c['complete']} complete, {c['incomplete']} "
         f"incomplete, {c['failed']} failed, {c['near_chance']} near chance, "
-        f"{c['outdated']} outdated, {c['unreadable']} unreadable); {len(rows)} table rows; "
+        f"{c['outdated']} outdated, {c['unreadable']} unreadable, {c['misplaced']} misplaced, "
+        f"{c['duplicate']} duplicate); {len(rows)} table rows; "
         f"figures drawn {len(report['drawn'])}, unchanged {len(report['skipped'])} -> {out}/")
     return report
 

@@ -1,4 +1,5 @@
-"""The health list: incomplete, failed, near-chance, outdated and unreadable runs."""
+"""The health list: incomplete, failed, near-chance, outdated, unreadable, misplaced and
+duplicate runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime as _dt
 from typing import Callable
 
 from ..runio import now
+from .runs import KIND_WORDS, left_out
 
 
 def chance_level(s: dict) -> float | None:
@@ -39,13 +41,33 @@ def outdated_version(s: dict, method_versions: dict | None) -> int | None:
     return current
 
 
+def kind_word(kind) -> str:
+    return KIND_WORDS.get(kind, str(kind))
+
+
 def build_health(summaries: list[dict], chance_margin: float = 5.0,
                  method_versions: dict | None = None) -> dict:
-    incomplete, failed, near, outdated, unreadable = [], [], [], [], []
+    incomplete, failed, near, outdated, unreadable, misplaced = [], [], [], [], [], []
+    duplicates: dict[tuple, dict] = {}
     for s in summaries:
         rel, state = s["rel"], s.get("state")
         if state == "unreadable":
             unreadable.append({"run": rel, "error": s.get("error")})
+            continue
+        if s.get("duplicates"):
+            group = s["duplicates"]
+            duplicates.setdefault(tuple(group["runs"]), group)
+        # A run not used is listed only as such: its other findings would be put on the
+        # wrong run.
+        why = left_out(s)
+        if why == "misplaced":
+            entry = {"run": rel, "file": s.get("file"), "claims": s["misplaced"],
+                     "kind": s.get("kind"),
+                     "holds": "metrics" if s.get("file") == "metrics.json" else "progress"}
+            entry["message"] = (f"misplaced: {rel}/{entry['file']} holds the {entry['holds']} of "
+                                f"the {kind_word(entry['kind'])} run {entry['claims']}")
+            misplaced.append(entry)
+        if why:
             continue
         if state == "failed":
             failed.append({"run": rel, "error": s.get("error"),
@@ -69,12 +91,15 @@ def build_health(summaries: list[dict], chance_margin: float = 5.0,
         "generated": now(), "chance_margin": chance_margin,
         "method_versions": method_versions,
         "counts": {"runs": len(summaries),
-                   "complete": sum(s.get("state") == "complete" for s in summaries),
+                   "complete": sum(s.get("state") == "complete" and not left_out(s)
+                                   for s in summaries),
                    "incomplete": len(incomplete), "failed": len(failed),
                    "near_chance": len(near), "outdated": len(outdated),
-                   "unreadable": len(unreadable)},
+                   "unreadable": len(unreadable), "misplaced": len(misplaced),
+                   "duplicate": sum(left_out(s) == "duplicate" for s in summaries)},
         "incomplete": incomplete, "failed": failed, "near_chance": near,
-        "outdated": outdated, "unreadable": unreadable,
+        "outdated": outdated, "unreadable": unreadable, "misplaced": misplaced,
+        "duplicates": list(duplicates.values()),
     }
 
 
@@ -109,4 +134,12 @@ def health_markdown(h: dict, experiments: str) -> str:
         section("Outdated method version", [], str,
                 "Not checked: no `--method-versions` given.")
     section("Unreadable run files", h["unreadable"], lambda e: f"`{e['run']}`: {e['error']}")
+    section("Misplaced run files (the run block names another run; not used)", h["misplaced"],
+            lambda e: f"misplaced: `{e['run']}/{e['file']}` holds the {e['holds']} of the "
+                      f"{kind_word(e['kind'])} run `{e['claims']}`")
+    section("Duplicate runs (one run claimed by several run files; at most the one in its "
+            "own directory is used)", h["duplicates"],
+            lambda e: f"the {kind_word(e['kind'])} run `{e['claims']}` is "
+                      f"claimed by " + ", ".join(f"`{r}`" for r in e["runs"]) + ": "
+                      + (f"only `{e['used']}` used" if e["used"] else "none used"))
     return "\n".join(lines)

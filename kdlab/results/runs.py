@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from typing import Any
 
 # Fallback when a run does not record num_classes (lower-cased dataset name).
@@ -91,6 +92,141 @@ def parse_run_path(rel: str) -> dict:
         except ValueError:
             pass
     return out
+
+
+# A run directory of the grid's layout (docs/run-files.md), as its last path components:
+# a seed (the schema's seeds are integers >= 0) under ``teachers/{model}``, ``none/{model}``
+# or ``{recipe}/{teacher}_to_{student}``.
+SEED_DIR = re.compile(r"[0-9]+")
+RECIPE_DIR = re.compile(r"alpha_[^/]+|additive_ce[^/]+_kd[^/]+")
+KIND_WORDS = {"teacher": "teacher", "student": "plain student", "distill": "distilled student"}
+
+
+def layout_depth(rel: str) -> int:
+    """How many components a run directory of the grid's layout has, judged by the last three
+    of a run path: 4 (``{dataset}/teachers|none/{model}/{seed}``), 5 (``{dataset}/{method}/
+    {recipe}/{teacher}_to_{student}/{seed}``) or 0 (another layout: nothing is checked there).
+    The path may have more components (EXPERIMENTS above the tree) or fewer (EXPERIMENTS a
+    dataset's directory)."""
+    parts = rel.split("/")
+    if len(parts) < 3 or not SEED_DIR.fullmatch(parts[-1]):
+        return 0
+    if parts[-3] in ("teachers", "none"):
+        return 4
+    if RECIPE_DIR.fullmatch(parts[-3]) and "_to_" in parts[-2]:
+        return 5
+    return 0
+
+
+def seed_text(seed: Any) -> str | None:
+    """A seed as its directory name (0, 0.0 and "0" are all "0")."""
+    if seed is None or isinstance(seed, bool):
+        return None
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    return str(seed)
+
+
+def recorded_recipe(run: dict) -> str | None:
+    """The recipe level a run block names (kdlab.config.recipe_name), or None if it does not
+    say: its ``recipe``; for older files its alpha, or its additive weights."""
+    if isinstance(run.get("recipe"), str) and run["recipe"]:
+        return run["recipe"]
+    if run.get("alpha") is not None:
+        return f"alpha_{fmt_alpha(run['alpha'])}"
+    if run.get("ce_weight") is not None and run.get("kd_weight") is not None:
+        return f"additive_ce{fmt_alpha(run['ce_weight'])}_kd{fmt_alpha(run['kd_weight'])}"
+    return None
+
+
+def claimed_dir(run: dict) -> list[str | None] | None:
+    """The run directory a ``metrics.json`` "run" block names, relative to the experiments
+    directory, as components; None where the block does not say (None for a kind it does not
+    name). The formula of kdlab.grid's teacher_dir, student_dir and distill_dir, written
+    again here because importing kdlab.grid imports torch (a test compares the two)."""
+    kind = run.get("kind")
+
+    def text(x: Any) -> str | None:
+        return x if isinstance(x, str) and x else None
+
+    dataset, seed = text(run.get("dataset")), seed_text(run.get("seed"))
+    if kind == "teacher":  # "student" names the model trained; older writers used "teacher"
+        return [dataset, "teachers", text(run.get("student")) or text(run.get("teacher")), seed]
+    if kind == "student":
+        return [dataset, "none", text(run.get("student")), seed]
+    if kind == "distill":
+        teacher, student = text(run.get("teacher")), text(run.get("student"))
+        pair = f"{teacher}_to_{student}" if teacher and student else None
+        return [dataset, text(run.get("method")), recorded_recipe(run), pair, seed]
+    return None
+
+
+def show_dir(parts: list[str | None]) -> str:
+    return "/".join(p if p is not None else "?" for p in parts)
+
+
+def identity(s: dict) -> tuple | None:
+    """What a run is (kind, dataset, method, recipe, teacher, student, seed), from its summary;
+    None where that is not fully known (such runs are never called duplicates)."""
+    kind = s.get("kind")
+    need = {"teacher": ("teacher",), "student": ("student",),
+            "distill": ("method", "setting", "teacher", "student")}.get(kind)
+    key = (kind, s.get("dataset"), s.get("method"), s.get("setting") or "", s.get("teacher"),
+           s.get("student"), seed_text(s.get("seed")))
+    if need is None or not key[1] or key[6] is None or not all(s.get(k) for k in need):
+        return None
+    return tuple(str(x) if x is not None else "" for x in key)
+
+
+def check_placement(summaries: list[dict]) -> None:
+    """Mark the runs that must not be used, in place.
+
+    ``misplaced``: the directory its run block names (shown with ``?`` for what the block
+    leaves out), when the run lies in a run directory of the grid's layout (layout_depth)
+    whose last components disagree with it. ``duplicates``: for every run of a group
+    claiming the same identity, ``{"kind", "claims": the directory of that identity, "runs":
+    [their paths], "used": the one whose path matches its block (or, without a block, gave
+    it its identity), if exactly one does, else None}``. Runs in another layout are not
+    checked against their path, but they do count as duplicates.
+    """
+    placed: set[str] = set()
+    for s in summaries:
+        s.pop("misplaced", None)
+        s.pop("duplicates", None)
+        claim, depth = s.get("claimed"), layout_depth(s["rel"])
+        if not depth or s.get("state") == "unreadable":
+            continue
+        tail = s["rel"].split("/")[-depth:]  # compared from the seed upwards
+        if claim and (len(claim) != depth or any(
+                c is not None and c != t for c, t in zip(reversed(claim), reversed(tail)))):
+            s["misplaced"] = show_dir(claim)
+        else:
+            placed.add(s["rel"])
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        key = None if "misplaced" in s or s.get("state") == "unreadable" else identity(s)
+        if key:
+            groups.setdefault(key, []).append(s)
+    for key, group in groups.items():
+        if len(group) > 1:
+            matching = [s["rel"] for s in group if s["rel"] in placed]
+            kind, dataset, method, setting, teacher, student, seed = key
+            where = {"teacher": [dataset, "teachers", teacher, seed],
+                     "student": [dataset, "none", student, seed]}.get(
+                kind, [dataset, method, setting, f"{teacher}_to_{student}", seed])
+            entry = {"kind": kind, "claims": "/".join(where), "runs": [s["rel"] for s in group],
+                     "used": matching[0] if len(matching) == 1 else None}
+            for s in group:
+                s["duplicates"] = entry
+
+
+def left_out(s: dict) -> str | None:
+    """Why a run is not used at all ("misplaced" or "duplicate"), or None."""
+    if "misplaced" in s:
+        return "misplaced"
+    if s.get("duplicates") and s["duplicates"]["used"] != s["rel"]:
+        return "duplicate"
+    return None
 
 
 def scan_runs(experiments: str) -> list[tuple[str, str]]:
@@ -207,11 +343,14 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         # for an imported teacher (kdlab import-teacher) where it came from.
         "training": {k: training[k] for k in RECIPE_KEYS if k in training},
         "imported_from": source.get("path") if source else None,
+        # Where the run block says this run belongs (check_placement).
+        "claimed": claimed_dir(run) if run else None,
     }
 
 
 def load_runs(experiments: str, cache: dict | None = None) -> tuple[list[dict], dict, int]:
-    """Summaries of every run, reusing cached ones whose file stat is unchanged.
+    """Summaries of every run, reusing cached ones whose file stat is unchanged, with the
+    misplaced and duplicate runs marked (check_placement).
 
     Returns (summaries, new cache, number of files actually parsed).
     """
@@ -251,4 +390,5 @@ def load_runs(experiments: str, cache: dict | None = None) -> tuple[list[dict], 
         summary["mtime"] = st.st_mtime
         summary["digest"] = entry["digest"]
         summaries.append(summary)
+    check_placement(summaries)
     return summaries, new_cache, parsed

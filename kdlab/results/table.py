@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from .health import is_near_chance, outdated_version
 from .published import load_sources, published_value, source_of
 from .registry import RegistryUnreadable, distillation_methods
-from .runs import setting_label, setting_sort_key
+from .runs import left_out, setting_label, setting_sort_key
 
 CSV_COLUMNS = [
     "dataset", "teacher", "student", "role", "method", "setting", "alpha", "n_seeds", "seeds",
@@ -40,9 +40,10 @@ def method_sort_key(method: str, order: list[str]) -> tuple:
 
 def shown_runs(summaries: list[dict], method_versions: dict | None = None,
                include_outdated: bool = False) -> tuple[list[dict], int]:
-    """(the runs the table shows, how many it leaves out): complete runs only, less those made
-    with an outdated method version unless ``include_outdated``."""
-    complete = [s for s in summaries if s.get("state") == "complete"]
+    """(the runs the table shows, how many it leaves out as outdated): complete runs only, never
+    a misplaced or duplicate one (runs.check_placement), less those made with an outdated
+    method version unless ``include_outdated``."""
+    complete = [s for s in summaries if s.get("state") == "complete" and not left_out(s)]
     if include_outdated:
         return complete, 0
     current = [s for s in complete if outdated_version(s, method_versions) is None]
