@@ -151,12 +151,13 @@ def load_npz(path, num_classes=None):
     for key in ("train_y", "test_y"):
         if not np.issubdtype(arrays[key].dtype, np.integer):
             raise DataError(f"npz dataset: {path}: {key} must hold integer labels, got {arrays[key].dtype}")
-    if num_classes is None:
-        num_classes = int(max(arrays["train_y"].max(initial=0), arrays["test_y"].max(initial=0))) + 1
-        if not 2 <= num_classes <= MAX_CLASSES:
-            raise DataError(f"npz dataset: {path}: labels go up to {num_classes - 1}; they must be 0..K-1 with K "
-                            f"from 2 to {MAX_CLASSES}")
-    return ImageArrays(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"], num_classes, str(path))
+    largest = int(max(arrays["train_y"].max(initial=0), arrays["test_y"].max(initial=0)))
+    images = ImageArrays(arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"],
+                         largest + 1 if num_classes is None else num_classes, str(path))
+    if num_classes is None and not 2 <= largest + 1 <= MAX_CLASSES:  # a given num_classes has the schema's bounds
+        raise DataError(f"npz dataset: {path}: labels go up to {largest}; they must be 0..K-1 with K from 2 to "
+                        f"{MAX_CLASSES}")
+    return images
 
 
 def load_dataset(cfg):
