@@ -2,9 +2,12 @@
 reading the step figures every N steps, torch.compile; and the classic benchmark, run tiny."""
 
 import copy
+import errno
+import os
 import shutil
 import sys
 import types
+import zipfile
 
 import pytest
 import torch
@@ -18,7 +21,8 @@ from kdlab.methods import METHODS
 from kdlab.methods.base import MethodLoss, no_check
 from kdlab.models import build_model
 from kdlab.runio import file_sha256
-from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, why_not_cached
+from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, save,
+                                 why_not_cached)
 from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
 
 from conftest import REPO, interrupt_after_checkpoints, read_json, tiny_run
@@ -102,6 +106,98 @@ def test_cached_teacher_outputs_equal_live_ones_for_random_views(cached_teacher)
     other_data = load_dataset(resolve_run(tiny_run(data={"synthetic": {**CACHE_DATA["synthetic"], "seed": 1}}))["data"])
     with pytest.raises(TeacherCacheError, match="another data_sha256"):
         TeacherCache(cache_path(cached_teacher), cache_key("ResNet8", key["teacher_sha256"], other_data), "cpu")
+
+
+def outputs_offset(path):
+    """Where the outputs' bytes start in a cache file (torch stores them uncompressed in its zip)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+def test_a_damaged_or_old_cache_is_refused_naming_the_file(cached_teacher, tmp_path):
+    arrays = load_dataset(resolve_run(tiny_run(data=CACHE_DATA))["data"])
+    key = cache_key("ResNet8", file_sha256(cached_teacher), arrays)
+    damaged = tmp_path / "teacher_cache.pth"
+    shutil.copy(cache_path(cached_teacher), damaged)
+    with open(damaged, "r+b") as f:  # one bit of one output, as a failing disk or copy would
+        f.seek(outputs_offset(damaged) + 1000)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x04]))
+    saved = torch.load(damaged, weights_only=True)  # torch itself reads it without complaint
+    original = torch.load(cache_path(cached_teacher), weights_only=True)
+    assert torch.isfinite(saved["outputs"]).all() and (saved["outputs"] != original["outputs"]).sum() == 1
+    with pytest.raises(TeacherCacheError, match=rf"teacher cache {damaged} is damaged.*kdlab cache-teacher.*snakemake"):
+        TeacherCache(damaged, key, "cpu")
+
+    old = {"key": {**key, "format": 1}, "outputs": original["outputs"]}  # as kdlab wrote it before the checksum
+    torch.save(old, damaged)
+    with pytest.raises(TeacherCacheError, match=rf"{damaged} was built by an older kdlab.*rebuild it"):
+        TeacherCache(damaged, key, "cpu")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"\x00" * 5000, "is not a file written by kdlab cache-teacher"),
+    ("half", "is truncated or corrupt"),
+    ({"weights": torch.zeros(3)}, "is not a file written by kdlab cache-teacher"),
+], ids=["empty", "garbage", "truncated", "another_file"])
+def test_an_unreadable_cache_says_how_to_rebuild_it(cached_teacher, tmp_path, content, message):
+    path = tmp_path / "teacher_cache.pth"
+    if content == "half":
+        whole = cache_path(cached_teacher).read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+    elif isinstance(content, dict):
+        torch.save(content, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(TeacherCacheError, match=rf"teacher cache {path} {message}.*rebuild it with `kdlab "
+                                                rf"cache-teacher`, or delete it and run snakemake"):
+        TeacherCache(path, {"num_classes": 5}, "cpu")
+
+
+def test_a_build_removes_stale_temporary_files_and_a_full_disk_leaves_none(trained_teacher, tmp_path, monkeypatch):
+    weights = tmp_path / "model.pth"
+    shutil.copy(trained_teacher[0] / "model.pth", weights)
+    stale, unrelated = tmp_path / ".teacher_cache.pth.k3x9q2ab.tmp", tmp_path / ".metrics.json.abcd1234.tmp"
+    stale.write_bytes(b"\x00" * 1000)  # what a build killed during its final write leaves
+    unrelated.write_bytes(b"{}")
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 5000:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    data = {"synthetic": {**CACHE_DATA["synthetic"], "train_size": 4}}
+    messages = []
+    with pytest.raises(TeacherCacheError, match=rf"^cannot write {tmp_path}/teacher_cache.pth: File too large "
+                                                rf"\(disk full\?\)$"):
+        build(tiny_run(data=data), weights, cache_path(weights), log=messages.append)
+    assert any(str(stale) in m and "interrupted build" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [unrelated.name, "model.pth"]  # no temporary file
+
+    monkeypatch.undo()
+    save(cache_path(weights), {"key": {"num_classes": 5}, "outputs": torch.ones(4, NUM_VIEWS, 5 + 64).half()})
+    assert TeacherCache(cache_path(weights), {"num_classes": 5}, "cpu").outputs.sum() == 4 * NUM_VIEWS * 69
 
 
 def test_which_runs_read_the_cache():
