@@ -16,12 +16,19 @@ embedding. CIFAR-100: 50000 x 162 x 164 x 2 bytes = 2.66 GB. When a run loads th
 checks the key (teacher weights' sha256, the training images' and labels' sha256, the
 augmentation), then the checksum, so that a damaged file is refused instead of silently
 changing results (SHA-256 streams at about 1.4 GB/s with SHA-NI: ~2 s for CIFAR-100).
+
+A build saves its outputs part by part in .teacher_cache.pth.parts/ beside the file (each
+part keyed and checksummed like the cache) and removes them once the file is written: a
+killed build, run again, resumes at its first missing part. It also removes the
+.teacher_cache.pth.*.tmp that a build killed during its final write leaves.
 """
 
 import errno
 import glob
 import hashlib
+import shutil
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -36,6 +43,7 @@ NUM_VIEWS = SIDE * SIDE * 2
 FORMAT = 2  # 2: the file holds outputs_sha256
 FILE_NAME = "teacher_cache.pth"
 CHUNK_BYTES = 64 << 20  # what the checksum reads (and copies to the GPU) at a time
+PART_BYTES = 64 << 20  # a build saves its work every ~1260 CIFAR-100 images (~8 of a CPU build's ~340 minutes)
 REBUILD = "rebuild it with `kdlab cache-teacher`, or delete it and run snakemake again (rule cache_teacher rebuilds it)"
 
 
@@ -165,9 +173,51 @@ def build(run, weights, out, log=print):
     key = cache_key(run["model"], file_sha256(weights), arrays)
     log(f"caching {run['model']} ({weights}) on {len(arrays.train_x)} images x {NUM_VIEWS} views, device {device}")
     started = time.perf_counter()
-    outputs = compute_outputs(teacher, arrays, normalize, device, tr["eval_batch_size"], log)
+    parts = parts_dir(out)
+    outputs = compute_in_parts(teacher, arrays, normalize, device, tr["eval_batch_size"], key, parts, log)
     save(out, {"key": key, "outputs": outputs})
+    shutil.rmtree(parts, ignore_errors=True)
     log(f"wrote {out}: {outputs.numel() * 2 / 1e9:.3f} GB in {time.perf_counter() - started:.1f}s")
+
+
+def parts_dir(out):
+    """Where a build keeps the parts it has computed until it has written `out`."""
+    return Path(out).with_name(f".{Path(out).name}.parts")
+
+
+def compute_in_parts(teacher, arrays, normalize, device, batch_size, key, parts, log=print):
+    """compute_outputs, part by part of about PART_BYTES, each part saved in `parts` (atomically, with
+    its checksum) once done, so that a build killed midway resumes at its first missing part; a
+    part that is damaged or was computed from another teacher or data is computed again."""
+    n, width = len(arrays.train_x), arrays.num_classes + EMBEDDING_DIM
+    per_part = max(1, PART_BYTES // (NUM_VIEWS * width * 2))
+    outputs = torch.empty((n, NUM_VIEWS, width), dtype=torch.float16)
+    for stale in parts.glob(".*.tmp"):  # a part whose write was interrupted
+        stale.unlink(missing_ok=True)
+    for start in range(0, n, per_part):
+        stop = min(start + per_part, n)
+        path, part_key = parts / f"{start:07d}-{stop:07d}.pth", {**key, "images": [start, stop]}
+        done = read_part(path, part_key, log)
+        if done is not None:
+            outputs[start:stop] = done
+            log(f"  images {start}..{stop} of {n}: read from {path} (an interrupted build computed them)")
+            continue
+        images = types.SimpleNamespace(train_x=arrays.train_x[start:stop], num_classes=arrays.num_classes)
+        log(f"  images {start}..{stop} of {n}:")
+        outputs[start:stop] = rows = compute_outputs(teacher, images, normalize, device, batch_size, log)
+        save(path, {"key": part_key, "outputs": rows})
+    return outputs
+
+
+def read_part(path, key, log):
+    """A part's outputs if it exists, belongs to `key` and is intact, else None."""
+    if not path.exists():
+        return None
+    try:
+        return TeacherCache(path, key, "cpu").outputs
+    except TeacherCacheError as e:
+        log(f"  computing it again: {e}")
+        return None
 
 
 def load(path):
