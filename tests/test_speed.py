@@ -128,7 +128,7 @@ def test_a_damaged_or_old_cache_is_refused_naming_the_file(cached_teacher, tmp_p
     original = torch.load(cache_path(cached_teacher), weights_only=True)
     assert torch.isfinite(saved["outputs"]).all() and (saved["outputs"] != original["outputs"]).sum() == 1
     for device in ("cpu", "meta"):  # meta: the path of a GPU, where the checksum's pass also copies
-        with pytest.raises(TeacherCacheError, match=rf"teacher cache {damaged} is damaged.*kdlab cache-teacher.*snakem"):
+        with pytest.raises(TeacherCacheError, match=rf"cache {damaged} is damaged.*kdlab cache-teacher.*snakemake"):
             TeacherCache(damaged, key, device)
     assert TeacherCache(cache_path(cached_teacher), key, "meta").outputs.device.type == "meta"
 
@@ -226,9 +226,9 @@ def test_a_build_removes_stale_temporary_files_and_a_full_disk_leaves_none(train
     part_bytes = 2 * NUM_VIEWS * (5 + 64) * 2
     monkeypatch.setattr(teacher_cache, "PART_BYTES", part_bytes)  # 2 images a part
     messages = []
-    with monkeypatch.context() as m:  # the disk fills during the final write (4 images), not the parts' (2)
+    with monkeypatch.context() as disk:  # the disk fills during the final write (4 images), not the parts' (2)
         real_fdopen = os.fdopen
-        m.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 1.5 * part_bytes))
+        disk.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 1.5 * part_bytes))
         with pytest.raises(TeacherCacheError, match=rf"^cannot write {tmp_path}/teacher_cache.pth: File too large "
                                                     rf"\(disk full\?\)$"):
             build_tiny(weights, 4, messages.append)
@@ -241,7 +241,8 @@ def test_a_build_removes_stale_temporary_files_and_a_full_disk_leaves_none(train
     build_tiny(weights, 4, messages.append)  # once there is room: from the parts, computing nothing
     assert not calls and sum("read from" in m for m in messages) == 2, messages
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unrelated.name, *copied, "teacher_cache.pth"])
-    arrays = load_dataset(resolve_run(tiny_run(data={"synthetic": {**CACHE_DATA["synthetic"], "train_size": 4}}))["data"])
+    data = {"synthetic": {**CACHE_DATA["synthetic"], "train_size": 4}}
+    arrays = load_dataset(resolve_run(tiny_run(data=data))["data"])
     TeacherCache(cache_path(weights), cache_key("ResNet8", file_sha256(weights), arrays), "cpu")
 
 
