@@ -2,15 +2,18 @@
 reading the step figures every N steps, torch.compile; and the classic benchmark, run tiny."""
 
 import copy
+import errno
+import os
 import shutil
 import sys
 import types
+import zipfile
 
 import pytest
 import torch
 import yaml
 
-from kdlab import methods
+from kdlab import methods, teacher_cache
 from kdlab.config import resolve_grid, resolve_run
 from kdlab.data import ImageDataset, load_dataset
 from kdlab.grid import expand_grid
@@ -18,7 +21,8 @@ from kdlab.methods import METHODS
 from kdlab.methods.base import MethodLoss, no_check
 from kdlab.models import build_model
 from kdlab.runio import file_sha256
-from kdlab.teacher_cache import NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, why_not_cached
+from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, save,
+                                 why_not_cached)
 from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
 
 from conftest import REPO, interrupt_after_checkpoints, read_json, tiny_run
@@ -102,6 +106,167 @@ def test_cached_teacher_outputs_equal_live_ones_for_random_views(cached_teacher)
     other_data = load_dataset(resolve_run(tiny_run(data={"synthetic": {**CACHE_DATA["synthetic"], "seed": 1}}))["data"])
     with pytest.raises(TeacherCacheError, match="another data_sha256"):
         TeacherCache(cache_path(cached_teacher), cache_key("ResNet8", key["teacher_sha256"], other_data), "cpu")
+
+
+def outputs_offset(path):
+    """Where the outputs' bytes start in a cache file (torch stores them uncompressed in its zip)."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+def test_a_damaged_cache_is_refused_naming_the_file_and_an_old_one_read_with_a_warning(cached_teacher, tmp_path,
+                                                                                       monkeypatch, capsys):
+    arrays = load_dataset(resolve_run(tiny_run(data=CACHE_DATA))["data"])
+    key = cache_key("ResNet8", file_sha256(cached_teacher), arrays)
+    damaged = tmp_path / "teacher_cache.pth"
+    shutil.copy(cache_path(cached_teacher), damaged)
+    flip_a_bit(damaged)
+    saved = torch.load(damaged, weights_only=True)  # torch itself reads it without complaint
+    original = torch.load(cache_path(cached_teacher), weights_only=True)
+    assert torch.isfinite(saved["outputs"]).all() and (saved["outputs"] != original["outputs"]).sum() == 1
+    for device in ("cpu", "meta"):  # meta: the path of a GPU, where the checksum's pass also copies
+        with pytest.raises(TeacherCacheError, match=rf"cache {damaged} is damaged.*kdlab cache-teacher.*snakemake"):
+            TeacherCache(damaged, key, device)
+    assert TeacherCache(cache_path(cached_teacher), key, "meta").outputs.device.type == "meta"
+
+    whole = teacher_cache.outputs_sha256(original["outputs"])
+    monkeypatch.setattr(teacher_cache, "CHUNK_BYTES", 1000)  # many chunks, the last one short
+    copy = torch.empty_like(original["outputs"])
+    assert teacher_cache.outputs_sha256(original["outputs"], copy) == whole and torch.equal(copy, original["outputs"])
+
+    old = {"key": key, "outputs": original["outputs"]}  # as kdlab wrote it before the checksum
+    torch.save(old, damaged)
+    assert torch.equal(TeacherCache(damaged, key, "cpu").outputs, original["outputs"])
+    assert f"teacher cache {damaged} was built before kdlab checksummed it; it cannot be verified" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty"),
+    (b"\x00" * 5000, "is not a file written by kdlab cache-teacher"),
+    ("half", "is truncated or corrupt"),
+    ({"weights": torch.zeros(3)}, "is not a file written by kdlab cache-teacher"),
+], ids=["empty", "garbage", "truncated", "another_file"])
+def test_an_unreadable_cache_says_how_to_rebuild_it(cached_teacher, tmp_path, content, message):
+    path = tmp_path / "teacher_cache.pth"
+    if content == "half":
+        whole = cache_path(cached_teacher).read_bytes()
+        path.write_bytes(whole[:len(whole) // 2])
+    elif isinstance(content, dict):
+        torch.save(content, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(TeacherCacheError, match=rf"teacher cache {path} {message}.*rebuild it with `kdlab "
+                                                rf"cache-teacher`, or delete it and run snakemake"):
+        TeacherCache(path, {"num_classes": 5}, "cpu")
+
+
+def flip_a_bit(path, at=1000):
+    """One bit of one output, as a failing disk or copy would change it."""
+    with open(path, "r+b") as f:
+        f.seek(outputs_offset(path) + at)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x04]))
+
+
+class FullDisk:
+    """A file whose writes fail with EFBIG (what `ulimit -f` or a full quota gives) beyond `limit` bytes."""
+
+    def __init__(self, f, limit):
+        self.f, self.limit = f, limit
+
+    def write(self, data):
+        if self.f.tell() + len(data) > self.limit:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def counting(monkeypatch, fail_on_call=None):
+    """Count compute_outputs calls (one per part); interrupt the build on call `fail_on_call`."""
+    calls, real = [], teacher_cache.compute_outputs
+
+    def compute_outputs(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_on_call:
+            raise KeyboardInterrupt  # as a kill would stop it
+        return real(*args, **kwargs)
+    monkeypatch.setattr(teacher_cache, "compute_outputs", compute_outputs)
+    return calls
+
+
+def copy_teacher(trained_teacher, directory):
+    directory.mkdir(exist_ok=True)
+    for name in ("model.pth", "model.pth.sha256"):
+        shutil.copy(trained_teacher[0] / name, directory / name)
+    return directory / "model.pth"
+
+
+def build_tiny(weights, images, log=lambda message: None):
+    build(tiny_run(data={"synthetic": {**CACHE_DATA["synthetic"], "train_size": images}}), weights,
+          cache_path(weights), log=log)
+
+
+def test_a_build_removes_stale_temporary_files_and_a_full_disk_leaves_none(trained_teacher, tmp_path, monkeypatch):
+    weights, copied = copy_teacher(trained_teacher, tmp_path), ["model.pth", "model.pth.sha256"]
+    stale, unrelated = tmp_path / ".teacher_cache.pth.k3x9q2ab.tmp", tmp_path / ".metrics.json.abcd1234.tmp"
+    stale.write_bytes(b"\x00" * 1000)  # what a build killed during its final write leaves
+    unrelated.write_bytes(b"{}")
+    part_bytes = 2 * NUM_VIEWS * (5 + 64) * 2
+    monkeypatch.setattr(teacher_cache, "PART_BYTES", part_bytes)  # 2 images a part
+    messages = []
+    with monkeypatch.context() as disk:  # the disk fills during the final write (4 images), not the parts' (2)
+        real_fdopen = os.fdopen
+        disk.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 1.5 * part_bytes))
+        with pytest.raises(TeacherCacheError, match=rf"^cannot write {tmp_path}/teacher_cache.pth: File too large "
+                                                    rf"\(disk full\?\)$"):
+            build_tiny(weights, 4, messages.append)
+    assert any(str(stale) in m and "interrupted build" in m for m in messages)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".teacher_cache.pth.parts", unrelated.name, *copied])
+    assert sorted(p.name for p in (tmp_path / ".teacher_cache.pth.parts").iterdir()) == [
+        "0000000-0000002.pth", "0000002-0000004.pth"]  # no temporary file anywhere
+
+    calls, messages = counting(monkeypatch), []
+    build_tiny(weights, 4, messages.append)  # once there is room: from the parts, computing nothing
+    assert not calls and sum("read from" in m for m in messages) == 2, messages
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unrelated.name, *copied, "teacher_cache.pth"])
+    data = {"synthetic": {**CACHE_DATA["synthetic"], "train_size": 4}}
+    arrays = load_dataset(resolve_run(tiny_run(data=data))["data"])
+    TeacherCache(cache_path(weights), cache_key("ResNet8", file_sha256(weights), arrays), "cpu")
+
+
+def test_a_killed_build_resumes_at_its_first_missing_or_damaged_part(trained_teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher_cache, "PART_BYTES", 3 * NUM_VIEWS * (5 + 64) * 2)  # 3 images a part: 3 parts
+    weights = {name: copy_teacher(trained_teacher, tmp_path / name) for name in ("killed", "whole")}
+    build_tiny(weights["whole"], 8)
+
+    calls = counting(monkeypatch, fail_on_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny(weights["killed"], 8)
+    parts = tmp_path / "killed" / ".teacher_cache.pth.parts"
+    assert len(calls) == 3 and sorted(p.name for p in parts.iterdir()) == ["0000000-0000003.pth", "0000003-0000006.pth"]
+    flip_a_bit(parts / "0000003-0000006.pth")
+
+    calls, messages = counting(monkeypatch), []
+    build_tiny(weights["killed"], 8, messages.append)
+    assert len(calls) == 2  # the damaged part and the missing one
+    assert any("computing it again" in m and "0000003-0000006.pth is damaged" in m for m in messages), messages
+    assert not parts.exists()
+    resumed, whole = (torch.load(cache_path(w), weights_only=True) for w in weights.values())
+    assert torch.equal(resumed["outputs"], whole["outputs"]) and resumed["key"] == whole["key"]
 
 
 def test_which_runs_read_the_cache():
