@@ -43,6 +43,9 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk says "[Errno 28] No space left on device" without naming the file
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -254,6 +254,15 @@ def test_both_checkpoints_damaged_starts_fresh(interrupted, tmp_path, capsys):
     assert metrics["resumed_at_epochs"] == [] and comparable(metrics) == comparable(reference)
 
 
+def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*progress.json'"):
+        atomic_write_json(tmp_path / "progress.json", {})
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_kill_between_linking_and_saving_leaves_no_temporary_link(interrupted, tmp_path):
     """A kill after checkpoint.prev.pth became a link of checkpoint.pth, before the new one
     replaced it: the next save must not leave its temporary link behind (rename() between
