@@ -291,7 +291,7 @@ def train(run, run_dir, force_restart=False):
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-        if not ckpt["finished"]:
+        if not ckpt.get("finished"):
             state["resumed_at_epochs"].append(ckpt["epoch"])
             log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
     else:

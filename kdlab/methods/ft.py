@@ -89,8 +89,8 @@ class ParaphraserError(Exception):
 def load_paraphraser(path, settings, teacher_sha256=None):
     if not path:
         raise ParaphraserError("ft: config key 'paraphraser' is missing; stage 2 needs the paraphraser that "
-                                 "stage 1 writes (`kdlab pretrain-paraphraser`, or the workflow's "
-                                 "pretrain_paraphraser rule)")
+                               "stage 1 writes (`kdlab pretrain-paraphraser`, or the workflow's "
+                               "pretrain_paraphraser rule)")
     path = Path(path)
     if not path.exists():
         raise ParaphraserError(
