@@ -21,6 +21,18 @@ CIFAR_FILES = {
     "Cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "Cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
+# The published files' MD5s, as torchvision.datasets.CIFAR10/CIFAR100 list them. A pickle
+# has no checksum of its own: flipped bytes in an image still load.
+CIFAR_MD5 = {
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
+    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+}
 CIFAR_URL_HINT = {
     "Cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "Cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -92,8 +104,8 @@ def load_cifar_pickles(name, data_dir, download=False):
                     f"{', '.join(train_files + test_files)}, or set data.download: true where the network "
                     f"allows.")
             try:
-                with open(path, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
+                raw = path.read_bytes()
+                batch = pickle.loads(raw, encoding="bytes")
                 data = np.asarray(batch[b"data"], dtype=np.uint8)
                 labels = np.asarray(batch[label_key], dtype=np.int64)
             except Exception as e:
@@ -101,6 +113,10 @@ def load_cifar_pickles(name, data_dir, download=False):
             if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
                 raise DataError(f"{name}: {path} holds data of shape {data.shape} with {len(labels)} "
                                 f"labels; expected (N, 3072) with N labels")
+            if hashlib.md5(raw, usedforsecurity=False).hexdigest() != CIFAR_MD5[f"{folder}/{file}"]:
+                # A warning, not an error: a file of one's own in CIFAR's format is legitimate.
+                print(f"WARNING: {path} is not the published {name} file (its MD5 differs): a damaged download, "
+                      f"or a file of your own", flush=True)
             xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             ys.append(labels)
         return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)

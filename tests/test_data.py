@@ -76,6 +76,21 @@ def test_corrupt_and_misshapen_cifar_files_are_named(tmp_path):
         load_cifar_pickles("Cifar100", tmp_path)
 
 
+def test_a_cifar_file_that_is_not_the_published_one_is_warned_about(tmp_path, capsys, monkeypatch):
+    import hashlib
+    import kdlab.data
+    write_cifar(tmp_path, "Cifar100")
+    load_cifar_pickles("Cifar100", tmp_path)  # the test's own small files: loaded, with a warning each
+    out = capsys.readouterr().out
+    for file in ("train", "test"):
+        assert f"WARNING: {tmp_path / 'cifar-100-python' / file} is not the published Cifar100 file" in out
+    published = {f"cifar-100-python/{f}": hashlib.md5((tmp_path / "cifar-100-python" / f).read_bytes()).hexdigest()
+                 for f in ("train", "test")}
+    monkeypatch.setattr(kdlab.data, "CIFAR_MD5", published)  # as if they were the published files
+    load_cifar_pickles("Cifar100", tmp_path)
+    assert "WARNING" not in capsys.readouterr().out
+
+
 def test_npz_dataset_and_its_errors(tmp_path):
     x = np.zeros((4, 32, 32, 3), np.uint8)
     path = tmp_path / "mine.npz"
