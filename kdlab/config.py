@@ -121,12 +121,14 @@ def yaml_hint(error):
         return " (YAML reads off/on/yes/no unquoted as booleans: quote the word, e.g. \"off\")"
     if not (isinstance(value, str) and wanted & {"number", "integer", "array", "object"}):
         return ""
-    if value[:1] in "[{":
+    if value and value[0] in "[{":
         return (" (snakemake --config passes lists and mappings as strings: set them in a YAML file given with a "
                 "second --configfile)")
     try:
         float(value)
     except ValueError:
+        return ""
+    if value.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
         return ""
     if "e" in value.lower():
         return " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write 1.0e-3 or 0.001)"
@@ -233,8 +235,8 @@ def resolve_grid(config):
     data = grid["data"]
     if data["dataset"] == "npz" and not data["npz_path"]:
         raise ConfigError("config key 'data.npz_path': dataset npz needs the path of its .npz file")
-    for key in (config.get("data") or {}):
-        if key in DATASET_KEYS and data["dataset"] not in DATASET_KEYS[key]:
+    for key, value in (config.get("data") or {}).items():
+        if key in DATASET_KEYS and value not in (None, {}) and data["dataset"] not in DATASET_KEYS[key]:
             raise ConfigError(f"config key 'data.{key}': only dataset {' or '.join(DATASET_KEYS[key])} reads it, "
                               f"and data.dataset is {data['dataset']}: remove it")
     for where, alphas in [("alphas", grid["alphas"])] + [(f"methods.{m}.alphas", b["alphas"])
@@ -311,7 +313,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: keys after it may override
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)):
+            if key is None or isinstance(key, (str, int, float, bool)):
                 if key in seen:
                     raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
                                                             key_node.start_mark)

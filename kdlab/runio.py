@@ -225,8 +225,11 @@ def code_sha256():
     package = Path(__file__).resolve().parent
     h = hashlib.sha256(torch.__version__.encode())
     for source in sorted(package.rglob("*.py")):
-        if "results" not in source.relative_to(package).parts:
-            h.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
+        parts = source.relative_to(package).parts
+        # Not hidden files (an editor's lock file `.#train.py` is a dangling link) nor the results tool.
+        if "results" in parts or any(p.startswith(".") for p in parts) or not source.is_file():
+            continue
+        h.update("/".join(parts).encode() + b"\0" + source.read_bytes())
     return h.hexdigest()
 
 
@@ -251,5 +254,5 @@ def provenance(device, started):
     commit, dirty = git_state()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"git_commit": commit, "git_dirty": dirty, "package_version": __version__,
-            "torch_version": torch.__version__, "device": device_name, "host": socket.gethostname(),
+            "torch_version": str(torch.__version__), "device": device_name, "host": socket.gethostname(),
             "started": started, "finished": None, "pbs_job_id": os.environ.get("PBS_JOBID")}

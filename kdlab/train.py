@@ -223,6 +223,10 @@ def load_resume_state(path, run_fingerprint, force_restart, identity=None):
             ckpt = load_checked(candidate)
         except UnreadableFile as e:
             aside = candidate.with_name(f"{candidate.stem}.corrupt{candidate.suffix}")
+            for n in count(2):  # never over an earlier damaged one
+                if not aside.exists():
+                    break
+                aside = candidate.with_name(f"{candidate.stem}.corrupt{n}{candidate.suffix}")
             candidate.replace(aside)
             log(f"WARNING: {e}; moved it to {aside}")
             damaged = True
@@ -302,6 +306,10 @@ def train(run, run_dir, force_restart=False):
         if teacher:
             log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
     prov = provenance(device, state["started"])
+    if "provenance" in state:  # a finished run whose outputs are rewritten: it keeps its training's provenance
+        prov = {**state["provenance"], "outputs_rewritten": {"at": now(), "host": prov["host"],
+                                                             "git_commit": prov["git_commit"],
+                                                             "pbs_job_id": prov["pbs_job_id"]}}
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(run, status, state, tr["epochs"], prov,  # noqa: E731
                                                    arrays.num_classes, error)
@@ -390,10 +398,12 @@ def train(run, run_dir, force_restart=False):
             atomic_write_json(run_dir / "progress.json", record("running"))
 
     # Completion (the weights were checked above): final weights and their checksum, then
-    # metrics.json (the mark), then a checkpoint marked finished so that a forced rerun
-    # starts fresh. A kill in between resumes the last epoch.
+    # metrics.json (the mark), then a checkpoint marked finished, from which a rerun by the
+    # same code rewrites these outputs. A kill in between resumes the last epoch.
     save_weights(run_dir / "model.pth", model.state_dict())
-    prov["finished"] = now()
+    if "provenance" not in state:
+        prov["finished"] = now()
+        state["provenance"] = prov
     atomic_write_json(run_dir / "metrics.json", record("complete"))
     atomic_write_json(run_dir / "progress.json", record("complete"))
     save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, identity, tr["epochs"], True, model, loss_fn,

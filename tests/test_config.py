@@ -371,6 +371,35 @@ def test_check_config_refuses_what_yaml_would_take_or_choke_on(content, message,
     assert message in err and "Traceback" not in err
 
 
+def test_keys_of_other_datasets_may_be_spelled_out_with_their_null_defaults():
+    config = demo()
+    config["data"] = {"dataset": "Cifar100", "npz_path": None, "num_classes": None}
+    assert resolve_grid(config)["data"]["npz_path"] is None
+
+
+def test_code_identity_ignores_hidden_files(tmp_path, monkeypatch):
+    """An editor's lock file `.#train.py` is a dangling link inside the package."""
+    import kdlab.runio
+    package = tmp_path / "kdlab"
+    package.mkdir()
+    (package / "train.py").write_text("x = 1\n")
+    (package / "runio.py").write_text("")
+    monkeypatch.setattr(kdlab.runio, "__file__", str(package / "runio.py"))
+    kdlab.runio.code_sha256.cache_clear()
+    try:
+        before = kdlab.runio.code_sha256()
+        (package / ".#train.py").symlink_to("user@host.1:1")
+        (package / ".ipynb_checkpoints").mkdir()
+        (package / ".ipynb_checkpoints" / "train-checkpoint.py").write_text("x = 2\n")
+        kdlab.runio.code_sha256.cache_clear()
+        assert kdlab.runio.code_sha256() == before
+        (package / "train.py").write_text("x = 3\n")
+        kdlab.runio.code_sha256.cache_clear()
+        assert kdlab.runio.code_sha256() != before
+    finally:
+        kdlab.runio.code_sha256.cache_clear()
+
+
 def test_a_yaml_merge_key_may_be_overridden_without_counting_as_a_duplicate(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("base: &b {epochs: 3, lr: 0.1}\ntraining: {<<: *b, epochs: 5}\n")

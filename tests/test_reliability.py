@@ -243,6 +243,17 @@ def test_damaged_checkpoint_is_moved_aside_and_the_previous_one_resumes(interrup
     assert verify_weights(run_dir / "model.pth")
 
 
+def test_a_damaged_checkpoint_never_replaces_one_moved_aside_before(interrupted, tmp_path, capsys):
+    _, source = interrupted
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    (run_dir / "checkpoint.corrupt.pth").mkdir()  # an earlier incident's, of another kind
+    (run_dir / "checkpoint.pth").write_bytes(b"")
+    train(RUN, run_dir)
+    assert (run_dir / "checkpoint.corrupt.pth").is_dir() and (run_dir / "checkpoint.corrupt2.pth").read_bytes() == b""
+    assert "moved it to" in capsys.readouterr().out
+
+
 def test_both_checkpoints_damaged_starts_fresh(interrupted, tmp_path, capsys):
     reference, source = interrupted
     run_dir = tmp_path / "run"

@@ -78,6 +78,8 @@ def test_a_finished_checkpoint_writes_the_outputs_unless_code_or_data_changed(tm
     assert "checkpoint holds this run, finished by the same code: writing its outputs from it" in out
     assert "epoch 1/2" not in out and "resuming" not in out
     assert comparable(again) == comparable(first) and again["resumed_at_epochs"] == []
+    rewritten = again["provenance"].pop("outputs_rewritten")
+    assert again["provenance"] == first["provenance"] and rewritten["host"] and rewritten["at"]
     assert (tmp_path / "model.pth").read_bytes() == weights and verify_weights(tmp_path / "model.pth")
     monkeypatch.setattr("kdlab.train.code_sha256", lambda: "other code")
     train(run, tmp_path)
