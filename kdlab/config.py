@@ -283,9 +283,20 @@ def check_directory(path, key):
 
 def grid_warnings(grid):
     """Settings that are legal but probably not meant: printed, never fatal."""
-    return [f"config key 'pairs[{i}]': teacher {p['teacher']} is not larger than its student {p['student']}"
-            for i, p in enumerate(grid["pairs"])
-            if BLOCKS_PER_STAGE.get(p["teacher"], 0) <= BLOCKS_PER_STAGE.get(p["student"], 0)]
+    pairs = grid["pairs"]
+    warnings = [f"config key 'pairs[{i}]': teacher {p['teacher']} is not larger than its student {p['student']}"
+                for i, p in enumerate(pairs)
+                if BLOCKS_PER_STAGE.get(p["teacher"], 0) <= BLOCKS_PER_STAGE.get(p["student"], 0)]
+    # ResNet112 (the FT code's name) and ResNet110 are one network here: a pair listed under
+    # both names trains the same runs twice.
+    same = {(p["teacher"], p["student"]): i for i, p in enumerate(pairs)}
+    for i, p in enumerate(pairs):
+        alias = tuple("ResNet110" if m == "ResNet112" else m for m in (p["teacher"], p["student"]))
+        if alias != (p["teacher"], p["student"]) and alias in same:
+            warnings.append(f"config key 'pairs[{i}]': {p['teacher']} -> {p['student']} is the same network pair "
+                            f"as pairs[{same[alias]}] (ResNet112 is ResNet110 under the FT code's name); its runs "
+                            f"are trained twice")
+    return warnings
 
 
 def check_data_files(grid):

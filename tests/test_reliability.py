@@ -145,6 +145,17 @@ def test_teacher_not_larger_than_its_student_is_a_warning(tmp_path, capsys):
     assert "pairs[1]" not in err
 
 
+def test_a_pair_listed_under_both_names_of_one_network_is_a_warning(tmp_path, capsys):
+    config = demo()
+    config["pairs"] = [{"teacher": "ResNet110", "student": "ResNet8"}, {"teacher": "ResNet112", "student": "ResNet8"},
+                       {"teacher": "ResNet112", "student": "ResNet14"}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: config key 'pairs[1]': ResNet112 -> ResNet8 is the same network pair as pairs[0]" in err
+    assert "pairs[0]" not in err.replace("as pairs[0]", "") and "pairs[2]" not in err
+
+
 def test_check_config_reads_the_data_files(tmp_path, capsys):
     x = np.zeros((8, 32, 32, 3), np.uint8)
     np.savez(tmp_path / "keras.npz", x_train=x, y_train=np.arange(8) % 4, x_test=x[:4], y_test=np.arange(4))
