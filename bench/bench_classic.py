@@ -30,7 +30,6 @@ import io
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -209,10 +208,9 @@ def timing_cache(args, arrays, teacher_weights, device):
     """Measure the build rate on --cache-images images; write a full-size cache (timing only)."""
     teacher = load_frozen_teacher({"teacher": args.teacher, "teacher_weights": teacher_weights}, args.classes,
                                   device, channels_last=True)
-    sample = types.SimpleNamespace(train_x=arrays.train_x[:args.cache_images], num_classes=args.classes)
     t0 = time.perf_counter()
-    rows = compute_outputs(teacher, sample, Normalize(arrays.mean, arrays.std, device, True), device, 256,
-                           log=lambda message: None)
+    rows = compute_outputs(teacher, arrays.train_x[:args.cache_images], args.classes,
+                           Normalize(arrays.mean, arrays.std, device, True), device, 256, log=lambda message: None)
     seconds = time.perf_counter() - t0
     outputs = rows.repeat((len(arrays.train_x) + len(rows) - 1) // len(rows), 1, 1)[:len(arrays.train_x)]
     key = cache_key(args.teacher, file_sha256(teacher_weights), arrays)

@@ -73,11 +73,13 @@ class ImageArrays:
         # only) is centred and left unscaled instead of turning every input into NaN.
         self.mean, self.std = pixels.mean(0).tolist(), [s if s > 0 else 1.0 for s in pixels.std(0).tolist()]
 
-    def sha256(self):
-        """Of every image and label, both splits: what a checkpoint was trained and tested on."""
+    def sha256(self, splits=("train", "test")):
+        """Of the images and labels of `splits`: both are what a checkpoint was trained and
+        tested on; the training split is what a teacher cache was computed from."""
         h = hashlib.sha256()
-        for array in (self.train_x, self.train_y, self.test_x, self.test_y):
-            h.update(np.ascontiguousarray(array).tobytes())
+        for split in splits:
+            for array in (getattr(self, f"{split}_x"), getattr(self, f"{split}_y")):
+                h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
 
 
@@ -105,6 +107,11 @@ def load_cifar_pickles(name, data_dir, download=False):
                     f"allows.")
             try:
                 raw = path.read_bytes()
+            except OSError as e:  # a directory, no permission
+                raise DataError(f"{name}: {path} cannot be read ({e.strerror})") from None
+            if not raw:
+                raise DataError(f"{name}: {path} is empty")
+            try:
                 batch = pickle.loads(raw, encoding="bytes")
                 data = np.asarray(batch[b"data"], dtype=np.uint8)
                 labels = np.asarray(batch[label_key], dtype=np.int64)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .config import ConfigError, fingerprint, resolve_run
 from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
-from .runio import file_sha256, previous_path, save_checked, save_checkpoint
+from .runio import file_sha256, previous_path, remove_temporaries, save_checked, save_checkpoint
 from .train import (GuardError, Normalize, load_frozen_teacher, load_resume_state, log, nonfinite_tensors, pick_device,
                     seed_everything)
 
@@ -20,8 +20,7 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
     settings, tr = run["method_settings"], run["training"]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in out_path.parent.glob(".*.tmp"):  # from a write that a kill interrupted
-        leftover.unlink()
+    remove_temporaries(out_path.parent)  # from writes that a kill interrupted
     device = pick_device(tr["device"])
     seed_everything(run["seed"], tr["deterministic"])
     arrays = load_dataset(run["data"])

@@ -6,6 +6,7 @@ use the atomic writes without loading torch.
 
 import datetime
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -43,12 +44,23 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk says "[Errno 28] No space left on device" without naming the file
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        # A full disk says "[Errno 28] No space left on device" without naming the file, and
+        # torch's zip writer reports it as a RuntimeError raised while handling the OSError.
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
         raise
+
+
+def remove_temporaries(directory, name=None):
+    """Remove the temporary files of atomic_write and save_checkpoint (of file `name`, or of
+    every file) that a kill left in `directory`; return them."""
+    stale = list(Path(directory).glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def finite_or_null(obj):

@@ -23,12 +23,9 @@ killed build, run again, resumes at its first missing part. It also removes the
 .teacher_cache.pth.*.tmp that a build killed during its final write leaves.
 """
 
-import errno
-import glob
 import hashlib
 import shutil
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -36,7 +33,7 @@ import torch
 from .data import DEFAULT_AUGMENTATION, PAD
 from .methods import get_method
 from .models import EMBEDDING_DIM
-from .runio import UnreadableFile, atomic_write, torch_load
+from .runio import UnreadableFile, atomic_write, remove_temporaries, torch_load
 
 SIDE = 2 * PAD + 1  # crop offsets 0..2*PAD on each axis
 NUM_VIEWS = SIDE * SIDE * 2
@@ -77,10 +74,9 @@ def why_not_cached(run):
 
 
 def cache_key(teacher_name, teacher_sha256, arrays):
-    data = hashlib.sha256(arrays.train_x.tobytes())
-    data.update(arrays.train_y.tobytes())
     return {"format": FORMAT, "teacher": teacher_name, "teacher_sha256": teacher_sha256,
-            "data_sha256": data.hexdigest(), "num_images": len(arrays.train_x), "num_classes": arrays.num_classes,
+            "data_sha256": arrays.sha256(("train",)), "num_images": len(arrays.train_x),
+            "num_classes": arrays.num_classes,
             "augmentation": DEFAULT_AUGMENTATION, "num_views": NUM_VIEWS}
 
 
@@ -95,13 +91,14 @@ def all_views(images):
 
 
 @torch.inference_mode()
-def compute_outputs(teacher, arrays, normalize, device, batch_size, log=print):
-    """float16 (images, NUM_VIEWS, classes + EMBEDDING_DIM): the teacher's float32 outputs, rounded."""
-    n = len(arrays.train_x)
-    outputs = torch.empty((n, NUM_VIEWS, arrays.num_classes + EMBEDDING_DIM), dtype=torch.float16)
+def compute_outputs(teacher, train_x, num_classes, normalize, device, batch_size, log=print):
+    """float16 (images, NUM_VIEWS, classes + EMBEDDING_DIM): the teacher's float32 outputs on
+    the uint8 NHWC images `train_x`, rounded."""
+    n = len(train_x)
+    outputs = torch.empty((n, NUM_VIEWS, num_classes + EMBEDDING_DIM), dtype=torch.float16)
     started = time.perf_counter()
     for start in range(0, n, batch_size):
-        images = torch.from_numpy(arrays.train_x[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
+        images = torch.from_numpy(train_x[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
         rows = torch.stack([torch.cat([logits.float(), embedding.float()], 1)
                             for *_, embedding, logits in map(teacher, map(normalize, all_views(images)))], 1)
         half = rows.half()
@@ -132,28 +129,10 @@ def outputs_sha256(outputs, copy_to=None):
 
 def save(path, obj):
     """torch.save of {"key", "outputs"} with the outputs' checksum added, straight to a temporary
-    file, then rename (no in-memory copy of GBs); TeacherCacheError if it cannot be written."""
+    file, then rename (no in-memory copy of GBs)."""
     outputs = obj["outputs"].contiguous()
     obj = {**obj, "outputs": outputs, "outputs_sha256": outputs_sha256(outputs)}
-    try:
-        atomic_write(path, lambda f: torch.save(obj, f))  # removes its temporary file on any failure
-    except (OSError, RuntimeError) as e:
-        cause = e  # torch's zip writer reports a failed write as a RuntimeError raised while handling the OSError
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        full = cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        raise TeacherCacheError(f"cannot write {path}: {cause.strerror or cause}{' (disk full?)' if full else ''}") \
-            from None
-
-
-def remove_stale_temporary_files(out, log=print):
-    """A build killed while writing leaves a full-size .NAME.*.tmp beside `out` (atomic_write's); remove them."""
-    out = Path(out)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
-        log(f"removing {stale} ({stale.stat().st_size / 1e9:.3f} GB), left by an interrupted build")
-        stale.unlink(missing_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f))  # an OSError naming the file if it cannot be written
 
 
 def build(run, weights, out, log=print):
@@ -163,7 +142,8 @@ def build(run, weights, out, log=print):
     from .runio import file_sha256
     from .train import Normalize, load_frozen_teacher, pick_device
     run = resolve_run(run)
-    remove_stale_temporary_files(out, log)
+    for stale in remove_temporaries(Path(out).parent, Path(out).name):  # a killed build's full-size file
+        log(f"removed {stale}, left by an interrupted build")
     tr = run["training"]
     device = pick_device(tr["device"])
     arrays = load_dataset(run["data"])
@@ -192,8 +172,7 @@ def compute_in_parts(teacher, arrays, normalize, device, batch_size, key, parts,
     n, width = len(arrays.train_x), arrays.num_classes + EMBEDDING_DIM
     per_part = max(1, PART_BYTES // (NUM_VIEWS * width * 2))
     outputs = torch.empty((n, NUM_VIEWS, width), dtype=torch.float16)
-    for stale in parts.glob(".*.tmp"):  # a part whose write was interrupted
-        stale.unlink(missing_ok=True)
+    remove_temporaries(parts)  # a part whose write was interrupted
     for start in range(0, n, per_part):
         stop = min(start + per_part, n)
         path, part_key = parts / f"{start:07d}-{stop:07d}.pth", {**key, "images": [start, stop]}
@@ -202,9 +181,10 @@ def compute_in_parts(teacher, arrays, normalize, device, batch_size, key, parts,
             outputs[start:stop] = done
             log(f"  images {start}..{stop} of {n}: read from {path} (an interrupted build computed them)")
             continue
-        images = types.SimpleNamespace(train_x=arrays.train_x[start:stop], num_classes=arrays.num_classes)
         log(f"  images {start}..{stop} of {n}:")
-        outputs[start:stop] = rows = compute_outputs(teacher, images, normalize, device, batch_size, log)
+        rows = compute_outputs(teacher, arrays.train_x[start:stop], arrays.num_classes, normalize, device,
+                               batch_size, log)
+        outputs[start:stop] = rows
         save(path, {"key": part_key, "outputs": rows})
     return outputs
 

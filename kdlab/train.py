@@ -23,7 +23,8 @@ from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model
 from .runio import (UnreadableFile, atomic_write_json, code_sha256, file_sha256, load_checked, load_weights, now,
-                    previous_path, provenance, remove_completion_marks, save_checkpoint, save_weights)
+                    previous_path, provenance, remove_completion_marks, remove_temporaries, save_checkpoint,
+                    save_weights)
 from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -256,8 +257,7 @@ def train(run, run_dir, force_restart=False):
     run = resolve_run(run)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in run_dir.glob(".*.tmp"):  # from a write that a kill interrupted
-        leftover.unlink()
+    remove_temporaries(run_dir)  # from writes that a kill interrupted
     tr, method = run["training"], get_method(run["method"])
     device = pick_device(tr["device"])
     seed_everything(run["seed"], tr["deterministic"])

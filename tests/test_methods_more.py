@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from kdlab.config import resolve_run
-from kdlab.methods import METHODS, at, cc, dist, dkd, ft, nst, pkt, sp, vid
+from kdlab.methods import METHODS, at, cc, dist, dkd, nst, pkt, sp, vid
 
-from conftest import tiny_run
-from test_methods import FT_SETTINGS, make_paraphraser
+from conftest import every_method_loss, tiny_run
 
 NEW_METHODS = ["at", "sp", "pkt", "cc", "nst", "vid", "dkd", "dist"]
 SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64,), (5,)]
@@ -234,19 +233,12 @@ def test_stage_settings_are_validated():
                                  method_settings={"stages": bad}))
 
 
-def loss_with_defaults(name, tmp_path):
-    if name == "ft":  # FT's loss reads a stage-1 paraphraser
-        make_paraphraser(tmp_path / "paraphraser.pth")
-        return ft.Loss(FT_SETTINGS, {"paraphraser": str(tmp_path / "paraphraser.pth")})
-    return METHODS[name].Loss(default_settings(name), {})
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("name", [m for m in METHODS if m not in ("none", "crd")])  # CRD's: test_crd.py
 @pytest.mark.parametrize("case", ["duplicates", "teacher_is_student", "large", "tiny", "batch_of_one"])
 def test_values_and_gradients_stay_finite(name, dtype, case, tmp_path):
     torch.manual_seed(0)
-    loss_fn = loss_with_defaults(name, tmp_path)
+    loss_fn = every_method_loss(name, tmp_path)
     batch = 1 if case == "batch_of_one" else 6
     scale = {"large": 1e4, "tiny": 1e-30}.get(case, 1.0)
     s, t = features(batch, 10, scale=scale, dtype=torch.float32), features(batch, 11, dtype=torch.float32)

@@ -82,9 +82,11 @@ def test_a_finished_checkpoint_writes_the_outputs_unless_code_or_data_changed(tm
     assert again["provenance"] == first["provenance"] and rewritten["host"] and rewritten["at"]
     assert (tmp_path / "model.pth").read_bytes() == weights and verify_weights(tmp_path / "model.pth")
     monkeypatch.setattr("kdlab.train.code_sha256", lambda: "other code")
-    train(run, tmp_path)
-    assert "checkpoint is of a finished run of other code (kdlab or torch changed): starting fresh" in \
-        capsys.readouterr().out
+    retrained = train(run, tmp_path)
+    out = capsys.readouterr().out
+    assert "checkpoint is of a finished run of other code (kdlab or torch changed): starting fresh" in out
+    assert "epoch 1/2" in out and "outputs_rewritten" not in retrained["provenance"]
+    assert retrained["provenance"]["started"] >= first["provenance"]["finished"]
 
 
 def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, capsys, monkeypatch):

@@ -121,6 +121,8 @@ class Loss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
         self.weight, self.factor = settings["weight"], FACTORS[settings["factor"]]
+        # Its own hash of the teacher: the loss is built before train() hashes its inputs, and
+        # moving that would change the order of random draws (the connectors' initial weights).
         teacher_sha256 = file_sha256(run["teacher_weights"]) if run.get("teacher_weights") else None
         self.paraphraser = load_paraphraser(run.get("paraphraser"), settings,
                                             teacher_sha256).requires_grad_(False).eval()
