@@ -64,8 +64,7 @@ def build_health(summaries: list[dict], chance_margin: float = 5.0,
             entry = {"run": rel, "file": s.get("file"), "claims": s["misplaced"],
                      "kind": s.get("kind"),
                      "holds": "metrics" if s.get("file") == "metrics.json" else "progress"}
-            entry["message"] = (f"misplaced: {rel}/{entry['file']} holds the {entry['holds']} of "
-                                f"the {kind_word(entry['kind'])} run {entry['claims']}")
+            entry["message"] = misplaced_message(entry)
             misplaced.append(entry)
         if why:
             continue
@@ -103,6 +102,11 @@ def build_health(summaries: list[dict], chance_margin: float = 5.0,
     }
 
 
+def misplaced_message(e: dict, quote: str = "") -> str:
+    return (f"misplaced: {quote}{e['run']}/{e['file']}{quote} holds the {e['holds']} of the "
+            f"{kind_word(e['kind'])} run {quote}{e['claims']}{quote}")
+
+
 def health_markdown(h: dict, experiments: str) -> str:
     c = h["counts"]
     lines = ["# Run health", "",
@@ -135,8 +139,7 @@ def health_markdown(h: dict, experiments: str) -> str:
                 "Not checked: no `--method-versions` given.")
     section("Unreadable run files", h["unreadable"], lambda e: f"`{e['run']}`: {e['error']}")
     section("Misplaced run files (the run block names another run; not used)", h["misplaced"],
-            lambda e: f"misplaced: `{e['run']}/{e['file']}` holds the {e['holds']} of the "
-                      f"{kind_word(e['kind'])} run `{e['claims']}`")
+            lambda e: misplaced_message(e, quote="`"))
     section("Duplicate runs (one run claimed by several run files; at most the one in its "
             "own directory is used)", h["duplicates"],
             lambda e: f"the {kind_word(e['kind'])} run `{e['claims']}` is "

@@ -142,23 +142,31 @@ def recorded_recipe(run: dict) -> str | None:
 def claimed_dir(run: dict) -> list[str | None] | None:
     """The run directory a ``metrics.json`` "run" block names, relative to the experiments
     directory, as components; None where the block does not say (None for a kind it does not
-    name). The formula of kdlab.grid's teacher_dir, student_dir and distill_dir, written
-    again here because importing kdlab.grid imports torch (a test compares the two)."""
+    name)."""
     kind = run.get("kind")
 
     def text(x: Any) -> str | None:
         return x if isinstance(x, str) and x else None
 
-    dataset, seed = text(run.get("dataset")), seed_text(run.get("seed"))
+    if kind not in ("teacher", "student", "distill"):
+        return None
+    teacher, student = text(run.get("teacher")), text(run.get("student"))
     if kind == "teacher":  # "student" names the model trained; older writers used "teacher"
-        return [dataset, "teachers", text(run.get("student")) or text(run.get("teacher")), seed]
+        teacher = student or teacher
+    return layout_dir(kind, text(run.get("dataset")), text(run.get("method")), recorded_recipe(run), teacher,
+                      student, seed_text(run.get("seed")))
+
+
+def layout_dir(kind: str, dataset, method, recipe, teacher, student, seed) -> list[str | None]:
+    """A run's directory in the grid's layout, as components (None for what is not known);
+    a teacher run's model is `teacher`. The formula of kdlab.grid's teacher_dir, student_dir and
+    distill_dir, written again here because importing kdlab.grid imports torch (a test compares
+    the two)."""
+    if kind == "teacher":
+        return [dataset, "teachers", teacher, seed]
     if kind == "student":
-        return [dataset, "none", text(run.get("student")), seed]
-    if kind == "distill":
-        teacher, student = text(run.get("teacher")), text(run.get("student"))
-        pair = f"{teacher}_to_{student}" if teacher and student else None
-        return [dataset, text(run.get("method")), recorded_recipe(run), pair, seed]
-    return None
+        return [dataset, "none", student, seed]
+    return [dataset, method, recipe, f"{teacher}_to_{student}" if teacher and student else None, seed]
 
 
 def show_dir(parts: list[str | None]) -> str:
@@ -210,11 +218,7 @@ def check_placement(summaries: list[dict]) -> None:
     for key, group in groups.items():
         if len(group) > 1:
             matching = [s["rel"] for s in group if s["rel"] in placed]
-            kind, dataset, method, setting, teacher, student, seed = key
-            where = {"teacher": [dataset, "teachers", teacher, seed],
-                     "student": [dataset, "none", student, seed]}.get(
-                kind, [dataset, method, setting, f"{teacher}_to_{student}", seed])
-            entry = {"kind": kind, "claims": "/".join(where), "runs": [s["rel"] for s in group],
+            entry = {"kind": key[0], "claims": show_dir(layout_dir(*key)), "runs": [s["rel"] for s in group],
                      "used": matching[0] if len(matching) == 1 else None}
             for s in group:
                 s["duplicates"] = entry
