@@ -500,7 +500,12 @@ def test_jobs_qstat_does_not_list_are_decided_at_once(tmp_path, pbs_env, setting
     else:
         assert not read_log(pbs_env, "qmgr")
     uses_x = {"yes": True, "no": False, "auto": server_history}[setting]
-    assert all(("-x" in c["argv"]) == uses_x for c in read_log(pbs_env, "qstat"))
+    calls = read_log(pbs_env, "qstat")
+    if setting == "yes" and not server_history:   # the server refused -x: `yes` gives way
+        uses_x = False
+        assert "-x" in calls[0]["argv"]
+        calls = calls[1:]
+    assert all(("-x" in c["argv"]) == uses_x for c in calls)
 
 
 @pytest.mark.parametrize("server_history", [False, True])
@@ -522,6 +527,46 @@ def test_job_history_learned_from_qstat_when_qmgr_refuses(tmp_path, pbs_env, ser
     assert "job history not known yet" in log and "qmgr did not tell" in log
     if not server_history:
         assert "job history off" in log and "not configured to maintain job history" in log
+
+
+@pytest.mark.parametrize("setting", ["auto", "yes"])
+def test_qstat_x_refused_by_server_without_history_says_nothing_about_jobs(tmp_path, pbs_env,
+                                                                         monkeypatch, setting):
+    """OpenPBS without job history rejects every `qstat -x` request as a whole, for queued
+    and running jobs too (exit 0, no job listed, "not configured to maintain job history").
+    That answer must not make them look gone: with history unknown (auto, qmgr refused)
+    or wrongly forced to yes, a queued job was reported failed at once and resubmitted,
+    and pbs-submit did not re-attach to it."""
+    d = pbs_env["PBS_STANDIN_DIR"]
+    set_control(pbs_env, history=False, qmgr=False)
+    if setting != "auto":
+        site(pbs_env, job_history=setting)
+    env = dict(pbs_env, _cwd=str(tmp_path))
+    standin.fake_job(d, 900, state="Q", name="train_teacher.T1.0")
+    standin.fake_job(d, 901, state="R", substate=42)
+    write_job_files(tmp_path, "901.server")
+    assert status(env, "900.server") == "running"
+    assert status(env, "901.server") == "running"
+    assert not (tmp_path / ".snakemake" / "pbs" / "vanished" / "901.server").exists()
+    calls = [c["argv"] for c in read_log(pbs_env, "qstat")]
+    assert "-x" in calls[0] and all("-x" not in c for c in calls[1:]), calls   # refused once
+    assert "job history off" in (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    # pbs-submit's re-attach after a restart (history not yet known in this session)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
+    ledger = tmp_path / "logs" / "pbs" / "jobs.tsv"
+    ledger.write_text("submitted\tjobid\tname\n2026-01-01 10:00:00\t900.server\ttrain_teacher.T1.0\n")
+    assert pbs.still_active_job(pbs.load_settings(), str(ledger), "train_teacher.T1.0") == "900.server"
+    # the sidecar's first poll of a new session keeps watching both jobs
+    (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
+    active = tmp_path / "active"
+    active.mkdir()
+    for jobid in ("900.server", "901.server"):
+        (active / jobid).write_text("")
+    cache = {"jobs": {}}
+    pbs.poll_once(pbs.load_settings(), str(active), cache, str(tmp_path / "sidecar.log"))
+    assert {j: e.get("job_state") for j, e in cache["jobs"].items()} == {"900.server": "Q", "901.server": "R"}
+    assert sorted(os.listdir(str(active))) == ["900.server", "901.server"]
 
 
 def test_job_history_auto_on_torque(tmp_path, pbs_env):

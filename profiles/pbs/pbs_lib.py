@@ -796,15 +796,17 @@ def forced_history(settings):
 def known_history(settings):
     """Whether the server keeps job history: True / False when site.cfg forces
     it or this session has learned it, None while unknown (qstat is then
-    called with -x, and its answer tells)."""
+    called with -x, and its answer tells). A forced `yes` gives way to a
+    server that refused `qstat -x` in this session."""
     forced = forced_history(settings)
-    if forced is not None:
-        return forced
+    if forced is False:
+        return False
     try:
         with open(history_path()) as f:
-            return json.load(f).get("history")
+            learned = json.load(f).get("history")
     except (OSError, ValueError, AttributeError):
-        return probe_history(settings)
+        return True if forced else probe_history(settings)
+    return False if learned is False else (forced or learned)
 
 
 def probe_history(settings):
@@ -825,9 +827,13 @@ def probe_history(settings):
 
 
 def learn_history(settings, history, why):
-    """Record what a qstat answer revealed (nothing to learn when forced)."""
-    if forced_history(settings) is not None:
+    """Record what a qstat answer revealed (nothing to learn when forced,
+    except that a server refuses the `qstat -x` of job_history = yes)."""
+    forced = forced_history(settings)
+    if forced is False or (forced is True and history is not False):
         return
+    if forced is True:
+        why += "; job_history = yes in site.cfg is wrong for this server"
     try:
         with open(history_path()) as f:
             if json.load(f).get("history") == history:
@@ -862,6 +868,12 @@ def qstat_argv(settings, jobids, json_format, history):
 UNKNOWN_RCS = (153, 35)
 
 
+class HistoryRefused(Exception):
+    """OpenPBS without job history rejects a `qstat -x` request as a whole
+    (PBSE_JOBHISTNOTSET, exit 0), for queued and running jobs too: its answer
+    says nothing about the jobs."""
+
+
 def _run_qstat(settings, jobids, json_format, history):
     """-> (rc, jobs or None, stderr, error). jobs None with error None means
     the output could not be parsed (caller may fall back to plain text)."""
@@ -871,6 +883,8 @@ def _run_qstat(settings, jobids, json_format, history):
         return rc, None, err, err
     if NO_HISTORY in (err or "").lower():
         learn_history(settings, False, "qstat -x: " + _one_line(err))
+        if history is not False:
+            raise HistoryRefused(_one_line(err))
     if out.strip():
         try:
             parse = parse_qstat_json if json_format else parse_qstat_text
@@ -931,7 +945,10 @@ def query_jobs(settings, jobids):
     unknown_ids those the server does not know (any more), error a message
     when the call failed (nothing usable)."""
     history = known_history(settings)
-    found, unknown, error = _query(settings, jobids, history)
+    try:
+        found, unknown, error = _query(settings, jobids, history)
+    except HistoryRefused:
+        return _query(settings, jobids, False)
     if error is not None and history is None:
         # Torque's `qstat -x` means XML: if the -x call gives nothing usable but
         # the plain one works, there is no history we can read.
