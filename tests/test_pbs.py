@@ -306,6 +306,8 @@ def test_submit_show_request_and_job_script(tmp_path, pbs_env):
     # the start marker, and the job's command got the cores PBS gave it (NCPUS)
     assert (tmp_path / "logs" / "pbs" / "start" / jobid).read_text().strip()
     assert "hello --cores 4\n" in log.read_text()
+    # a GPU job on a node where PBS (no cgroups hook) assigned no GPU device says so
+    assert "WARNING: PBS set no CUDA_VISIBLE_DEVICES" in log.read_text()
     script = read_log(pbs_env, "qsub")[0]["argv"][-1]
     subprocess.run(["bash", "-n", script], check=True)
 
@@ -415,6 +417,7 @@ def test_every_active_state_is_running(state):
     (-27, "failed", "memory"),
     (-11, "failed", "rerun"),
     (271, "failed", "SIGTERM"),
+    (143, "failed", "after SIGTERM (walltime/memory limit or qdel)"),   # qdel: the script's trap
     (265, "failed", "SIGKILL"),
 ])
 def test_exit_status_meanings(code, expected, words):

@@ -392,6 +392,11 @@ trap '_kd_on_signal INT 2' INT
 trap '_kd_on_signal HUP 1' HUP
 echo "[pbs-job] $(date '+%F %T') start of job $_kd_id ($KDLAB_PBS_NAME) on $(hostname) in $PWD"
 echo "[pbs-job] request: @REQUEST@; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+# PBS assigns GPU devices only through its cgroups hook; without it every job on
+# a node sees all GPUs and trains on the first, whichever job PBS gave it to.
+if [ @NGPUS@ -gt 0 ] && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    echo "[pbs-job] WARNING: PBS set no CUDA_VISIBLE_DEVICES: this job uses GPU 0 of the node, which may be another job's (docs/pbs.md, What to ask the admins)"
+fi
 # The inner Snakemake gets the cores PBS gave the job (NCPUS: OpenPBS / PBS Pro,
 # PBS_NUM_PPN: Torque), not all cores of the node.
 _kd_cores="${NCPUS:-${PBS_NUM_PPN:-all}}"
@@ -431,6 +436,7 @@ def make_job_script(props, text, name, workdir, logdir, settings, summary, stamp
         ("@Q_NAME@", shlex.quote(name)),
         ("@Q_LOGDIR@", shlex.quote(logdir)),
         ("@REQUEST@", re.sub(r"[^A-Za-z0-9_.:=, -]", "", request)),
+        ("@NGPUS@", str(int(summary["ngpus"]))),
         ("@ENV_SETUP@", env_setup),
         ("@PROPS@", props_line.replace("\n", " ")),
         ("@EXEC@", CORES_ALL.sub('--cores "$_kd_cores"', exec_lines(text))),
@@ -696,9 +702,12 @@ def describe_exit(code, comment="", label="Exit_status"):
             hint = " (walltime/memory limit or qdel)"
         return "%s %d: job shell killed by %s%s" % (label, code, name, hint)
     if code > 128:
+        # the job script traps SIGTERM and exits 128+15 itself: what PBS records
+        # as Exit_status for a qdel (and a walltime kill before OpenPBS 22.05)
         sig = code - 128
-        return "%s %d: job exited after %s" % (
-            label, code, SIGNAL_NAMES.get(sig, "signal %d" % sig))
+        return "%s %d: job exited after %s%s" % (
+            label, code, SIGNAL_NAMES.get(sig, "signal %d" % sig),
+            " (walltime/memory limit or qdel)" if sig in (9, 15) else "")
     return "%s %d: the job (Snakemake) failed; see the rule's log" % (label, code)
 
 

@@ -302,7 +302,9 @@ def run_main(num):
         exit_status = -29
         comment = "Job run at %s on (node1:ncpus=1) and exceeded resource walltime" % time.ctime(start)
     elif killed == "delete":
-        exit_status = 271
+        # the job shell's own end: 256 + N if a signal killed it, else its exit
+        # code (the profile's job script traps SIGTERM and exits 143)
+        exit_status = rc if rc >= 0 else 256 - rc
         comment = "Job run at %s on (node1:ncpus=1) and was deleted" % time.ctime(start)
         substate = 91
     else:
