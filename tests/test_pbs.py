@@ -343,6 +343,31 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     assert len(read_log(pbs_env, "qsub")) == 3
 
 
+@pytest.mark.parametrize("message,tries", [
+    ("qsub: cannot connect to server pbs01 (errno=15010)", 3),   # server restarting: no job made
+    ("qsub: Unknown queue", 1),                                  # refused: asking again won't help
+])
+def test_submit_retries_qsub_only_when_the_server_was_not_reached(tmp_path, pbs_env, message, tries):
+    count = tmp_path / "qsub.count"
+    fake = tmp_path / "qsub"
+    fake.write_text('#!/bin/bash\nn=$(cat %s 2>/dev/null || echo 0); echo $((n + 1)) > %s\n'
+                    'if [ "$n" -lt 2 ]; then echo "%s" >&2; exit 162; fi\nexec %s "$@"\n'
+                    % (count, count, message, STANDIN / "qsub"))
+    fake.chmod(0o755)
+    site(pbs_env, qsub=str(fake), qsub_retry_sleep=0.1)
+    jobscript = tmp_path / "snakejob.distill.7.sh"
+    jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(single_props(1, runtime=5)))
+    p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
+                       env=pbs_env, timeout=30)
+    assert int(count.read_text()) == tries
+    if tries == 3:
+        assert p.returncode == 0 and re.match(r"^\d+\.server\n$", p.stdout), p.stderr
+        assert "could not reach the server" in (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    else:
+        assert p.returncode == 1 and p.stdout == "" and "Unknown queue" in p.stderr
+
+
 # ----------------------------------------------------------------- status: parsing
 
 JSON_OUT = {

@@ -61,6 +61,8 @@ DEFAULTS = {
     "qstat_retry_sleep": "2",
     "qstat_timeout": "60",
     "qsub_timeout": "120",
+    "qsub_retries": "3",
+    "qsub_retry_sleep": "20",
     "vanished_grace": "60",
     "log_dir": "logs/pbs",
     # names of the PBS client programs (tests and odd sites may change them)
@@ -495,6 +497,13 @@ def still_active_job(settings, ledger, name):
     return None
 
 
+# qsub messages of a server that was not reached (restart, fail-over, network):
+# no job was created. A timeout is not among them: the job may exist.
+QSUB_UNREACHED = re.compile(
+    r"cannot connect to (the )?server|connection refused|communication failure|"
+    r"server shutting down|pbs_iff: cannot", re.IGNORECASE)
+
+
 def submit_main(argv):
     show_only = False
     args = list(argv)
@@ -546,7 +555,16 @@ def submit_main(argv):
     os.chmod(script_path, 0o755)
     os.makedirs(os.path.join(logdir, "pbs-output"), exist_ok=True)
     os.makedirs(os.path.join(logdir, "exit"), exist_ok=True)
-    rc, out, err = run_cmd(qsub_argv, settings.num("qsub_timeout"))
+    tries = max(settings.int("qsub_retries"), 1)
+    for attempt in range(tries):
+        rc, out, err = run_cmd(qsub_argv, settings.num("qsub_timeout"))
+        if rc in (0, None) or attempt + 1 == tries or not QSUB_UNREACHED.search(out + err):
+            break
+        # the server was not reached, so no job exists: asking again is safe (a
+        # failed submission is a failed attempt to Snakemake: twice the walltime)
+        append_line(os.path.join(logdir, "status.log"), "%s qsub for %s could not reach the server "
+                    "(exit %s: %s); trying again" % (now_iso(), name, rc, _one_line(err or out)))
+        time.sleep(settings.num("qsub_retry_sleep"))
     # the job id: the first line that looks like one (some sites' qsub wrappers
     # print a banner), else the first non-empty line
     lines = [line.strip() for line in (out or "").splitlines() if line.strip()]
