@@ -679,6 +679,14 @@ def test_status_reads_sidecar_cache(tmp_path, pbs_env):
     assert status(env, "34.server", side) == "failed"    # forgotten without ever starting
     assert status(env, "33.server", side) == "running"   # submitted after last poll
     assert read_log(pbs_env, "qstat") == []               # none of these ran qstat
+    # an old cache of a sidecar that is alive (its poll waits out a hanging qstat) is
+    # still used: one qstat per job and round would pile onto that server
+    cache.write_text(json.dumps({"updated": now - 40, "attempted": now - 40, "poll_started": now - 41,
+                                 "jobs": {"31.server": {"job_state": "R"}}}))
+    alive = {"SNAKEMAKE_CLUSTER_SIDECAR_VARS": json.dumps(
+        {"cache": str(cache), "active": str(active), "interval": 1, "pid": os.getpid()})}
+    assert status(env, "31.server", alive) == "running"
+    assert read_log(pbs_env, "qstat") == []
     # a stale cache (sidecar gone) is ignored: qstat is asked directly
     cache.write_text(json.dumps({"updated": now - 100, "attempted": now - 100, "jobs": {
         "30.server": {"job_state": "R"}}}))

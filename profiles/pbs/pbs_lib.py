@@ -1080,8 +1080,12 @@ def status_from_sidecar(settings, jobid):
         return None
     interval = float(info.get("interval", settings.num("status_poll_interval")))
     now = time.time()
-    attempted = float(cache.get("attempted", 0))
-    if now - attempted > 3 * interval + 10:
+    age = now - float(cache.get("attempted", 0))
+    # A live sidecar may be slow: a poll waits out qstat_timeout for up to four
+    # calls when the server hangs. Asking qstat for every job then would only
+    # pile up calls on that server and block Snakemake's status rounds.
+    if age > 3 * interval + 10 and not (
+            _alive(info.get("pid")) and age < 3 * interval + 10 + 4 * settings.num("qstat_timeout")):
         return None  # sidecar dead or stuck: ask qstat directly
     entry = cache.get("jobs", {}).get(jobid)
     if entry is not None:
@@ -1109,6 +1113,16 @@ def status_from_sidecar(settings, jobid):
     # a job the sidecar does not know (e.g. resumed by Snakemake after a restart)
     register_job(jobid)
     return None
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def status_main(argv):
@@ -1163,7 +1177,8 @@ def sidecar_main(argv):
     cache = {"jobs": {}, "updated": 0, "attempted": time.time(), "poll_started": 0,
              "error": None, "error_time": 0}
     write_atomic(cache_path, json.dumps(cache))
-    sys.stdout.write(json.dumps({"cache": cache_path, "active": active, "interval": interval}) + "\n")
+    sys.stdout.write(json.dumps({"cache": cache_path, "active": active, "interval": interval,
+                                 "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
     # a new session: learn afresh whether the server keeps job history
     try:
