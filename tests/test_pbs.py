@@ -343,6 +343,26 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     assert len(read_log(pbs_env, "qsub")) == 3
 
 
+def test_submit_removes_files_of_an_earlier_job_with_the_same_id(tmp_path, pbs_env):
+    """PBS reuses job ids (max_job_sequence_id wraps, a reinstalled server starts over):
+    an old exit-code file "0" would make the new job, if deleted while queued, a success."""
+    for kind, text in (("exit", "0 \n"), ("start", "2025-01-01 10:00:00 node1\n")):
+        old = tmp_path / "logs" / "pbs" / kind / "1000.server"
+        old.parent.mkdir(parents=True, exist_ok=True)
+        old.write_text(text)
+        os.utime(str(old), (time.time() - 86400 * 200,) * 2)
+    set_control(pbs_env, queue_delay=60)   # the stand-in's counter starts at 1000
+    jobscript = tmp_path / "snakejob.distill.7.sh"
+    jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(single_props(1, runtime=5)))
+    p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                       universal_newlines=True, cwd=str(tmp_path), env=pbs_env, check=True, timeout=30)
+    assert p.stdout == "1000.server\n"
+    assert not (tmp_path / "logs" / "pbs" / "exit" / "1000.server").exists()
+    assert not (tmp_path / "logs" / "pbs" / "start" / "1000.server").exists()
+    subprocess.run(["qdel", "1000.server"], env=pbs_env, check=True, timeout=10)   # while queued
+    assert status(dict(pbs_env, _cwd=str(tmp_path)), "1000.server") == "failed"
+
+
 @pytest.mark.parametrize("message,tries", [
     ("qsub: cannot connect to server pbs01 (errno=15010)", 3),   # server restarting: no job made
     ("qsub: Unknown queue", 1),                                  # refused: asking again won't help

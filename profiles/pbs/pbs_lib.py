@@ -555,6 +555,7 @@ def submit_main(argv):
     os.chmod(script_path, 0o755)
     os.makedirs(os.path.join(logdir, "pbs-output"), exist_ok=True)
     os.makedirs(os.path.join(logdir, "exit"), exist_ok=True)
+    submitted = time.time()
     tries = max(settings.int("qsub_retries"), 1)
     for attempt in range(tries):
         rc, out, err = run_cmd(qsub_argv, settings.num("qsub_timeout"))
@@ -583,6 +584,7 @@ def submit_main(argv):
     sys.stdout.write(jobid + "\n")
     sys.stdout.flush()
     register_job(jobid)
+    remove_stale_job_files(settings, jobid, submitted - 600)
     details = exec_details(text)
     if props.get("type") == "group":
         what = "group " + str(props.get("groupid"))
@@ -790,6 +792,23 @@ def read_exit_file(settings, jobid):
     except ValueError:
         return None
     return code, " ".join(first[1:])
+
+
+def remove_stale_job_files(settings, jobid, before):
+    """Remove the exit-code file, start marker and vanished marker of an earlier
+    job that had the same id (PBS reuses ids after max_job_sequence_id wraps
+    or a server reinstall): they would decide the new job's fate. Files newer
+    than `before` are the new job's own."""
+    for directory in (os.path.join(log_dir(settings), "exit"), os.path.join(log_dir(settings), "start"),
+                      os.path.join(state_dir(), "vanished")):
+        path = _job_file(directory, jobid)
+        try:
+            if path is not None and os.path.getmtime(path) < before:
+                os.remove(path)
+                status_log(settings, "job %s: removed %s, left by an earlier job with the same id"
+                           % (jobid, path))
+        except OSError:
+            pass
 
 
 def job_started(settings, jobid):
