@@ -615,6 +615,13 @@ def test_qstat_x_refused_by_server_without_history_says_nothing_about_jobs(tmp_p
     pbs.poll_once(pbs.load_settings(), str(active), cache, str(tmp_path / "sidecar.log"))
     assert {j: e.get("job_state") for j, e in cache["jobs"].items()} == {"900.server": "Q", "901.server": "R"}
     assert sorted(os.listdir(str(active))) == ["900.server", "901.server"]
+    # a job PBS holds (it will not start it by itself) is logged once, not every round
+    standin.fake_job(d, 900, state="H", name="train_teacher.T1.0", comment="job held, too many failed attempts to run")
+    for _ in range(2):
+        pbs.poll_once(pbs.load_settings(), str(active), cache, str(tmp_path / "sidecar.log"))
+    held = [l for l in (tmp_path / "sidecar.log").read_text().splitlines() if "is held" in l]
+    assert len(held) == 1 and "900.server" in held[0] and "too many failed attempts" in held[0]
+    assert status(dict(env, SNAKEMAKE_CLUSTER_SIDECAR_VARS=""), "900.server") == "running"
 
 
 def test_job_history_auto_on_torque(tmp_path, pbs_env):

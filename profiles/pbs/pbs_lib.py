@@ -1264,8 +1264,15 @@ def poll_once(settings, active, cache, logfile):
                     unknown.extend(u1)
             for jobid, entry in found.items():
                 entry["t"] = started
+                state = str(entry.get("job_state", "")).upper()[:1]
+                if state == "H" and cache["jobs"].get(jobid, {}).get("job_state") != "H":
+                    # e.g. "job held, too many failed attempts to run": PBS will not
+                    # start it, and Snakemake waits for it without a word
+                    append_line(logfile, "%s job %s is held (comment: %s): it counts as running "
+                                "until released (qrls) or deleted (qdel)" % (
+                                    now_iso(), jobid, entry.get("comment", "")))
                 cache["jobs"][jobid] = entry
-                if str(entry.get("job_state", "")).upper()[:1] in FINAL_STATES:
+                if state in FINAL_STATES:
                     _forget(active, jobid)
             for jobid in unknown:
                 # remember whether we saw it run: then it started, whatever
