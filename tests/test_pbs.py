@@ -306,6 +306,8 @@ def test_submit_show_request_and_job_script(tmp_path, pbs_env):
     # the start marker, and the job's command got the cores PBS gave it (NCPUS)
     assert (tmp_path / "logs" / "pbs" / "start" / jobid).read_text().strip()
     assert "hello --cores 4\n" in log.read_text()
+    # a GPU job on a node where PBS (no cgroups hook) assigned no GPU device says so
+    assert "WARNING: PBS set no CUDA_VISIBLE_DEVICES" in log.read_text()
     script = read_log(pbs_env, "qsub")[0]["argv"][-1]
     subprocess.run(["bash", "-n", script], check=True)
 
@@ -339,6 +341,51 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     fresh, message = submit("train_teacher")
     assert fresh not in (first, other) and "watching" not in message
     assert len(read_log(pbs_env, "qsub")) == 3
+
+
+def test_submit_removes_files_of_an_earlier_job_with_the_same_id(tmp_path, pbs_env):
+    """PBS reuses job ids (max_job_sequence_id wraps, a reinstalled server starts over):
+    an old exit-code file "0" would make the new job, if deleted while queued, a success."""
+    for kind, text in (("exit", "0 \n"), ("start", "2025-01-01 10:00:00 node1\n")):
+        old = tmp_path / "logs" / "pbs" / kind / "1000.server"
+        old.parent.mkdir(parents=True, exist_ok=True)
+        old.write_text(text)
+        os.utime(str(old), (time.time() - 86400 * 200,) * 2)
+    set_control(pbs_env, queue_delay=60)   # the stand-in's counter starts at 1000
+    jobscript = tmp_path / "snakejob.distill.7.sh"
+    jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(single_props(1, runtime=5)))
+    p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                       universal_newlines=True, cwd=str(tmp_path), env=pbs_env, check=True, timeout=30)
+    assert p.stdout == "1000.server\n"
+    assert not (tmp_path / "logs" / "pbs" / "exit" / "1000.server").exists()
+    assert not (tmp_path / "logs" / "pbs" / "start" / "1000.server").exists()
+    subprocess.run(["qdel", "1000.server"], env=pbs_env, check=True, timeout=10)   # while queued
+    assert status(dict(pbs_env, _cwd=str(tmp_path)), "1000.server") == "failed"
+
+
+@pytest.mark.parametrize("message,tries", [
+    ("qsub: cannot connect to server pbs01 (errno=15010)", 3),   # server restarting: no job made
+    ("qsub: Unknown queue", 1),                                  # refused: asking again won't help
+])
+def test_submit_retries_qsub_only_when_the_server_was_not_reached(tmp_path, pbs_env, message, tries):
+    count = tmp_path / "qsub.count"
+    fake = tmp_path / "qsub"
+    fake.write_text('#!/bin/bash\nn=$(cat %s 2>/dev/null || echo 0); echo $((n + 1)) > %s\n'
+                    'if [ "$n" -lt 2 ]; then echo "%s" >&2; exit 162; fi\nexec %s "$@"\n'
+                    % (count, count, message, STANDIN / "qsub"))
+    fake.chmod(0o755)
+    site(pbs_env, qsub=str(fake), qsub_retry_sleep=0.1)
+    jobscript = tmp_path / "snakejob.distill.7.sh"
+    jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(single_props(1, runtime=5)))
+    p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
+                       env=pbs_env, timeout=30)
+    assert int(count.read_text()) == tries
+    if tries == 3:
+        assert p.returncode == 0 and re.match(r"^\d+\.server\n$", p.stdout), p.stderr
+        assert "could not reach the server" in (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    else:
+        assert p.returncode == 1 and p.stdout == "" and "Unknown queue" in p.stderr
 
 
 # ----------------------------------------------------------------- status: parsing
@@ -415,6 +462,7 @@ def test_every_active_state_is_running(state):
     (-27, "failed", "memory"),
     (-11, "failed", "rerun"),
     (271, "failed", "SIGTERM"),
+    (143, "failed", "after SIGTERM (walltime/memory limit or qdel)"),   # qdel: the script's trap
     (265, "failed", "SIGKILL"),
 ])
 def test_exit_status_meanings(code, expected, words):
@@ -500,7 +548,12 @@ def test_jobs_qstat_does_not_list_are_decided_at_once(tmp_path, pbs_env, setting
     else:
         assert not read_log(pbs_env, "qmgr")
     uses_x = {"yes": True, "no": False, "auto": server_history}[setting]
-    assert all(("-x" in c["argv"]) == uses_x for c in read_log(pbs_env, "qstat"))
+    calls = read_log(pbs_env, "qstat")
+    if setting == "yes" and not server_history:   # the server refused -x: `yes` gives way
+        uses_x = False
+        assert "-x" in calls[0]["argv"]
+        calls = calls[1:]
+    assert all(("-x" in c["argv"]) == uses_x for c in calls)
 
 
 @pytest.mark.parametrize("server_history", [False, True])
@@ -522,6 +575,53 @@ def test_job_history_learned_from_qstat_when_qmgr_refuses(tmp_path, pbs_env, ser
     assert "job history not known yet" in log and "qmgr did not tell" in log
     if not server_history:
         assert "job history off" in log and "not configured to maintain job history" in log
+
+
+@pytest.mark.parametrize("setting", ["auto", "yes"])
+def test_qstat_x_refused_by_server_without_history_says_nothing_about_jobs(tmp_path, pbs_env,
+                                                                         monkeypatch, setting):
+    """OpenPBS without job history rejects every `qstat -x` request as a whole, for queued
+    and running jobs too (exit 0, no job listed, "not configured to maintain job history").
+    That answer must not make them look gone: with history unknown (auto, qmgr refused)
+    or wrongly forced to yes, a queued job was reported failed at once and resubmitted,
+    and pbs-submit did not re-attach to it."""
+    d = pbs_env["PBS_STANDIN_DIR"]
+    set_control(pbs_env, history=False, qmgr=False)
+    if setting != "auto":
+        site(pbs_env, job_history=setting)
+    env = dict(pbs_env, _cwd=str(tmp_path))
+    standin.fake_job(d, 900, state="Q", name="train_teacher.T1.0")
+    standin.fake_job(d, 901, state="R", substate=42)
+    write_job_files(tmp_path, "901.server")
+    assert status(env, "900.server") == "running"
+    assert status(env, "901.server") == "running"
+    assert not (tmp_path / ".snakemake" / "pbs" / "vanished" / "901.server").exists()
+    calls = [c["argv"] for c in read_log(pbs_env, "qstat")]
+    assert "-x" in calls[0] and all("-x" not in c for c in calls[1:]), calls   # refused once
+    assert "job history off" in (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    # pbs-submit's re-attach after a restart (history not yet known in this session)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
+    ledger = tmp_path / "logs" / "pbs" / "jobs.tsv"
+    ledger.write_text("submitted\tjobid\tname\n2026-01-01 10:00:00\t900.server\ttrain_teacher.T1.0\n")
+    assert pbs.still_active_job(pbs.load_settings(), str(ledger), "train_teacher.T1.0") == "900.server"
+    # the sidecar's first poll of a new session keeps watching both jobs
+    (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
+    active = tmp_path / "active"
+    active.mkdir()
+    for jobid in ("900.server", "901.server"):
+        (active / jobid).write_text("")
+    cache = {"jobs": {}}
+    pbs.poll_once(pbs.load_settings(), str(active), cache, str(tmp_path / "sidecar.log"))
+    assert {j: e.get("job_state") for j, e in cache["jobs"].items()} == {"900.server": "Q", "901.server": "R"}
+    assert sorted(os.listdir(str(active))) == ["900.server", "901.server"]
+    # a job PBS holds (it will not start it by itself) is logged once, not every round
+    standin.fake_job(d, 900, state="H", name="train_teacher.T1.0", comment="job held, too many failed attempts to run")
+    for _ in range(2):
+        pbs.poll_once(pbs.load_settings(), str(active), cache, str(tmp_path / "sidecar.log"))
+    held = [l for l in (tmp_path / "sidecar.log").read_text().splitlines() if "is held" in l]
+    assert len(held) == 1 and "900.server" in held[0] and "too many failed attempts" in held[0]
+    assert status(dict(env, SNAKEMAKE_CLUSTER_SIDECAR_VARS=""), "900.server") == "running"
 
 
 def test_job_history_auto_on_torque(tmp_path, pbs_env):
@@ -606,6 +706,14 @@ def test_status_reads_sidecar_cache(tmp_path, pbs_env):
     assert status(env, "34.server", side) == "failed"    # forgotten without ever starting
     assert status(env, "33.server", side) == "running"   # submitted after last poll
     assert read_log(pbs_env, "qstat") == []               # none of these ran qstat
+    # an old cache of a sidecar that is alive (its poll waits out a hanging qstat) is
+    # still used: one qstat per job and round would pile onto that server
+    cache.write_text(json.dumps({"updated": now - 40, "attempted": now - 40, "poll_started": now - 41,
+                                 "jobs": {"31.server": {"job_state": "R"}}}))
+    alive = {"SNAKEMAKE_CLUSTER_SIDECAR_VARS": json.dumps(
+        {"cache": str(cache), "active": str(active), "interval": 1, "pid": os.getpid()})}
+    assert status(env, "31.server", alive) == "running"
+    assert read_log(pbs_env, "qstat") == []
     # a stale cache (sidecar gone) is ignored: qstat is asked directly
     cache.write_text(json.dumps({"updated": now - 100, "attempted": now - 100, "jobs": {
         "30.server": {"job_state": "R"}}}))

@@ -61,6 +61,8 @@ DEFAULTS = {
     "qstat_retry_sleep": "2",
     "qstat_timeout": "60",
     "qsub_timeout": "120",
+    "qsub_retries": "3",
+    "qsub_retry_sleep": "20",
     "vanished_grace": "60",
     "log_dir": "logs/pbs",
     # names of the PBS client programs (tests and odd sites may change them)
@@ -392,6 +394,11 @@ trap '_kd_on_signal INT 2' INT
 trap '_kd_on_signal HUP 1' HUP
 echo "[pbs-job] $(date '+%F %T') start of job $_kd_id ($KDLAB_PBS_NAME) on $(hostname) in $PWD"
 echo "[pbs-job] request: @REQUEST@; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+# PBS assigns GPU devices only through its cgroups hook; without it every job on
+# a node sees all GPUs and trains on the first, whichever job PBS gave it to.
+if [ @NGPUS@ -gt 0 ] && [ -z "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    echo "[pbs-job] WARNING: PBS set no CUDA_VISIBLE_DEVICES: this job uses GPU 0 of the node, which may be another job's (docs/pbs.md, What to ask the admins)"
+fi
 # The inner Snakemake gets the cores PBS gave the job (NCPUS: OpenPBS / PBS Pro,
 # PBS_NUM_PPN: Torque), not all cores of the node.
 _kd_cores="${NCPUS:-${PBS_NUM_PPN:-all}}"
@@ -431,6 +438,7 @@ def make_job_script(props, text, name, workdir, logdir, settings, summary, stamp
         ("@Q_NAME@", shlex.quote(name)),
         ("@Q_LOGDIR@", shlex.quote(logdir)),
         ("@REQUEST@", re.sub(r"[^A-Za-z0-9_.:=, -]", "", request)),
+        ("@NGPUS@", str(int(summary["ngpus"]))),
         ("@ENV_SETUP@", env_setup),
         ("@PROPS@", props_line.replace("\n", " ")),
         ("@EXEC@", CORES_ALL.sub('--cores "$_kd_cores"', exec_lines(text))),
@@ -489,6 +497,13 @@ def still_active_job(settings, ledger, name):
     return None
 
 
+# qsub messages of a server that was not reached (restart, fail-over, network):
+# no job was created. A timeout is not among them: the job may exist.
+QSUB_UNREACHED = re.compile(
+    r"cannot connect to (the )?server|connection refused|communication failure|"
+    r"server shutting down|pbs_iff: cannot", re.IGNORECASE)
+
+
 def submit_main(argv):
     show_only = False
     args = list(argv)
@@ -540,7 +555,17 @@ def submit_main(argv):
     os.chmod(script_path, 0o755)
     os.makedirs(os.path.join(logdir, "pbs-output"), exist_ok=True)
     os.makedirs(os.path.join(logdir, "exit"), exist_ok=True)
-    rc, out, err = run_cmd(qsub_argv, settings.num("qsub_timeout"))
+    submitted = time.time()
+    tries = max(settings.int("qsub_retries"), 1)
+    for attempt in range(tries):
+        rc, out, err = run_cmd(qsub_argv, settings.num("qsub_timeout"))
+        if rc in (0, None) or attempt + 1 == tries or not QSUB_UNREACHED.search(out + err):
+            break
+        # the server was not reached, so no job exists: asking again is safe (a
+        # failed submission is a failed attempt to Snakemake: twice the walltime)
+        append_line(os.path.join(logdir, "status.log"), "%s qsub for %s could not reach the server "
+                    "(exit %s: %s); trying again" % (now_iso(), name, rc, _one_line(err or out)))
+        time.sleep(settings.num("qsub_retry_sleep"))
     # the job id: the first line that looks like one (some sites' qsub wrappers
     # print a banner), else the first non-empty line
     lines = [line.strip() for line in (out or "").splitlines() if line.strip()]
@@ -559,6 +584,7 @@ def submit_main(argv):
     sys.stdout.write(jobid + "\n")
     sys.stdout.flush()
     register_job(jobid)
+    remove_stale_job_files(settings, jobid, submitted - 600)
     details = exec_details(text)
     if props.get("type") == "group":
         what = "group " + str(props.get("groupid"))
@@ -696,9 +722,12 @@ def describe_exit(code, comment="", label="Exit_status"):
             hint = " (walltime/memory limit or qdel)"
         return "%s %d: job shell killed by %s%s" % (label, code, name, hint)
     if code > 128:
+        # the job script traps SIGTERM and exits 128+15 itself: what PBS records
+        # as Exit_status for a qdel (and a walltime kill before OpenPBS 22.05)
         sig = code - 128
-        return "%s %d: job exited after %s" % (
-            label, code, SIGNAL_NAMES.get(sig, "signal %d" % sig))
+        return "%s %d: job exited after %s%s" % (
+            label, code, SIGNAL_NAMES.get(sig, "signal %d" % sig),
+            " (walltime/memory limit or qdel)" if sig in (9, 15) else "")
     return "%s %d: the job (Snakemake) failed; see the rule's log" % (label, code)
 
 
@@ -765,6 +794,23 @@ def read_exit_file(settings, jobid):
     return code, " ".join(first[1:])
 
 
+def remove_stale_job_files(settings, jobid, before):
+    """Remove the exit-code file, start marker and vanished marker of an earlier
+    job that had the same id (PBS reuses ids after max_job_sequence_id wraps
+    or a server reinstall): they would decide the new job's fate. Files newer
+    than `before` are the new job's own."""
+    for directory in (os.path.join(log_dir(settings), "exit"), os.path.join(log_dir(settings), "start"),
+                      os.path.join(state_dir(), "vanished")):
+        path = _job_file(directory, jobid)
+        try:
+            if path is not None and os.path.getmtime(path) < before:
+                os.remove(path)
+                status_log(settings, "job %s: removed %s, left by an earlier job with the same id"
+                           % (jobid, path))
+        except OSError:
+            pass
+
+
 def job_started(settings, jobid):
     """Whether the job wrote its start marker (logs/pbs/start/<jobid>)."""
     return _job_file(os.path.join(log_dir(settings), "start"), jobid) is not None
@@ -796,15 +842,17 @@ def forced_history(settings):
 def known_history(settings):
     """Whether the server keeps job history: True / False when site.cfg forces
     it or this session has learned it, None while unknown (qstat is then
-    called with -x, and its answer tells)."""
+    called with -x, and its answer tells). A forced `yes` gives way to a
+    server that refused `qstat -x` in this session."""
     forced = forced_history(settings)
-    if forced is not None:
-        return forced
+    if forced is False:
+        return False
     try:
         with open(history_path()) as f:
-            return json.load(f).get("history")
+            learned = json.load(f).get("history")
     except (OSError, ValueError, AttributeError):
-        return probe_history(settings)
+        return True if forced else probe_history(settings)
+    return False if learned is False else (forced or learned)
 
 
 def probe_history(settings):
@@ -825,9 +873,13 @@ def probe_history(settings):
 
 
 def learn_history(settings, history, why):
-    """Record what a qstat answer revealed (nothing to learn when forced)."""
-    if forced_history(settings) is not None:
+    """Record what a qstat answer revealed (nothing to learn when forced,
+    except that a server refuses the `qstat -x` of job_history = yes)."""
+    forced = forced_history(settings)
+    if forced is False or (forced is True and history is not False):
         return
+    if forced is True:
+        why += "; job_history = yes in site.cfg is wrong for this server"
     try:
         with open(history_path()) as f:
             if json.load(f).get("history") == history:
@@ -862,6 +914,12 @@ def qstat_argv(settings, jobids, json_format, history):
 UNKNOWN_RCS = (153, 35)
 
 
+class HistoryRefused(Exception):
+    """OpenPBS without job history rejects a `qstat -x` request as a whole
+    (PBSE_JOBHISTNOTSET, exit 0), for queued and running jobs too: its answer
+    says nothing about the jobs."""
+
+
 def _run_qstat(settings, jobids, json_format, history):
     """-> (rc, jobs or None, stderr, error). jobs None with error None means
     the output could not be parsed (caller may fall back to plain text)."""
@@ -871,6 +929,8 @@ def _run_qstat(settings, jobids, json_format, history):
         return rc, None, err, err
     if NO_HISTORY in (err or "").lower():
         learn_history(settings, False, "qstat -x: " + _one_line(err))
+        if history is not False:
+            raise HistoryRefused(_one_line(err))
     if out.strip():
         try:
             parse = parse_qstat_json if json_format else parse_qstat_text
@@ -931,7 +991,10 @@ def query_jobs(settings, jobids):
     unknown_ids those the server does not know (any more), error a message
     when the call failed (nothing usable)."""
     history = known_history(settings)
-    found, unknown, error = _query(settings, jobids, history)
+    try:
+        found, unknown, error = _query(settings, jobids, history)
+    except HistoryRefused:
+        return _query(settings, jobids, False)
     if error is not None and history is None:
         # Torque's `qstat -x` means XML: if the -x call gives nothing usable but
         # the plain one works, there is no history we can read.
@@ -1036,8 +1099,12 @@ def status_from_sidecar(settings, jobid):
         return None
     interval = float(info.get("interval", settings.num("status_poll_interval")))
     now = time.time()
-    attempted = float(cache.get("attempted", 0))
-    if now - attempted > 3 * interval + 10:
+    age = now - float(cache.get("attempted", 0))
+    # A live sidecar may be slow: a poll waits out qstat_timeout for up to four
+    # calls when the server hangs. Asking qstat for every job then would only
+    # pile up calls on that server and block Snakemake's status rounds.
+    if age > 3 * interval + 10 and not (
+            _alive(info.get("pid")) and age < 3 * interval + 10 + 4 * settings.num("qstat_timeout")):
         return None  # sidecar dead or stuck: ask qstat directly
     entry = cache.get("jobs", {}).get(jobid)
     if entry is not None:
@@ -1065,6 +1132,16 @@ def status_from_sidecar(settings, jobid):
     # a job the sidecar does not know (e.g. resumed by Snakemake after a restart)
     register_job(jobid)
     return None
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def status_main(argv):
@@ -1119,7 +1196,8 @@ def sidecar_main(argv):
     cache = {"jobs": {}, "updated": 0, "attempted": time.time(), "poll_started": 0,
              "error": None, "error_time": 0}
     write_atomic(cache_path, json.dumps(cache))
-    sys.stdout.write(json.dumps({"cache": cache_path, "active": active, "interval": interval}) + "\n")
+    sys.stdout.write(json.dumps({"cache": cache_path, "active": active, "interval": interval,
+                                 "pid": os.getpid()}) + "\n")
     sys.stdout.flush()
     # a new session: learn afresh whether the server keeps job history
     try:
@@ -1186,8 +1264,15 @@ def poll_once(settings, active, cache, logfile):
                     unknown.extend(u1)
             for jobid, entry in found.items():
                 entry["t"] = started
+                state = str(entry.get("job_state", "")).upper()[:1]
+                if state == "H" and cache["jobs"].get(jobid, {}).get("job_state") != "H":
+                    # e.g. "job held, too many failed attempts to run": PBS will not
+                    # start it, and Snakemake waits for it without a word
+                    append_line(logfile, "%s job %s is held (comment: %s): it counts as running "
+                                "until released (qrls) or deleted (qdel)" % (
+                                    now_iso(), jobid, entry.get("comment", "")))
                 cache["jobs"][jobid] = entry
-                if str(entry.get("job_state", "")).upper()[:1] in FINAL_STATES:
+                if state in FINAL_STATES:
                     _forget(active, jobid)
             for jobid in unknown:
                 # remember whether we saw it run: then it started, whatever

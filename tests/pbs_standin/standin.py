@@ -13,7 +13,8 @@ State lives in $PBS_STANDIN_DIR (required):
                                             it (the default, as on OpenPBS) they
                                             vanish: `qstat` exits 153 "Unknown Job
                                             Id"; `qstat -x` exits 0, lists no job
-                                            and says "PBS is not configured to
+                                            at all (not even running ones) and
+                                            says "PBS is not configured to
                                             maintain job history <id>"
        "qmgr": false,                       qmgr refuses (not allowed / not there)
        "torque_qstat": true,                qstat as on Torque: no -F, and -x means XML
@@ -301,7 +302,9 @@ def run_main(num):
         exit_status = -29
         comment = "Job run at %s on (node1:ncpus=1) and exceeded resource walltime" % time.ctime(start)
     elif killed == "delete":
-        exit_status = 271
+        # the job shell's own end: 256 + N if a signal killed it, else its exit
+        # code (the profile's job script traps SIGTERM and exits 143)
+        exit_status = rc if rc >= 0 else 256 - rc
         comment = "Job run at %s on (node1:ncpus=1) and was deleted" % time.ctime(start)
         substate = 91
     else:
@@ -469,6 +472,16 @@ def qstat_main(argv):
     if now < float(c.get("qstat_garbage_until", 0)):
         sys.stdout.write("\x00\x1b[2Jqstat: <html>502 Bad Gateway</html> %%% {{{\n")
         return 0
+    if history and not c["history"]:
+        # OpenPBS's server rejects every -x request when job_history_enable is
+        # unset (req_stat_job: PBSE_JOBHISTNOTSET), whatever the jobs' states:
+        # one message per id, no job listed, exit 0 (observed on OpenPBS 23.06)
+        for jid in ids or [""]:
+            sys.stderr.write(("qstat: PBS is not configured to maintain job history %s" % jid).rstrip() + "\n")
+        if fmt_json:
+            sys.stdout.write(json.dumps({"timestamp": int(now), "pbs_version": VERSION,
+                                         "pbs_server": SERVER}, indent=4) + "\n")
+        return 0
     if not ids:
         ids = [j["id"] for j in all_jobs(d) if history or j["state"] != "F"]
     found = []
@@ -476,10 +489,6 @@ def qstat_main(argv):
     for jid in ids:
         num = parse_num(jid)
         job = read_job(d, num) if num is not None else None
-        if job is None and history and not c["history"]:
-            # observed on OpenPBS 23.06: exit 0, no job, this message
-            sys.stderr.write("qstat: PBS is not configured to maintain job history %s\n" % jid)
-            continue
         if job is None:
             sys.stderr.write("qstat: Unknown Job Id %s\n" % jid)
             rc = 153
