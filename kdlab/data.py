@@ -110,14 +110,16 @@ def load_cifar_pickles(name, data_dir, download=False):
     folder, train_files, test_files, label_key = CIFAR_FILES[name]
     root = Path(data_dir) / folder
     archive = Path(data_dir) / CIFAR_ARCHIVES[name]
-    if download and not root.exists() and not archive.exists():
+    if download and not root.exists():  # torchvision extracts an archive of the published MD5, else downloads
         import torchvision.datasets as tvd
         try:
             (tvd.CIFAR10 if name == "Cifar10" else tvd.CIFAR100)(str(data_dir), train=True, download=True)
         except Exception as e:  # URLError, timeouts, a full disk, a bad checksum: torchvision raises them all
             raise DataError(f"{name}: data.download is true, but downloading {CIFAR_URL_HINT[name]} into "
                             f"{data_dir} failed ({type(e).__name__}: {e}). Download it where there is a network "
-                            f"and put it (or its extracted folder) into {data_dir}/") from None
+                            f"and put it (or its extracted folder) into {data_dir}/"
+                            + (f" ({archive} is there, but its MD5 is not the published file's: an interrupted "
+                               f"download?)" if archive.exists() else "")) from None
     if root.exists() or not archive.exists():
         source, fetch = root, lambda file: read_cifar_file(name, data_dir, root / file)
     else:
@@ -264,17 +266,18 @@ def load_dataset(cfg):
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 
-def check_data(cfg):
+def check_data(cfg, download=False):
     """Raise DataError unless the configured data loads (exists, is readable, has the keys,
     shapes and labels it must): the loader's own checks, before any job. CIFAR-100 takes
-    a few seconds; a CIFAR set whose download is pending is fetched by the first job."""
+    a few seconds. A CIFAR set whose download is pending (data.download) is skipped, or,
+    with `download`, fetched now: once, before any job, and where Snakemake runs (a cluster's
+    compute nodes may have no network, and jobs downloading at once write over each other)."""
     if cfg["dataset"] == "Synthetic":
         return  # generated: nothing to read
-    if cfg["dataset"] in CIFAR_FILES and cfg["download"] and not any(
-            (Path(cfg["data_dir"]) / name).exists() for name in (CIFAR_FILES[cfg["dataset"]][0],
-                                                                 CIFAR_ARCHIVES[cfg["dataset"]])):
+    if cfg["dataset"] in CIFAR_FILES and cfg["download"] and not download and not (
+            Path(cfg["data_dir"]) / CIFAR_FILES[cfg["dataset"]][0]).exists():
         return
-    load_dataset({**cfg, "download": False})
+    load_dataset({**cfg, "download": cfg.get("download", False) and download})
 
 
 class AugmentingSampler(Sampler):

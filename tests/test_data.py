@@ -1,4 +1,6 @@
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -356,9 +358,6 @@ def test_broken_archives_and_misplaced_cifar_are_named(tmp_path):
     archive.write_bytes(whole[: len(whole) // 2])  # an interrupted download
     with pytest.raises(DataError, match=rf"{archive} is not a readable tar.gz archive .*delete it and download"):
         load_cifar_pickles("Cifar100", tmp_path)
-    check = {"dataset": "Cifar100", "data_dir": str(tmp_path), "download": True}
-    with pytest.raises(DataError, match="not a readable tar.gz"):  # present, so read, not skipped as pending
-        check_data(check)
     archive.write_bytes(b"<html>404</html>")
     with pytest.raises(DataError, match="not a readable tar.gz"):
         load_cifar_pickles("Cifar100", tmp_path)
@@ -378,3 +377,28 @@ def test_broken_archives_and_misplaced_cifar_are_named(tmp_path):
     with pytest.raises(DataError, match=r"cifar-100-python/train has no b'fine_labels' \(it holds .*b'labels'.*\): "
                                         r"not a Cifar100 file"):
         load_cifar_pickles("Cifar100", tmp_path)
+
+
+def test_a_pending_download_happens_once_before_any_job(tmp_path, monkeypatch):
+    """Snakemake's onstart downloads (check_data(..., download=True)), so that jobs, maybe on
+    compute nodes without a network and many at once, only read; check-config does not."""
+    import torchvision.datasets
+    calls = []
+
+    def fake_download(root, train, download):
+        calls.append(root)
+        write_published_cifar(Path(root), "Cifar100", archive=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", fake_download)
+    cfg = {"dataset": "Cifar100", "data_dir": str(tmp_path), "download": True}
+    check_data(cfg)  # kdlab check-config: pending, nothing fetched
+    assert calls == []
+    check_data(cfg, download=True)
+    assert calls == [str(tmp_path)] and (tmp_path / "cifar-100-python" / "train").exists()
+    check_data(cfg, download=True)  # there now: read, not fetched again
+    assert len(calls) == 1
+    shutil.rmtree(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"half a download")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DataError, match=r"failed \(OSError: offline\).*cifar-100-python.tar.gz is there, but its MD5 is "
+                                        r"not the published file's"):
+        check_data(cfg, download=True)
