@@ -132,7 +132,9 @@ def yaml_hint(error):
         return ""
     if "e" in value.lower():
         return " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write 1.0e-3 or 0.001)"
-    return " (a number in quotes is a string: remove the quotes)"
+    # Snakemake's --config reads every value inside a mapping (training={"epochs": 2}) as a string.
+    return (" (a number in quotes is a string: remove the quotes; snakemake --config passes the values inside a "
+            "mapping as strings: set them in a YAML file given with a second --configfile)")
 
 
 def validate(instance, schema, prefix=""):
