@@ -37,6 +37,11 @@ CIFAR_MD5 = {
 }
 # The archives as published, under the names they are published with.
 CIFAR_ARCHIVES = {"Cifar10": "cifar-10-python.tar.gz", "Cifar100": "cifar-100-python.tar.gz"}
+# The binary and MATLAB versions published beside the python one (folders and archives).
+CIFAR_OTHER_VERSIONS = {
+    "Cifar10": ("cifar-10-batches-bin", "cifar-10-binary.tar.gz", "cifar-10-batches-mat", "cifar-10-matlab.tar.gz"),
+    "Cifar100": ("cifar-100-binary", "cifar-100-binary.tar.gz", "cifar-100-matlab", "cifar-100-matlab.tar.gz"),
+}
 CIFAR_URL_HINT = {
     "Cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "Cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -181,6 +186,9 @@ def cifar_hint(name, data_dir):
     for other, (other_folder, _, _, _) in CIFAR_FILES.items():
         if other != name and ((data_dir / other_folder).exists() or (data_dir / CIFAR_ARCHIVES[other]).exists()):
             return f" {data_dir} holds {other} ({other_folder}): is data.dataset meant to be {other}?"
+    other_versions = [p.name for p in (data_dir / n for n in CIFAR_OTHER_VERSIONS[name]) if p.exists()]
+    if other_versions:
+        return f" {data_dir} holds {', '.join(other_versions)}: kdlab reads the python version, not that one"
     return ""
 
 

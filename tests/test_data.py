@@ -370,6 +370,10 @@ def test_broken_archives_and_misplaced_cifar_are_named(tmp_path):
     with pytest.raises(DataError, match=rf"data.data_dir is the dataset's folder itself: set it to the folder above, "
                                         rf"{tmp_path}$"):
         load_cifar_pickles("Cifar10", tmp_path / "cifar-10-batches-py")
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "cifar-100-binary.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"holds cifar-100-binary.tar.gz: kdlab reads the python version, not that one"):
+        load_cifar_pickles("Cifar100", tmp_path / "binary")
     # CIFAR-10 batches put where CIFAR-100's files go
     (tmp_path / "cifar-100-python").mkdir()
     for ours, theirs in (("train", "data_batch_1"), ("test", "test_batch")):
