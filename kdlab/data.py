@@ -110,8 +110,8 @@ def channel_stats(images, chunk=2048):
 
 def load_cifar_pickles(name, data_dir, download=False):
     """CIFAR's python version from `data_dir`: the extracted folder (cifar-100-python/ or
-    cifar-10-batches-py/) if it is there, else the archive as published (cifar-100-python.tar.gz,
-    cifar-10-python.tar.gz), read without extracting it."""
+    cifar-10-batches-py/) if it holds every file, else the archive as published
+    (cifar-100-python.tar.gz, cifar-10-python.tar.gz), read without extracting it."""
     folder, train_files, test_files, label_key = CIFAR_FILES[name]
     root = Path(data_dir) / folder
     archive = Path(data_dir) / CIFAR_ARCHIVES[name]
@@ -125,7 +125,8 @@ def load_cifar_pickles(name, data_dir, download=False):
                             f"and put it (or its extracted folder) into {data_dir}/"
                             + (f" ({archive} is there, but its MD5 is not the published file's: an interrupted "
                                f"download?)" if archive.exists() else "")) from None
-    if root.exists() or not archive.exists():
+    # The folder unless it is incomplete (an interrupted extraction) and the archive is there.
+    if all((root / file).exists() for file in train_files + test_files) or not archive.exists():
         source, fetch = root, lambda file: read_cifar_file(name, data_dir, root / file)
     else:
         source, fetch = archive, read_cifar_archive(name, archive, folder, train_files + test_files).pop
@@ -139,7 +140,9 @@ def load_cifar_pickles(name, data_dir, download=False):
                 batch = pickle.loads(raw, encoding="bytes")
                 data = np.asarray(batch[b"data"], dtype=np.uint8)
             except Exception as e:
-                raise DataError(f"{name}: {where} is not a readable CIFAR archive ({type(e).__name__}: {e})") from None
+                raise DataError(f"{name}: {where} is not a readable CIFAR archive ({type(e).__name__}: {e})"
+                                + (f"; {archive} is there too: delete {root}/ and it is read instead"
+                                   if source == root and archive.exists() else "")) from None
             if label_key not in batch:  # CIFAR-10's batches say b"labels", CIFAR-100's b"fine_labels"
                 raise DataError(f"{name}: {where} has no {label_key!r} (it holds {', '.join(map(repr, batch))}): "
                                 f"not a {name} file")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.data import (CIFAR_ARCHIVES, PAD, AugmentingSampler, DataError, ImageDataset, check_data, load_cifar_pickles, load_npz,
-                        make_loaders, make_synthetic)
+from kdlab.data import (CIFAR_ARCHIVES, CIFAR_FILES, PAD, AugmentingSampler, DataError, ImageDataset, check_data,
+                        load_cifar_pickles, load_npz, make_loaders, make_synthetic)
 from kdlab.train import Normalize
 
 
@@ -335,6 +335,16 @@ def test_published_cifar_loads_from_the_archive_the_folder_or_both(tmp_path, nam
         assert arrays.mean == loaded[0].mean and arrays.std == loaded[0].std
     out = capsys.readouterr().out
     assert f"{tmp_path / 'archive' / CIFAR_ARCHIVES[name]} (" in out  # the MD5 warning names the archive's member
+    # An interrupted extraction: the archive is read while a file is missing from the folder, and
+    # named while one is truncated.
+    test_file = tmp_path / "both" / CIFAR_FILES[name][0] / test[0]
+    whole = test_file.read_bytes()
+    test_file.unlink()
+    assert np.array_equal(load_cifar_pickles(name, tmp_path / "both").test_x, loaded[0].test_x)
+    test_file.write_bytes(whole[:100])
+    with pytest.raises(DataError, match=rf"{test[0]} is not a readable CIFAR archive .*; "
+                                        rf"{tmp_path / 'both' / CIFAR_ARCHIVES[name]} is there too: delete "):
+        load_cifar_pickles(name, tmp_path / "both")
 
 
 def test_channel_stats_are_exact():
