@@ -170,7 +170,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log
         resumes = args.command in ("train", "pretrain-paraphraser", "cache-teacher")
         print(f"kdlab {args.command}: interrupted"
-              + ("; what it saved is kept, and running it again resumes from there" if resumes else ""), file=sys.stderr)
+              + ("; what it saved is kept, and running it again resumes from there" if resumes else ""),
+              file=sys.stderr)
         return 130
 
 

@@ -167,9 +167,10 @@ def load_cifar_pickles(name, data_dir, download=False):
 def read_cifar_file(name, data_dir, path):
     folder, train_files, test_files, _ = CIFAR_FILES[name]
     if not path.exists():
+        from_where = "" if path.is_absolute() else f" (from {Path.cwd()})"
         raise DataError(
-            f"{name}: {path}{'' if path.is_absolute() else f' (from {Path.cwd()})'} is missing. Put the python version of the dataset ({CIFAR_URL_HINT[name]}) in "
-            f"{Path(data_dir)}/, as the archive {CIFAR_ARCHIVES[name]} or extracted (so that "
+            f"{name}: {path}{from_where} is missing. Put the python version of the dataset ({CIFAR_URL_HINT[name]}) "
+            f"in {Path(data_dir)}/, as the archive {CIFAR_ARCHIVES[name]} or extracted (so that "
             f"{Path(data_dir) / folder}/ holds {', '.join(train_files + test_files)}), or set data.download: "
             f"true where the network allows.{cifar_hint(name, Path(data_dir))}")
     try:

@@ -413,6 +413,6 @@ def test_a_pending_download_happens_once_before_any_job(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "cifar-100-python")
     (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"half a download")
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
-    with pytest.raises(DataError, match=r"failed \(OSError: offline\).*cifar-100-python.tar.gz is there, but its MD5 is "
-                                        r"not the published file's"):
+    with pytest.raises(DataError, match=r"failed \(OSError: offline\).*cifar-100-python.tar.gz is there, but its "
+                                        r"MD5 is not the published file's"):
         check_data(cfg, download=True)
