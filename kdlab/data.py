@@ -200,7 +200,7 @@ def read_cifar_archive(name, archive, folder, files):
     """The bytes of `files` from the published tar.gz (its members are `folder`/file), in one pass."""
     wanted, blobs = {f"{folder}/{file}": file for file in files}, {}
     try:
-        with tarfile.open(archive, "r|gz") as tar:  # a stream: the archive is read once, front to back
+        with tarfile.open(archive, "r|*") as tar:  # a stream, read once; also a tar a browser already unzipped
             for member in tar:
                 file = wanted.get(member.name.removeprefix("./"))
                 if file and member.isfile():
