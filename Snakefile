@@ -31,9 +31,10 @@ except ConfigError as e:
 
 onstart:
     # The data files (exist, readable, keys, shapes, labels) before any job runs; not in a
-    # dry run, so that a grid can be planned before its data is downloaded.
+    # dry run, so that a grid can be planned before its data is downloaded. A download
+    # (data.download) happens here, once, not in jobs.
     try:
-        check_data_files(GRID)
+        check_data_files(GRID, download=True)
     except ConfigError as e:
         sys.exit(f"kdlab: {e}")
 JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}

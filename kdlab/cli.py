@@ -167,6 +167,12 @@ def main(argv=None):
             TeacherCacheError, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log
+        resumes = args.command in ("train", "pretrain-paraphraser", "cache-teacher")
+        print(f"kdlab {args.command}: interrupted"
+              + ("; what it saved is kept, and running it again resumes from there" if resumes else ""),
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

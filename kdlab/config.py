@@ -132,7 +132,9 @@ def yaml_hint(error):
         return ""
     if "e" in value.lower():
         return " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write 1.0e-3 or 0.001)"
-    return " (a number in quotes is a string: remove the quotes)"
+    # Snakemake's --config reads every value inside a mapping (training={"epochs": 2}) as a string.
+    return (" (a number in quotes is a string: remove the quotes; snakemake --config passes the values inside a "
+            "mapping as strings: set them in a YAML file given with a second --configfile)")
 
 
 def validate(instance, schema, prefix=""):
@@ -299,17 +301,17 @@ def grid_warnings(grid):
     return warnings
 
 
-def check_data_files(grid):
+def check_data_files(grid, download=False):
     """Read the grid's data files (exist, readable, keys, shapes, labels) and check that its
     published teacher checkpoints exist, before the first job (not when planning: a dry run
-    plans without them)."""
+    plans without them). `download`: fetch a CIFAR set configured with data.download now."""
     from .data import DataError, check_data
     for name, path in grid["teacher_checkpoints"].items():
         if not Path(path).is_file():
             raise ConfigError(f"config key 'teacher_checkpoints.{name}': {path} "
                               f"{'is not a file' if Path(path).exists() else 'does not exist'}")
     try:
-        check_data(grid["data"])
+        check_data(grid["data"], download)
     except DataError as e:
         key = "data.npz_path" if grid["data"]["dataset"] == "npz" else "data.data_dir"
         raise ConfigError(f"config key '{key}': {e}") from None

@@ -9,7 +9,9 @@ an epoch's batches are the same with any num_workers and after a resume.
 """
 
 import hashlib
+import math
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,13 @@ CIFAR_MD5 = {
     "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
     "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
     "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+}
+# The archives as published, under the names they are published with.
+CIFAR_ARCHIVES = {"Cifar10": "cifar-10-python.tar.gz", "Cifar100": "cifar-100-python.tar.gz"}
+# The binary and MATLAB versions published beside the python one (folders and archives).
+CIFAR_OTHER_VERSIONS = {
+    "Cifar10": ("cifar-10-batches-bin", "cifar-10-binary.tar.gz", "cifar-10-batches-mat", "cifar-10-matlab.tar.gz"),
+    "Cifar100": ("cifar-100-binary", "cifar-100-binary.tar.gz", "cifar-100-matlab", "cifar-100-matlab.tar.gz"),
 }
 CIFAR_URL_HINT = {
     "Cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -68,10 +77,7 @@ class ImageArrays:
         self.train_x, self.train_y = train_x, train_y.astype(np.int64)
         self.test_x, self.test_y = test_x, test_y.astype(np.int64)
         self.num_classes = num_classes
-        pixels = train_x.reshape(-1, 3).astype(np.float64) / 255.0
-        # Normalisation divides by the std: a constant channel (say, grayscale stored in red
-        # only) is centred and left unscaled instead of turning every input into NaN.
-        self.mean, self.std = pixels.mean(0).tolist(), [s if s > 0 else 1.0 for s in pixels.std(0).tolist()]
+        self.mean, self.std = channel_stats(train_x)
 
     def sha256(self, splits=("train", "test")):
         """Of the images and labels of `splits`: both are what a checkpoint was trained and
@@ -83,53 +89,130 @@ class ImageArrays:
         return h.hexdigest()
 
 
+def channel_stats(images, chunk=2048):
+    """Per-channel mean and standard deviation of uint8 (N, 32, 32, 3) images on the 0..1 scale,
+    exact up to the final rounding: from each channel's histogram of values, counted over
+    chunks of images. (A float64 copy of CIFAR's 150 M values took 1.2 GB, three times over,
+    and 12 s, in every job.)"""
+    counts, offsets = np.zeros(3 * 256, np.int64), np.arange(3) * 256  # channel c's value v at c*256 + v
+    for start in range(0, len(images), chunk):
+        counts += np.bincount((images[start:start + chunk].reshape(-1, 3) + offsets).ravel(), minlength=3 * 256)
+    values, n = np.arange(256), len(images) * 32 * 32
+    mean, std = [], []
+    for channel in counts.reshape(3, 256):
+        total, squares = int(channel @ values), int(channel @ values ** 2)
+        mean.append(total / (255 * n))
+        # Normalisation divides by the std: a constant channel (say, grayscale stored in red
+        # only) is centred and left unscaled instead of turning every input into NaN.
+        std.append(math.sqrt((n * squares - total ** 2) / (255 * n) ** 2) or 1.0)
+    return mean, std
+
+
 def load_cifar_pickles(name, data_dir, download=False):
+    """CIFAR's python version from `data_dir`: the extracted folder (cifar-100-python/ or
+    cifar-10-batches-py/) if it holds every file, else the archive as published
+    (cifar-100-python.tar.gz, cifar-10-python.tar.gz), read without extracting it."""
     folder, train_files, test_files, label_key = CIFAR_FILES[name]
     root = Path(data_dir) / folder
-    if download and not root.exists():
+    archive = Path(data_dir) / CIFAR_ARCHIVES[name]
+    if download and not root.exists():  # torchvision extracts an archive of the published MD5, else downloads
         import torchvision.datasets as tvd
         try:
             (tvd.CIFAR10 if name == "Cifar10" else tvd.CIFAR100)(str(data_dir), train=True, download=True)
         except Exception as e:  # URLError, timeouts, a full disk, a bad checksum: torchvision raises them all
             raise DataError(f"{name}: data.download is true, but downloading {CIFAR_URL_HINT[name]} into "
                             f"{data_dir} failed ({type(e).__name__}: {e}). Download it where there is a network "
-                            f"and extract it into {data_dir}/") from None
+                            f"and put it (or its extracted folder) into {data_dir}/"
+                            + (f" ({archive} is there, but its MD5 is not the published file's: an interrupted "
+                               f"download?)" if archive.exists() else "")) from None
+    # The folder unless it is incomplete (an interrupted extraction) and the archive is there.
+    if all((root / file).exists() for file in train_files + test_files) or not archive.exists():
+        source, fetch = root, lambda file: read_cifar_file(name, data_dir, root / file)
+    else:
+        source, fetch = archive, read_cifar_archive(name, archive, folder, train_files + test_files).pop
 
     def read(files):
         xs, ys = [], []
         for file in files:
-            path = root / file
-            if not path.exists():
-                raise DataError(
-                    f"{name}: {path} is missing. Put the extracted python version of the dataset "
-                    f"({CIFAR_URL_HINT[name]}) in {Path(data_dir)}/ so that {root}/ holds "
-                    f"{', '.join(train_files + test_files)}, or set data.download: true where the network "
-                    f"allows.")
-            try:
-                raw = path.read_bytes()
-            except OSError as e:  # a directory, no permission
-                raise DataError(f"{name}: {path} cannot be read ({e.strerror})") from None
-            if not raw:
-                raise DataError(f"{name}: {path} is empty")
+            where = root / file if source == root else f"{archive} ({folder}/{file})"
+            raw = fetch(file)
             try:
                 batch = pickle.loads(raw, encoding="bytes")
                 data = np.asarray(batch[b"data"], dtype=np.uint8)
-                labels = np.asarray(batch[label_key], dtype=np.int64)
             except Exception as e:
-                raise DataError(f"{name}: {path} is not a readable CIFAR archive ({type(e).__name__}: {e})") from None
+                raise DataError(f"{name}: {where} is not a readable CIFAR archive ({type(e).__name__}: {e})"
+                                + (f"; {archive} is there too: delete {root}/ and it is read instead"
+                                   if source == root and archive.exists() else "")) from None
+            if label_key not in batch:  # CIFAR-10's batches say b"labels", CIFAR-100's b"fine_labels"
+                raise DataError(f"{name}: {where} has no {label_key!r} (it holds {', '.join(map(repr, batch))}): "
+                                f"not a {name} file")
+            labels = np.asarray(batch[label_key], dtype=np.int64)
             if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-                raise DataError(f"{name}: {path} holds data of shape {data.shape} with {len(labels)} "
+                raise DataError(f"{name}: {where} holds data of shape {data.shape} with {len(labels)} "
                                 f"labels; expected (N, 3072) with N labels")
             if hashlib.md5(raw, usedforsecurity=False).hexdigest() != CIFAR_MD5[f"{folder}/{file}"]:
                 # A warning, not an error: a file of one's own in CIFAR's format is legitimate.
-                print(f"WARNING: {path} is not the published {name} file (its MD5 differs): a damaged download, "
+                print(f"WARNING: {where} is not the published {name} file (its MD5 differs): a damaged download, "
                       f"or a file of your own", flush=True)
-            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            del raw, batch  # one file's bytes at a time: CIFAR-100's train file is 155 MB
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
             ys.append(labels)
-        return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+        images = np.empty((sum(map(len, xs)), 32, 32, 3), np.uint8)  # NHWC in memory: one copy, no temporary
+        return np.concatenate(xs, out=images), np.concatenate(ys)
 
     num_classes = 10 if name == "Cifar10" else 100
-    return ImageArrays(*read(train_files), *read(test_files), num_classes, str(root))
+    return ImageArrays(*read(train_files), *read(test_files), num_classes, str(source))
+
+
+def read_cifar_file(name, data_dir, path):
+    folder, train_files, test_files, _ = CIFAR_FILES[name]
+    if not path.exists():
+        from_where = "" if path.is_absolute() else f" (from {Path.cwd()})"
+        raise DataError(
+            f"{name}: {path}{from_where} is missing. Put the python version of the dataset ({CIFAR_URL_HINT[name]}) "
+            f"in {Path(data_dir)}/, as the archive {CIFAR_ARCHIVES[name]} or extracted (so that "
+            f"{Path(data_dir) / folder}/ holds {', '.join(train_files + test_files)}), or set data.download: "
+            f"true where the network allows.{cifar_hint(name, Path(data_dir))}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:  # a directory, no permission
+        raise DataError(f"{name}: {path} cannot be read ({e.strerror})") from None
+    if not raw:
+        raise DataError(f"{name}: {path} is empty")
+    return raw
+
+
+def cifar_hint(name, data_dir):
+    """Why a CIFAR file may be missing where the user put the data: the likely mistakes."""
+    folder, wanted, _, _ = CIFAR_FILES[name]
+    if data_dir.name == folder and (data_dir / wanted[0]).exists():
+        return f" data.data_dir is the dataset's folder itself: set it to the folder above, {data_dir.parent}"
+    for other, (other_folder, _, _, _) in CIFAR_FILES.items():
+        if other != name and ((data_dir / other_folder).exists() or (data_dir / CIFAR_ARCHIVES[other]).exists()):
+            return f" {data_dir} holds {other} ({other_folder}): is data.dataset meant to be {other}?"
+    other_versions = [p.name for p in (data_dir / n for n in CIFAR_OTHER_VERSIONS[name]) if p.exists()]
+    if other_versions:
+        return f" {data_dir} holds {', '.join(other_versions)}: kdlab reads the python version, not that one"
+    return ""
+
+
+def read_cifar_archive(name, archive, folder, files):
+    """The bytes of `files` from the published tar.gz (its members are `folder`/file), in one pass."""
+    wanted, blobs = {f"{folder}/{file}": file for file in files}, {}
+    try:
+        with tarfile.open(archive, "r|*") as tar:  # a stream, read once; also a tar a browser already unzipped
+            for member in tar:
+                file = wanted.get(member.name.removeprefix("./"))
+                if file and member.isfile():
+                    blobs[file] = tar.extractfile(member).read()
+    except Exception as e:  # truncated (EOFError, ReadError), not gzip, not a tar, unreadable
+        raise DataError(f"{name}: {archive} is not a readable tar.gz archive ({type(e).__name__}: {e}); "
+                        f"delete it and download {CIFAR_URL_HINT[name]} again") from None
+    missing = [f"{folder}/{file}" for file in files if file not in blobs]
+    if missing:
+        raise DataError(f"{name}: {archive} lacks {', '.join(missing)}: not the python version of {name} "
+                        f"({CIFAR_URL_HINT[name]})")
+    return blobs
 
 
 def make_synthetic(num_classes, train_size, test_size, seed, noise=40.0, contrast=1.0):
@@ -195,16 +278,18 @@ def load_dataset(cfg):
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 
-def check_data(cfg):
+def check_data(cfg, download=False):
     """Raise DataError unless the configured data loads (exists, is readable, has the keys,
     shapes and labels it must): the loader's own checks, before any job. CIFAR-100 takes
-    about a second; a CIFAR set whose download is pending is fetched by the first job."""
+    a few seconds. A CIFAR set whose download is pending (data.download) is skipped, or,
+    with `download`, fetched now: once, before any job, and where Snakemake runs (a cluster's
+    compute nodes may have no network, and jobs downloading at once write over each other)."""
     if cfg["dataset"] == "Synthetic":
         return  # generated: nothing to read
-    if cfg["dataset"] in CIFAR_FILES and cfg["download"] and not (
+    if cfg["dataset"] in CIFAR_FILES and cfg["download"] and not download and not (
             Path(cfg["data_dir"]) / CIFAR_FILES[cfg["dataset"]][0]).exists():
         return
-    load_dataset({**cfg, "download": False})
+    load_dataset({**cfg, "download": cfg.get("download", False) and download})
 
 
 class AugmentingSampler(Sampler):

@@ -256,7 +256,8 @@ BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must n
     "--config list as a string": ("seeds", "[0, 1]", "seeds", "second --configfile"),
     "output dir is a file": ("experiments_dir", __file__, "experiments_dir", "is a file, not a directory"),
     "output dir inside a file": ("results_dir", __file__ + "/results", "results_dir", "is a file, not a directory"),
-    "a quoted number": ("training.epochs", "3", "training.epochs", "remove the quotes"),
+    "a quoted number": ("training.epochs", "3", "training.epochs", "remove the quotes; snakemake --config passes the "
+                        "values inside a mapping as strings"),
     "seeds not a list": ("seeds", 0, "seeds", "not of type 'array'"),
     "duplicate seeds": ("seeds", [0, 0], "seeds", "non-unique"),
     "epochs as a string": ("training.epochs", "240", "training.epochs", "not of type 'integer'"),

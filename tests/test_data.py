@@ -1,11 +1,13 @@
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kdlab.data import (PAD, AugmentingSampler, DataError, ImageDataset, check_data, load_cifar_pickles, load_npz,
-                        make_loaders, make_synthetic)
+from kdlab.data import (CIFAR_ARCHIVES, CIFAR_FILES, PAD, AugmentingSampler, DataError, ImageDataset, check_data,
+                        load_cifar_pickles, load_npz, make_loaders, make_synthetic)
 from kdlab.train import Normalize
 
 
@@ -253,3 +255,167 @@ def test_augmentation_is_configurable(padding, flip):
     assert torch.equal(test_images, torch.from_numpy(arrays.test_x).permute(0, 3, 1, 2))
     assert test_views[0].tolist() == [0, padding, padding, 0]
     assert make_loaders(arrays, 8, 0, 1, False)[0].sampler.padding == PAD  # default: today's augmentation
+
+
+def py2_pickle(batch):
+    """`batch` (str keys; a uint8 2-D array, int lists, str) pickled as Python 2's cPickle wrote
+    the published CIFAR files: protocol 2, py2 str opcodes, the array through
+    numpy.core.multiarray._reconstruct with its bytes as a py2 str."""
+    import struct
+
+    def string(s):
+        s = s.encode("latin1") if isinstance(s, str) else s
+        return b"U" + bytes([len(s)]) + s if len(s) < 256 else b"T" + struct.pack("<i", len(s)) + s
+
+    def value(v):
+        if isinstance(v, str):
+            return string(v)
+        if isinstance(v, list):
+            return b"](" + b"".join(b"J" + struct.pack("<i", x) if isinstance(x, int) else string(x) for x in v) + b"e"
+        return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string("b") + b"\x87R"
+                + b"(K\x01" + b"".join(b"J" + struct.pack("<i", d) for d in v.shape) + b"\x86"
+                + b"cnumpy\ndtype\n" + string("u1") + b"K\x00K\x01\x87R(K\x03" + string("|")
+                + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + string(v.tobytes()) + b"tb")
+    return b"\x80\x02}(" + b"".join(string(k) + value(v) for k, v in batch.items()) + b"u."
+
+
+def write_published_cifar(data_dir, name, n_train=5, n_test=3, seed=0, extracted=True, archive=True):
+    """Small CIFAR files as published: py2 pickles, in the folder and/or the .tar.gz that holds it."""
+    import io
+    import tarfile
+    rng = np.random.default_rng(seed)
+    folder, files, label_key, classes = {
+        "Cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", 10),
+        "Cifar100": ("cifar-100-python", ["train", "test"], "fine_labels", 100),
+    }[name]
+    blobs, written = {}, {}
+    for file in files:
+        n = n_test if "test" in file else n_train
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, size=n).tolist()
+        batch = {"batch_label": f"{file} batch", label_key: labels, "data": data,
+                 "filenames": [f"img{i}.png" for i in range(n)]}
+        if name == "Cifar100":
+            batch["coarse_labels"] = [label // 5 for label in labels]
+        blobs[file], written[file] = py2_pickle(batch), (data, labels)
+    blobs["meta" if name == "Cifar100" else "batches.meta"] = py2_pickle({"label_names": ["a", "b"]})
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if extracted:
+        (data_dir / folder).mkdir()
+        for file, blob in blobs.items():
+            (data_dir / folder / file).write_bytes(blob)
+    if archive:
+        with tarfile.open(data_dir / CIFAR_ARCHIVES[name], "w:gz") as tar:
+            info = tarfile.TarInfo(folder)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+            for file, blob in blobs.items():
+                info = tarfile.TarInfo(f"{folder}/{file}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    return written
+
+
+@pytest.mark.parametrize("name", ["Cifar10", "Cifar100"])
+def test_published_cifar_loads_from_the_archive_the_folder_or_both(tmp_path, name, capsys):
+    """Every layout a user has: the archive as downloaded, the extracted folder, and both
+    (what torchvision's download leaves); pixel (y, x) of channel c is byte c*1024 + y*32 + x."""
+    written = write_published_cifar(tmp_path / "both", name)
+    write_published_cifar(tmp_path / "archive", name, extracted=False)
+    write_published_cifar(tmp_path / "folder", name, archive=False)
+    train, test = [f for f in written if "test" not in f], [f for f in written if "test" in f]
+    loaded = [load_cifar_pickles(name, tmp_path / layout) for layout in ("archive", "folder", "both")]
+    for arrays in loaded:
+        for x, y, files in ((arrays.train_x, arrays.train_y, train), (arrays.test_x, arrays.test_y, test)):
+            rows = np.concatenate([written[f][0] for f in files])
+            assert y.tolist() == sum((written[f][1] for f in files), [])
+            for c in range(3):
+                assert np.array_equal(x[..., c], rows[:, c * 1024:(c + 1) * 1024].reshape(-1, 32, 32))
+            assert x.flags.c_contiguous and x.dtype == np.uint8 and y.dtype == np.int64
+        assert arrays.mean == loaded[0].mean and arrays.std == loaded[0].std
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'archive' / CIFAR_ARCHIVES[name]} (" in out  # the MD5 warning names the archive's member
+    # An interrupted extraction: the archive is read while a file is missing from the folder, and
+    # named while one is truncated.
+    test_file = tmp_path / "both" / CIFAR_FILES[name][0] / test[0]
+    whole = test_file.read_bytes()
+    test_file.unlink()
+    assert np.array_equal(load_cifar_pickles(name, tmp_path / "both").test_x, loaded[0].test_x)
+    test_file.write_bytes(whole[:100])
+    with pytest.raises(DataError, match=rf"{test[0]} is not a readable CIFAR archive .*; "
+                                        rf"{tmp_path / 'both' / CIFAR_ARCHIVES[name]} is there too: delete "):
+        load_cifar_pickles(name, tmp_path / "both")
+
+
+def test_channel_stats_are_exact():
+    from fractions import Fraction
+    from kdlab.data import channel_stats
+    images = np.random.default_rng(0).integers(0, 256, size=(37, 32, 32, 3), dtype=np.uint8)
+    images[..., 2] = 7  # a constant channel: std 1 (centred, not scaled)
+    mean, std = channel_stats(images, chunk=5)
+    values = images.reshape(-1, 3).astype(object)
+    for c in range(2):
+        m = Fraction(int(values[:, c].sum()), 255 * len(values))
+        var = Fraction(int((values[:, c] ** 2).sum()), 255 ** 2 * len(values)) - m * m
+        assert mean[c] == float(m) and abs(std[c] - float(var) ** 0.5) <= 1e-16
+    assert mean[2] == 7 / 255 and std[2] == 1.0
+
+
+def test_broken_archives_and_misplaced_cifar_are_named(tmp_path):
+    import gzip
+    written = write_published_cifar(tmp_path, "Cifar100", extracted=False)
+    archive = tmp_path / "cifar-100-python.tar.gz"
+    whole = archive.read_bytes()
+    archive.write_bytes(gzip.decompress(whole))  # some browsers unzip a download and keep its name
+    assert load_cifar_pickles("Cifar100", tmp_path).train_y.tolist() == written["train"][1]
+    archive.write_bytes(whole[: len(whole) // 2])  # an interrupted download
+    with pytest.raises(DataError, match=rf"{archive} is not a readable tar.gz archive .*delete it and download"):
+        load_cifar_pickles("Cifar100", tmp_path)
+    archive.write_bytes(b"<html>404</html>")
+    with pytest.raises(DataError, match="not a readable tar.gz"):
+        load_cifar_pickles("Cifar100", tmp_path)
+    archive.unlink()
+    # CIFAR-10's folder given for CIFAR-100, and data_dir naming the dataset's folder itself
+    write_published_cifar(tmp_path, "Cifar10", archive=False)
+    with pytest.raises(DataError, match=r"cifar-100-python/train is missing.* holds Cifar10 \(cifar-10-batches-py\): "
+                                        r"is data.dataset meant to be Cifar10\?"):
+        load_cifar_pickles("Cifar100", tmp_path)
+    with pytest.raises(DataError, match=rf"data.data_dir is the dataset's folder itself: set it to the folder above, "
+                                        rf"{tmp_path}$"):
+        load_cifar_pickles("Cifar10", tmp_path / "cifar-10-batches-py")
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "cifar-100-binary.tar.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"holds cifar-100-binary.tar.gz: kdlab reads the python version, not that one"):
+        load_cifar_pickles("Cifar100", tmp_path / "binary")
+    # CIFAR-10 batches put where CIFAR-100's files go
+    (tmp_path / "cifar-100-python").mkdir()
+    for ours, theirs in (("train", "data_batch_1"), ("test", "test_batch")):
+        (tmp_path / "cifar-100-python" / ours).write_bytes((tmp_path / "cifar-10-batches-py" / theirs).read_bytes())
+    with pytest.raises(DataError, match=r"cifar-100-python/train has no b'fine_labels' \(it holds .*b'labels'.*\): "
+                                        r"not a Cifar100 file"):
+        load_cifar_pickles("Cifar100", tmp_path)
+
+
+def test_a_pending_download_happens_once_before_any_job(tmp_path, monkeypatch):
+    """Snakemake's onstart downloads (check_data(..., download=True)), so that jobs, maybe on
+    compute nodes without a network and many at once, only read; check-config does not."""
+    import torchvision.datasets
+    calls = []
+
+    def fake_download(root, train, download):
+        calls.append(root)
+        write_published_cifar(Path(root), "Cifar100", archive=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", fake_download)
+    cfg = {"dataset": "Cifar100", "data_dir": str(tmp_path), "download": True}
+    check_data(cfg)  # kdlab check-config: pending, nothing fetched
+    assert calls == []
+    check_data(cfg, download=True)
+    assert calls == [str(tmp_path)] and (tmp_path / "cifar-100-python" / "train").exists()
+    check_data(cfg, download=True)  # there now: read, not fetched again
+    assert len(calls) == 1
+    shutil.rmtree(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"half a download")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DataError, match=r"failed \(OSError: offline\).*cifar-100-python.tar.gz is there, but its "
+                                        r"MD5 is not the published file's"):
+        check_data(cfg, download=True)

@@ -491,3 +491,15 @@ def test_sigkilled_at_random_instants_resumes_to_bit_identical_weights(tmp_path)
     assert verify_weights(run_dir / "model.pth") == verify_weights(tmp_path / "reference" / "model.pth")
     assert not list(run_dir.glob(".*.tmp"))
     strict_json(run_dir / "metrics.json")
+
+
+def test_ctrl_c_in_a_job_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    """Ctrl-C in the terminal reaches every running job; Snakemake then shows each job's log."""
+    import kdlab.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kdlab.train, "train", interrupted)
+    assert kdlab_main(["train", "--config", "{}", "--run-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == ("kdlab train: interrupted; what it saved is kept, and running it again "
+                                       "resumes from there\n")
