@@ -8,7 +8,6 @@ import datetime
 import functools
 import glob
 import hashlib
-import io
 import json
 import math
 import os
@@ -80,9 +79,7 @@ def atomic_write_json(path, obj):
 
 def atomic_torch_save(path, obj):
     import torch
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda f: torch.save(obj, f))  # straight to the file: no copy of a GB-sized cache in memory
 
 
 class UnreadableFile(Exception):

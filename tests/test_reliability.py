@@ -1,5 +1,6 @@
 """Reliability (issue 10): no bad value, damaged file or non-finite weight gets through."""
 
+import io
 import json
 import math
 import os
@@ -440,23 +441,25 @@ def train_and_die(run_dir, how, value):
     import threading
     import kdlab.runio as runio
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
-    writes, real_write, real_link = [], runio.atomic_write_bytes, os.link
+    writes, real_write, real_link = [], runio.atomic_write, os.link
 
-    def write(path, data):
+    def write(path, writer):
         if str(path).endswith("checkpoint.pth"):
             writes.append(path)
             if len(writes) == value and how == "mid-write":
-                (run_dir / ".checkpoint.pth.half.tmp").write_bytes(data[: len(data) // 2])
+                data = io.BytesIO()
+                writer(data)
+                (run_dir / ".checkpoint.pth.half.tmp").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
                 die()
             if len(writes) == value and how == "before-rename":
                 die()
-        return real_write(path, data)
+        return real_write(path, writer)
 
     def link(src, dst):
         real_link(src, dst)
         if str(src).endswith("checkpoint.pth") and len(writes) + 1 == value and how == "after-link":
             die()
-    runio.atomic_write_bytes, os.link = write, link
+    runio.atomic_write, os.link = write, link
     if how == "seconds":
         threading.Timer(value, die).start()
     with open(os.devnull, "w") as quiet:

@@ -111,24 +111,24 @@ def test_the_fingerprint_is_what_a_run_computes():
 # A run in a subprocess that SIGKILLs itself at a chosen instant (the kill is the test's,
 # the code under test is unchanged).
 KILLER = r"""
-import json, os, signal, sys, torch
+import io, json, os, signal, sys, torch
 torch.set_num_threads(1)
 import kdlab.runio as runio
 run, run_dir, point = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 writes = {"n": 0}
-original = runio.atomic_write_bytes
-def write(path, data):
+original = runio.atomic_write
+def write(path, writer):
     if str(path).endswith(point.split(":")[0]):
         writes["n"] += 1
         if writes["n"] == int(point.split(":")[1]):
             if point.endswith("mid-write"):  # half of the temporary file, then death
+                data = io.BytesIO()
+                writer(data)
                 with open(os.path.join(run_dir, ".checkpoint.pth.partial.tmp"), "wb") as f:
-                    f.write(data[: len(data) // 2])
+                    f.write(data.getvalue()[: len(data.getvalue()) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
-    return original(path, data)
-runio.atomic_write_bytes = write
-import kdlab.train
-kdlab.train.atomic_write_bytes = write
+    return original(path, writer)
+runio.atomic_write = write  # every kdlab file is written through it
 from kdlab.train import train
 train(run, run_dir)
 """
