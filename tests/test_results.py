@@ -448,15 +448,25 @@ def test_runs_while_a_run_is_in_progress(tmp_path, capsys):
     png_size(out / R.FIG_ALPHA)
 
 
-@pytest.mark.parametrize("missing", [False, True])
-def test_empty_or_missing_experiments_directory(tmp_path, capsys, missing):
+def test_missing_experiments_directory_writes_nothing(tmp_path, capsys):
+    # A mistyped path must not replace the results of a grid with empty ones.
     exp, out = tmp_path / "experiments", tmp_path / "results"
-    if not missing:
-        exp.mkdir()
+    out.mkdir()
+    (out / R.TABLE_MD).write_text("the grid's table")
+    with pytest.raises(SystemExit) as stop:
+        cli(exp, "--out", out)
+    assert stop.value.code == 2
+    assert f"argument experiments: {exp} does not exist (nothing was written)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [R.TABLE_MD]
+    assert (out / R.TABLE_MD).read_text() == "the grid's table"
+
+
+def test_empty_experiments_directory(tmp_path, capsys):
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    exp.mkdir()
     assert cli(exp, "--out", out) == 0
     err = capsys.readouterr().err
-    assert ("does not exist" if missing else "no runs") in err
-    assert str(exp) in err
+    assert "no runs" in err and str(exp) in err
     assert (out / R.TABLE_CSV).read_text() == ",".join(R.CSV_COLUMNS) + "\n"
     assert "No completed runs yet" in (out / R.TABLE_MD).read_text()
     h = json.loads((out / R.HEALTH_JSON).read_text())

@@ -128,10 +128,13 @@ def _not_a_directory(path: str) -> str:
 
 
 def _experiments_dir(value: str) -> str:
-    """A missing directory is fine (no runs yet); a file is a mistake."""
+    """An existing directory (an empty one gives empty results): a mistyped path must not
+    replace the results in --out with empty ones."""
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
-    if os.path.lexists(value) and not os.path.isdir(value):
+    if not os.path.lexists(value):
+        raise argparse.ArgumentTypeError(f"{value} does not exist (nothing was written)")
+    if not os.path.isdir(value):
         raise argparse.ArgumentTypeError(_not_a_directory(value))
     return value
 
