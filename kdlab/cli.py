@@ -89,6 +89,7 @@ def cmd_cache_teacher(args):
 def cmd_check_config(args):
     from .grid import expand_grid
     from .config import check_data_files, grid_warnings, load_grid
+    from .data import download_pending
     grid = load_grid(args.config)
     check_data_files(grid)  # reads the data files; writes nothing anywhere
     for warning in grid_warnings(grid):
@@ -98,6 +99,9 @@ def cmd_check_config(args):
     for job in jobs:
         counts[job.rule] = counts.get(job.rule, 0) + 1
     print(f"{args.config}: valid; " + ", ".join(f"{n} {rule}" for rule, n in counts.items()))
+    if download_pending(grid["data"]):
+        print(f"{args.config}: {grid['data']['dataset']} is not in {grid['data']['data_dir']} yet: snakemake "
+              f"downloads it (data.download) before the first job, and checks it then")
     return 0
 
 

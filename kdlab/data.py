@@ -286,10 +286,17 @@ def check_data(cfg, download=False):
     compute nodes may have no network, and jobs downloading at once write over each other)."""
     if cfg["dataset"] == "Synthetic":
         return  # generated: nothing to read
-    if cfg["dataset"] in CIFAR_FILES and cfg["download"] and not download and not (
-            Path(cfg["data_dir"]) / CIFAR_FILES[cfg["dataset"]][0]).exists():
+    if download_pending(cfg) and not download:
         return
     load_dataset({**cfg, "download": cfg.get("download", False) and download})
+
+
+def download_pending(cfg):
+    """Whether a CIFAR set configured with data.download is not in data_dir yet (neither
+    extracted nor as the archive)."""
+    name = cfg["dataset"]
+    return name in CIFAR_FILES and cfg["download"] and not any(
+        (Path(cfg["data_dir"]) / f).exists() for f in (CIFAR_FILES[name][0], CIFAR_ARCHIVES[name]))
 
 
 class AugmentingSampler(Sampler):

@@ -425,6 +425,20 @@ def test_check_config_cli(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_config_says_when_a_download_is_pending(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    config = tmp_path / "cifar.yaml"
+    config.write_text(yaml.safe_dump({**demo(), "data": {"dataset": "Cifar100", "data_dir": str(data_dir),
+                                                         "download": True}}))
+    assert kdlab_main(["check-config", str(config)]) == 0
+    assert f"Cifar100 is not in {data_dir} yet: snakemake downloads it (data.download) before the first job" in \
+        capsys.readouterr().out
+    data_dir.mkdir()
+    (data_dir / "cifar-100-python.tar.gz").write_bytes(b"half a download")  # there: read, and refused
+    assert kdlab_main(["check-config", str(config)]) == 2
+    assert "cifar-100-python.tar.gz is not a readable tar.gz archive" in capsys.readouterr().err
+
+
 # --- through Snakemake ------------------------------------------------------------
 
 def tree(root):
