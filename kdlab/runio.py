@@ -258,10 +258,13 @@ def git_state():
         return None, None
 
 
-def provenance(device, started):
+def provenance(device, started, data_sha256):
+    """Where a run comes from. code_sha256 and data_sha256 tie it to its code and data also
+    where there is no git checkout (a copy rsynced to the cluster)."""
     import torch
     commit, dirty = git_state()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"git_commit": commit, "git_dirty": dirty, "package_version": __version__,
+            "code_sha256": code_sha256(), "data_sha256": data_sha256,
             "torch_version": str(torch.__version__), "device": device_name, "host": socket.gethostname(),
             "started": started, "finished": None, "pbs_job_id": os.environ.get("PBS_JOBID")}

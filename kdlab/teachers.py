@@ -133,7 +133,7 @@ def import_teacher(run, run_dir):
         epoch = int(epoch) if epoch is not None else None
     except (TypeError, ValueError, RuntimeError):
         recorded = epoch = None
-    prov = provenance(device, started)
+    prov = provenance(device, started, arrays.sha256())
     prov["finished"] = now()
     record = {
         "status": "complete", "error": None,

@@ -305,7 +305,7 @@ def train(run, run_dir, force_restart=False):
                  "consecutive_skipped": 0}  # in the checkpoint: a streak of skipped steps survives a resume
         if teacher:
             log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
-    prov = provenance(device, state["started"])
+    prov = provenance(device, state["started"], identity["data_sha256"])
     if "provenance" in state:  # a finished run whose outputs are rewritten: it keeps its training's provenance
         prov = {**state["provenance"], "outputs_rewritten": {"at": now(), "host": prov["host"],
                                                              "git_commit": prov["git_commit"],

@@ -13,7 +13,8 @@ import torch
 import kdlab.train
 from kdlab import methods
 from kdlab.methods.base import MethodLoss, no_check
-from kdlab.runio import torch_load, verify_weights
+from kdlab.data import load_dataset
+from kdlab.runio import code_sha256, torch_load, verify_weights
 from kdlab.train import GuardError, train
 
 from conftest import REPO, comparable, interrupt_after_checkpoints, read_json, tiny_run
@@ -43,6 +44,7 @@ def test_run_directory_contract(trained_teacher):
     prov = saved["provenance"]
     assert prov["torch_version"] == torch.__version__ and prov["device"] == "cpu" and prov["finished"]
     assert len(prov["git_commit"] or "") == 40 and isinstance(prov["git_dirty"], bool)
+    assert prov["code_sha256"] == code_sha256() and prov["data_sha256"] == load_dataset(saved["config"]["data"]).sha256()
     assert saved["config"]["training"]["label_smoothing"] == 0.1
     # Checkpoint and final weights load with weights_only=True.
     ckpt = torch.load(run_dir / "checkpoint.pth", weights_only=True)
