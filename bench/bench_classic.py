@@ -10,7 +10,8 @@ channels_last; cache: the teacher-output cache; compile: torch.compile) and once
 all of them. Each figure is an epoch's seconds (train + evaluate), best of the epochs
 after the first (warm-up, compilation); all runs happen in this one process. A last
 figure bounds what any loop can reach: the student's own work alone (its training steps on
-one resident batch and its test-set forward), with the levers measured.
+one resident batch and its test-set forward), with the levers measured; it is measured before
+and after kdlab's runs, and the lower figure kept.
 
     python bench/bench_classic.py                                       # CPU: ResNet56 -> ResNet20
     python bench/bench_classic.py --device cuda --amp bf16 --teacher ResNet110 --student ResNet32 \\
@@ -253,11 +254,14 @@ def main(argv=None):
         if "cache" in levers:
             results["cache_rate"] = timing_cache(args, arrays, teacher_weights, device)
         results["classic"] = best(classic_loop(args, arrays, teacher_weights, device))
-        results["bare"] = bare_student_epoch(args, device, levers)
+        bare = [bare_student_epoch(args, device, levers)]
         configs = {"kdlab, no levers": [], **{f"kdlab + {lever} alone": [lever] for lever in levers},
                    f"kdlab, fastest ({' + '.join(levers)})": levers}
         for name, on in configs.items():
             results[name] = best(kdlab_run(args, data, teacher_weights, device, on, Path(tmp) / name))
+        # Measured again at the end: right after the classic loop it once took 15% longer
+        # (2 threads) than in a process of its own, and a bound must not be too high.
+        results["bare"] = min(bare + [bare_student_epoch(args, device, levers)])
 
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
     print(f"{args.teacher} -> {args.student} KD on {device}{threads}, {args.train_size} train + {args.test_size} "
