@@ -404,7 +404,7 @@ def test_mean_std_helper():
 
 # ------------------------------------------------------------------ entry point
 
-def test_argparse_entry_point(campaign, tmp_path, capsys):
+def test_argparse_entry_point(campaign, tmp_path, capsys, monkeypatch):
     exp, out, values, planted, pair, report = campaign
     o = tmp_path / "cli"
     rc = cli(exp, "--out", o, "--chance-margin", 5, "--method-versions",
@@ -429,6 +429,8 @@ def test_argparse_entry_point(campaign, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli(exp, "--out", o, "--method-versions", "{not json", "--quiet")
     assert exc.value.code == 2
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").mkdir()  # the default, which must exist
     args = make_parser().parse_args(["results"])
     assert (args.experiments, args.out, args.chance_margin, args.method_versions) == \
         ("experiments", "results", 5.0, None)
@@ -524,7 +526,7 @@ def test_range_limits_and_good_method_versions_are_accepted(tmp_path):
                                      "--chance-margin", "0", "--method-versions", '{"kd": 3}'])
     assert (args.dpi, args.curve_dpi, args.jobs, args.chance_margin, args.method_versions) == \
         (10, 600, 256, 0.0, {"kd": 3})
-    args = make_parser().parse_args(["results", "--dpi", "600", "--jobs", "1",
+    args = make_parser().parse_args(["results", str(tmp_path), "--dpi", "600", "--jobs", "1",
                                      "--chance-margin", "100", "--method-versions", ""])
     assert (args.dpi, args.jobs, args.chance_margin, args.method_versions) == (600, 1, 100.0, None)
     assert not (tmp_path / "new").exists()      # parsing makes no directory
