@@ -124,8 +124,11 @@ def wait_for(condition, seconds=60.0, every=0.2):
 def ctrl_c_snakemake(env, workdir, *extra, when, settle=0.0):
     """Snakemake in its own session, interrupted like Ctrl-C in a terminal (SIGINT to its whole
     process group) once when() holds (or after 60 s), `settle` s later: (exit code, output, when's value)."""
+    # SIGINT at its default, as from a terminal: a test suite started in the background
+    # (`make test &`, some CI runners) inherits it ignored, and Snakemake would ignore Ctrl-C.
     p = subprocess.Popen(snakemake_cmd(workdir, *extra), env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, universal_newlines=True, start_new_session=True)
+                         stderr=subprocess.STDOUT, universal_newlines=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = wait_for(when)
         time.sleep(settle)
