@@ -149,6 +149,14 @@ def test_ft_stage_two_refuses_to_start_without_the_paraphraser(trained_teacher, 
         train(run, tmp_path / "run")
 
 
+def test_ft_stage_two_refuses_a_paraphraser_of_another_teacher(trained_teacher, paraphraser, tmp_path):
+    run = tiny_student("ft", trained_teacher[0], alpha=0.5, method_settings=FT_SETTINGS, paraphraser=str(paraphraser))
+    run["teacher_weights"] = str(tmp_path / "other_teacher.pth")
+    (tmp_path / "other_teacher.pth").write_bytes(b"another teacher's weights")  # refused before they are loaded
+    with pytest.raises(ParaphraserError, match=r"pre-trained on another teacher's features"):
+        train(run, tmp_path / "run")
+
+
 def test_paraphraser_stage_one_resumes_after_an_interruption(trained_teacher, paraphraser, tmp_path, capsys):
     run = tiny_run(kind="paraphraser", method="ft", teacher="ResNet8", method_settings=FT_SETTINGS,
                    teacher_weights=str(trained_teacher[0] / "model.pth"))
