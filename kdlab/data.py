@@ -154,7 +154,7 @@ def load_cifar_pickles(name, data_dir, download=False):
                 # A warning, not an error: a file of one's own in CIFAR's format is legitimate.
                 print(f"WARNING: {where} is not the published {name} file (its MD5 differs): a damaged download, "
                       f"or a file of your own", flush=True)
-            del raw, batch  # one file's bytes at a time: CIFAR-100's train file is 155 MB
+            del raw, batch  # from the folder, one file's bytes at a time (CIFAR-100's train file is 155 MB)
             xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # rows are R, G, B planes (CHW)
             ys.append(labels)
         images = np.empty((sum(map(len, xs)), 32, 32, 3), np.uint8)  # NHWC in memory: one copy, no temporary
@@ -288,7 +288,7 @@ def check_data(cfg, download=False):
         return  # generated: nothing to read
     if download_pending(cfg) and not download:
         return
-    load_dataset({**cfg, "download": cfg.get("download", False) and download})
+    load_dataset({**cfg, "download": download and cfg["download"]})
 
 
 def download_pending(cfg):

@@ -37,7 +37,8 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
 
     # Resumable per epoch, like every run: a small checkpoint next to the output.
     checkpoint_path = out_path.with_name("paraphraser.checkpoint.pth")
-    ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart)
+    identity = {"data_sha256": arrays.sha256()}  # a checkpoint of other data is not resumed
+    ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart, identity)
     losses = []
     if ckpt:
         paraphraser.load_state_dict(ckpt["state_dict"])
@@ -73,11 +74,11 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
                              f"non-finite ({', '.join(bad[:3])}) after the optimizer step")
         finished = epoch + 1 == epochs
         if not finished:
-            save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, "finished": False,
+            save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, **identity, "finished": False,
                                               "state_dict": paraphraser.state_dict(),
                                               "optimizer": optimizer.state_dict(), "losses": losses})
     save_checked(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,
                             "teacher_weights_sha256": teacher_hash, "reconstruction_loss": losses})
-    save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, "finished": True, "losses": losses})
+    save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, **identity, "finished": True, "losses": losses})
     previous_path(checkpoint_path).unlink(missing_ok=True)
     log(f"saved {out_path}")

@@ -203,14 +203,14 @@ def run_record(run, status, state, epochs_planned, prov, num_classes, error=None
     }
 
 
-def load_resume_state(path, run_fingerprint, force_restart, identity=None):
+def load_resume_state(path, run_fingerprint, force_restart, identity):
     """The checkpoint to resume from, or None (with the reason logged) to start fresh.
 
-    `identity` ({"code_sha256", "data_sha256"}, as checkpoint() stores them): a checkpoint of
+    `identity` ({"data_sha256"[, "code_sha256"]}, as the checkpoints store it): a checkpoint of
     other data is not resumed, and a finished checkpoint of the same code is returned, to
     write the run's outputs from it (a rerun after Snakemake lost track of a finished job,
-    or after its outputs were deleted, trains nothing). Without it, a finished checkpoint
-    starts fresh."""
+    or after its outputs were deleted, trains nothing). Without a code_sha256, a finished
+    checkpoint starts fresh."""
     if force_restart:
         log("--force-restart: starting fresh")
         return None
@@ -235,14 +235,13 @@ def load_resume_state(path, run_fingerprint, force_restart, identity=None):
         if ckpt.get("fingerprint") != run_fingerprint:
             log(f"{name} belongs to a different configuration (fingerprint changed): starting fresh")
             return None
-        identity = identity or {}
-        if ckpt.get("data_sha256", identity.get("data_sha256")) != identity.get("data_sha256"):
+        if ckpt.get("data_sha256", identity["data_sha256"]) != identity["data_sha256"]:
             log(f"{name} was trained on other data (the dataset's files changed): starting fresh")
             return None
         if ckpt.get("finished"):
-            if not identity or ckpt.get("code_sha256") != identity["code_sha256"]:
-                log(f"{name} is of a finished run{' of other code (kdlab or torch changed)' if identity else ''}: "
-                    f"starting fresh")
+            if ckpt.get("code_sha256") != identity.get("code_sha256", False):
+                log(f"{name} is of a finished run"
+                    f"{' of other code (kdlab or torch changed)' if 'code_sha256' in identity else ''}: starting fresh")
                 return None
             log(f"{name} holds this run, finished by the same code: writing its outputs from it, without training")
         if candidate != path:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kdlab.data
 import kdlab.pretrain
 import kdlab.train
 from kdlab.methods import METHODS
@@ -155,6 +156,17 @@ def test_ft_stage_two_refuses_a_paraphraser_of_another_teacher(trained_teacher, 
     (tmp_path / "other_teacher.pth").write_bytes(b"another teacher's weights")  # refused before they are loaded
     with pytest.raises(ParaphraserError, match=r"pre-trained on another teacher's features"):
         train(run, tmp_path / "run")
+
+
+def test_paraphraser_checkpoint_of_other_data_is_not_resumed(trained_teacher, tmp_path, capsys, monkeypatch):
+    run = tiny_run(kind="paraphraser", method="ft", teacher="ResNet8", method_settings=FT_SETTINGS,
+                   teacher_weights=str(trained_teacher[0] / "model.pth"))
+    interrupt_after_checkpoints(kdlab.pretrain, 1, pretrain_paraphraser, run, tmp_path / "paraphraser.pth")
+    monkeypatch.setattr(kdlab.data.ImageArrays, "sha256", lambda self: "other data")
+    pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
+    out = capsys.readouterr().out
+    assert "checkpoint was trained on other data (the dataset's files changed): starting fresh" in out
+    assert "resuming" not in out
 
 
 def test_paraphraser_stage_one_resumes_after_an_interruption(trained_teacher, paraphraser, tmp_path, capsys):

@@ -498,10 +498,9 @@ def still_active_job(settings, ledger, name):
 
 
 # qsub messages of a server that was not reached (restart, fail-over, network):
-# no job was created. A timeout is not among them: the job may exist.
-QSUB_UNREACHED = re.compile(
-    r"cannot connect to (the )?server|connection refused|communication failure|"
-    r"server shutting down|pbs_iff: cannot", re.IGNORECASE)
+# no job was created. Not a timeout nor a "communication failure": the server may
+# have made the job and lost the reply, and a second one would share its checkpoint.
+QSUB_UNREACHED = re.compile(r"cannot connect to (the )?server|connection refused|pbs_iff: cannot", re.IGNORECASE)
 
 
 def submit_main(argv):
@@ -563,8 +562,8 @@ def submit_main(argv):
             break
         # the server was not reached, so no job exists: asking again is safe (a
         # failed submission is a failed attempt to Snakemake: twice the walltime)
-        append_line(os.path.join(logdir, "status.log"), "%s qsub for %s could not reach the server "
-                    "(exit %s: %s); trying again" % (now_iso(), name, rc, _one_line(err or out)))
+        status_log(settings, "qsub for %s could not reach the server (exit %s: %s); trying again"
+                   % (name, rc, _one_line(err or out)))
         time.sleep(settings.num("qsub_retry_sleep"))
     # the job id: the first line that looks like one (some sites' qsub wrappers
     # print a banner), else the first non-empty line
