@@ -85,7 +85,7 @@ class ImageArrays:
         h = hashlib.sha256()
         for split in splits:
             for array in (getattr(self, f"{split}_x"), getattr(self, f"{split}_y")):
-                h.update(np.ascontiguousarray(array).tobytes())
+                h.update(np.ascontiguousarray(array).data)  # the buffer itself: no copy of the images
         return h.hexdigest()
 
 

@@ -157,6 +157,19 @@ def test_synthetic_is_reproducible_and_label_dependent():
     assert (nearest == a.train_y).mean() > 0.9
 
 
+def test_data_sha256_is_of_the_arrays_bytes_in_order():
+    """The digest that checkpoints and teacher caches store: a change to how it is computed
+    would make every existing run start fresh ("trained on other data")."""
+    import hashlib
+    a = make_synthetic(4, 50, 20, seed=3)
+    digest = lambda *arrays: hashlib.sha256(b"".join(x.tobytes() for x in arrays)).hexdigest()  # noqa: E731
+    assert a.sha256() == digest(a.train_x, a.train_y, a.test_x, a.test_y)
+    assert a.sha256(("train",)) == digest(a.train_x, a.train_y)
+    before, train_before = a.sha256(), a.sha256(("train",))
+    a.test_y[0] = (a.test_y[0] + 1) % 4  # one test label: the whole digest changes, the training split's not
+    assert a.sha256() != before and a.sha256(("train",)) == train_before
+
+
 def test_crop_and_flip_follow_the_padding_definition():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)

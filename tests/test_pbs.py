@@ -473,6 +473,16 @@ def test_exit_status_meanings(code, expected, words):
     assert st == expected and words in reason
 
 
+@pytest.mark.parametrize("code,words", [(271, "killed by SIGTERM (walltime exceeded)"),
+                                        (143, "after SIGTERM (walltime exceeded)")])
+def test_walltime_named_from_the_comment_whoever_exited(code, words):
+    """A walltime kill's comment names it, whether PBS killed the shell (271) or the job
+    script's trap exited on the SIGTERM (143, before OpenPBS 22.05)."""
+    entry = {"job_state": "F", "substate": 93, "Exit_status": code,
+             "comment": "job killed: walltime 3720 exceeded limit 3600"}
+    assert words in pbs.classify(entry)[1]
+
+
 def test_finished_without_exit_status():
     assert pbs.classify({"job_state": "F", "substate": 91})[0] == "failed"
     assert pbs.classify({"job_state": "F", "substate": 92}, (0, ""))[0] == "success"

@@ -711,22 +711,19 @@ def describe_exit(code, comment="", label="Exit_status"):
     if code < 0:
         reason = EXIT_REASONS.get(code, "PBS-internal failure")
         return "%s %d: %s" % (label, code, reason)
-    if code > 256:
-        sig = code - 256
-        name = SIGNAL_NAMES.get(sig, "signal %d" % sig)
+    if code > 128:
+        # Above 256: PBS killed the job shell with signal code - 256. From 129 to 256: the
+        # job script trapped signal code - 128 and exited with this code itself, which is
+        # what PBS records for a qdel (and a walltime kill before OpenPBS 22.05).
+        killed = code > 256
+        sig = code - (256 if killed else 128)
         hint = ""
         if "walltime" in (comment or ""):
             hint = " (walltime exceeded)"
         elif sig in (9, 15):
             hint = " (walltime/memory limit or qdel)"
-        return "%s %d: job shell killed by %s%s" % (label, code, name, hint)
-    if code > 128:
-        # the job script traps SIGTERM and exits 128+15 itself: what PBS records
-        # as Exit_status for a qdel (and a walltime kill before OpenPBS 22.05)
-        sig = code - 128
-        return "%s %d: job exited after %s%s" % (
-            label, code, SIGNAL_NAMES.get(sig, "signal %d" % sig),
-            " (walltime/memory limit or qdel)" if sig in (9, 15) else "")
+        return "%s %d: job %s %s%s" % (label, code, "shell killed by" if killed else "exited after",
+                                       SIGNAL_NAMES.get(sig, "signal %d" % sig), hint)
     return "%s %d: the job (Snakemake) failed; see the rule's log" % (label, code)
 
 
@@ -820,7 +817,7 @@ def job_started(settings, jobid):
 # What OpenPBS's `qstat -x` says (exit 0, no job listed) when the server keeps
 # no job history.
 NO_HISTORY = "not configured to maintain job history"
-UNKNOWN_WORDS = ("unknown job id", "job has finished", NO_HISTORY)
+UNKNOWN_WORDS = ("unknown job id", "job has finished")
 
 
 def history_path():
