@@ -2,8 +2,19 @@
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a PBS walltime or memory kill, qdel, Snakemake stopping its jobs), raised like
+    Ctrl-C's KeyboardInterrupt so that both end a job the same way: its run marked
+    interrupted, one line in its log, no traceback."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def read_run_config(text, option):
@@ -59,9 +70,14 @@ def set_threads(args):
 
 
 def cmd_train(args):
-    from .train import train
+    from .train import mark_interrupted, train
     set_threads(args)
-    train(full_run_config(args), args.run_dir, force_restart=args.force_restart)
+    try:
+        train(full_run_config(args), args.run_dir, force_restart=args.force_restart)
+    except KeyboardInterrupt as e:
+        mark_interrupted(args.run_dir, "SIGTERM (walltime or memory kill, qdel, or Snakemake stopping)"
+                         if isinstance(e, Terminated) else "Ctrl-C")
+        raise
     return 0
 
 
@@ -165,18 +181,22 @@ def main(argv=None):
     from .teachers import ConversionError
     from .teacher_cache import TeacherCacheError
     from .train import GuardError
+    previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return args.func(args)
     except (ConfigError, ConversionError, DataError, ParaphraserError, UnreadableFile, GuardError,
             TeacherCacheError, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    except KeyboardInterrupt:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log
+    except KeyboardInterrupt as e:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log
         resumes = args.command in ("train", "pretrain-paraphraser", "cache-teacher")
-        print(f"kdlab {args.command}: interrupted"
+        terminated = isinstance(e, Terminated)
+        print(f"kdlab {args.command}: {'stopped by SIGTERM' if terminated else 'interrupted'}"
               + ("; what it saved is kept, and running it again resumes from there" if resumes else ""),
               file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)  # main() may be called in a longer-lived process
 
 
 if __name__ == "__main__":

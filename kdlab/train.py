@@ -6,6 +6,7 @@ the method's Loss (kdlab/methods); the student's loss is (1 - alpha) * CE + alph
 ce_weight * CE + kd_weight * KD + L (kdlab/loss.py).
 """
 
+import json
 import math
 import random
 import sys
@@ -508,6 +509,21 @@ def what_went_wrong(bad_terms):
     if bad_terms:
         return f"loss term {', '.join(repr(t) for t in bad_terms)} went non-finite"
     return "the gradient went non-finite although every loss term was finite"
+
+
+def mark_interrupted(run_dir, cause):
+    """progress.json of a run stopped from outside (Ctrl-C, SIGTERM) says so: it said
+    "running" since the run's last epoch. Nothing to mark before the first epoch's file or
+    after the run finished or failed."""
+    path = Path(run_dir) / "progress.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and record.get("status") == "running":
+        record.update(status="interrupted", error=f"interrupted by {cause} after {record.get('epochs_done')} "
+                                                  f"epochs; running it again resumes from its checkpoint")
+        atomic_write_json(path, record)
 
 
 def stop(record, run_dir, message):

@@ -1,5 +1,6 @@
 """Reliability (issue 10): no bad value, damaged file or non-finite weight gets through."""
 
+import contextlib
 import io
 import json
 import math
@@ -494,6 +495,53 @@ def test_sigkilled_at_random_instants_resumes_to_bit_identical_weights(tmp_path)
     assert verify_weights(run_dir / "model.pth") == verify_weights(tmp_path / "reference" / "model.pth")
     assert not list(run_dir.glob(".*.tmp"))
     strict_json(run_dir / "metrics.json")
+
+
+def test_sigterm_marks_the_run_interrupted_and_running_it_again_resumes(tmp_path):
+    """A PBS walltime or memory kill, qdel, and Snakemake stopping its jobs send SIGTERM: the
+    job ends with one line and exit 143, its progress.json says interrupted (it would say
+    running for ever), the health list shows it so, and running it again resumes."""
+    import multiprocessing
+    import kdlab.train
+    from kdlab.results.health import build_health
+    from kdlab.results.runs import load_runs
+    run = tiny_run(data={"synthetic": {"num_classes": 4, "train_size": 64, "test_size": 32, "seed": 1}},
+                   training={"epochs": 4, "milestones": [3]})
+    experiments = tmp_path / "experiments"
+    run_dir = experiments / "Synthetic" / "teachers" / "ResNet8" / "0"
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        reference = train(run, tmp_path / "reference")
+
+    def sigterm_after_the_second_epoch():  # in a forked child: the signal's own path, not a raise
+        real_write, progress_writes = kdlab.train.atomic_write_json, []
+
+        def write(path, obj):
+            real_write(path, obj)
+            if path.name == "progress.json":
+                progress_writes.append(path)
+                if len(progress_writes) == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        kdlab.train.atomic_write_json = write
+        sys.stdout, sys.stderr = open(os.devnull, "w"), open(tmp_path / "stderr", "w")
+        code = kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(run_dir)])
+        sys.stderr.flush()
+        os._exit(code)
+    child = multiprocessing.get_context("fork").Process(target=sigterm_after_the_second_epoch)
+    child.start()
+    child.join(120)
+    assert child.exitcode == 143
+    assert (tmp_path / "stderr").read_text() == ("kdlab train: stopped by SIGTERM; what it saved is kept, and "
+                                                 "running it again resumes from there\n")
+    progress = read_json(run_dir / "progress.json")
+    assert progress["status"] == "interrupted" and progress["epochs_done"] == 2
+    assert progress["error"].startswith("interrupted by SIGTERM (walltime or memory kill")
+    health = build_health(load_runs(str(experiments))[0])
+    assert [(e["status"], e["epochs_done"], e["error"]) for e in health["incomplete"]] == [
+        ("interrupted", 2, progress["error"])]
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        metrics = train(run, run_dir)
+    assert metrics["resumed_at_epochs"] == [2] and comparable(metrics) == comparable(reference)
+    assert read_json(run_dir / "progress.json")["status"] == "complete"
 
 
 def test_ctrl_c_in_a_job_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):

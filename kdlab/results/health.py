@@ -72,9 +72,9 @@ def build_health(summaries: list[dict], chance_margin: float = 5.0,
             failed.append({"run": rel, "error": s.get("error"),
                            "epochs_done": s.get("epochs_done"),
                            "epochs_planned": s.get("epochs_planned")})
-        elif state in ("running", "finishing"):
+        elif state in ("running", "finishing", "interrupted"):
             incomplete.append({
-                "run": rel, "status": state, "epochs_done": s.get("epochs_done"),
+                "run": rel, "status": state, "error": s.get("error"), "epochs_done": s.get("epochs_done"),
                 "epochs_planned": s.get("epochs_planned"), "best_acc": s.get("best_acc"),
                 "last_update": _dt.datetime.fromtimestamp(s["mtime"]).astimezone()
                 .isoformat(timespec="seconds") if s.get("mtime") else None})
@@ -121,10 +121,10 @@ def health_markdown(h: dict, experiments: str) -> str:
     def epochs(e):
         return f"{e.get('epochs_done')}/{e.get('epochs_planned') or '?'} epochs"
 
-    section("Incomplete (running, or progress file only)", h["incomplete"],
+    section("Incomplete (running, interrupted, or progress file only)", h["incomplete"],
             lambda e: f"`{e['run']}`: {e['status']}, {epochs(e)}"
             + (f", best so far {e['best_acc']:.2f}%" if e.get("best_acc") is not None else "")
-            + f", last update {e['last_update']}")
+            + f", last update {e['last_update']}" + (f": {e['error']}" if e.get("error") else ""))
     section("Stopped by the training-health guard (status failed)", h["failed"],
             lambda e: f"`{e['run']}` after {epochs(e)}: {e.get('error') or '(no message)'}")
     section(f"Near chance (best accuracy within {h['chance_margin']:g} points of 100/classes)",

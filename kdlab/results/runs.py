@@ -319,7 +319,7 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
     else:
         # A progress file saying "complete" without metrics.json: finishing, or died
         # between the two writes. Not complete by the contract either way.
-        state = {"failed": "failed", "complete": "finishing"}.get(status, "running")
+        state = {"failed": "failed", "complete": "finishing", "interrupted": "interrupted"}.get(status, "running")
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
     num_classes = run.get("num_classes") or config.get("num_classes")
