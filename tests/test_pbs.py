@@ -882,7 +882,9 @@ def test_restart_after_snakemake_died_reattaches_running_job(tmp_path, pbs_env):
     watch that PBS job instead of submitting a second one on the same checkpoint."""
     wd = tmp_path / "wd"
     d = pbs_env["PBS_STANDIN_DIR"]
-    cmd = snakemake_cmd(wd, "--config", "steps=30")
+    # 60 steps of 0.2 s: the job must outlast two Snakemake start-ups on a loaded machine
+    # (with 30 it once finished first, and nothing was left to watch).
+    cmd = snakemake_cmd(wd, "--config", "steps=60")
     p = subprocess.Popen(cmd, env=pbs_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
     try:
@@ -895,7 +897,7 @@ def test_restart_after_snakemake_died_reattaches_running_job(tmp_path, pbs_env):
     assert len(first) == 1 and standin.all_jobs(d)[0]["state"] == "R"
     subprocess.run(cmd + ["--unlock"], env=pbs_env, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=True)
-    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=30")
+    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=60")
     assert rc == 0, out
     # Snakemake resumes the job by its PBS id while the job's own Snakemake has not
     # yet taken over its bookkeeping (the first seconds), else pbs-submit re-attaches
