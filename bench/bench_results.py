@@ -154,7 +154,7 @@ def best_of(n: int, fn, *args, **kw):
     return min(times), result
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=240)
@@ -162,7 +162,10 @@ def main() -> int:
                     help="runs in the per-run curve sample (0: skip)")
     ap.add_argument("--jobs", type=int, default=None, help="curve drawing processes")
     ap.add_argument("--keep", type=Path, default=None, help="keep the files in this directory")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.runs <= 40 or a.epochs < 1:
+        ap.error("--runs must be above 40 (16 teachers and 24 plain students come first, then the "
+                 "distilled runs), --epochs at least 1")
 
     tmp = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="kdlab-bench-"))
     exp, out = tmp / "experiments", tmp / "results"
@@ -188,7 +191,7 @@ def main() -> int:
         t_cold, _ = best_of(1, R.run_results, str(exp), str(out), curves=False, **quiet)
         t_warm, rep = best_of(3, R.run_results, str(exp), str(out), curves=False, **quiet)
         assert rep["parsed"] == 0 and rep["drawn"] == [], rep["drawn"]
-        one = exp / "Cifar100/kd/alpha_0.5/ResNet56_to_ResNet20/0/metrics.json"
+        one = exp / "Cifar100/kd/alpha_0.1/ResNet56_to_ResNet20/0/metrics.json"  # the first distilled run
         data = json.loads(one.read_text())
         data["best_acc"] += 0.5
         one.write_text(json.dumps(data))

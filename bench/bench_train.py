@@ -65,7 +65,7 @@ def kdlab_loop(args, device):
         return train(run, run_dir)["history"]["epoch_seconds"]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ResNet20")
     parser.add_argument("--device", default="auto")
@@ -75,7 +75,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                         help="the same autocast (and GradScaler for fp16) in both loops")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = pick_device(args.device)
     # Alternate the two, twice, and keep each one's best epoch after the first (warm-up).
     best = {"bare": float("inf"), "kdlab": float("inf")}
@@ -88,6 +88,7 @@ def main():
     for name in ("bare", "kdlab"):
         print(f"  {name:6s} {best[name]:7.3f} s/epoch  {images / best[name]:8.0f} images/s")
     print(f"  kdlab / bare time ratio: {best['kdlab'] / best['bare']:.3f}")
+    return best
 
 
 if __name__ == "__main__":

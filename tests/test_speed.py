@@ -380,3 +380,17 @@ def test_the_classic_benchmark_runs_in_its_reduced_mode(capsys):
     assert "bound: the student's own work (layout;" in out
     assert all(name in out for name in names[1:])
     assert "speed-up, kdlab fastest over classic" in out and "CIFAR-100 (50000 images, 100 classes): 2.66 GB" in out
+
+
+def test_the_other_benchmarks_run_in_their_reduced_modes(capsys):
+    """bench_train.py (kdlab's loop against a bare one) and bench_results.py (the results tool
+    against a naive script, which also checks that both tables agree) cannot rot unseen."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_results
+    import bench_train
+    best = bench_train.main(["--model", "ResNet8", "--epochs", "2", "--train-size", "64", "--batch-size", "32",
+                             "--workers", "0"])
+    assert best["bare"] > 0 and best["kdlab"] > 0 and "kdlab / bare time ratio" in capsys.readouterr().out
+    assert bench_results.main(["--runs", "41", "--epochs", "3", "--curve-runs", "1", "--jobs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "re-run, 1 run changed (2 redrawn)" in out and "curves, sample of 1 runs" in out
