@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_classic.py
 
 clean-demo:
-	rm -rf experiments/Synthetic results/Synthetic logs/ .snakemake/
+	rm -rf experiments/Synthetic results/curves/Synthetic__* logs/ .snakemake/

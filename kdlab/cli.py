@@ -139,7 +139,7 @@ def build_parser():
     p.add_argument("--runtime", help="JSON blocks merged over --config that do not change the result")
     p.add_argument("--out", required=True, type=output_file, help="where to write paraphraser.pth")
     p.add_argument("--threads", type=thread_count, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--force-restart", action="store_true")
+    p.add_argument("--force-restart", action="store_true", help="ignore any checkpoint and start fresh")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("import-teacher", help="a published teacher checkpoint (RepDistiller's layout or ours) "

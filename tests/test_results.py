@@ -436,6 +436,16 @@ def test_argparse_entry_point(campaign, tmp_path, capsys, monkeypatch):
         ("experiments", "results", 5.0, None)
 
 
+def test_quiet_still_names_a_figure_that_could_not_be_drawn(tmp_path, capsys):
+    # The cron line of docs/results.md runs with --quiet: its log must say why the exit status is 1.
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    rel = write_run(exp, "student", student="B", done=2)
+    (out / R.CURVES_DIR / R.curve_name(rel)).mkdir(parents=True)  # where the curve's file must go
+    assert cli(exp, "--out", out, "--jobs", 1, "--quiet") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"could not draw {R.CURVES_DIR}/{R.curve_name(rel)}: IsADirectoryError" in err
+
+
 def test_runs_while_a_run_is_in_progress(tmp_path, capsys):
     exp, out = tmp_path / "experiments", tmp_path / "results"
     rel = write_run(exp, "distill", method="kd", alpha=0.5, teacher="A", student="B",

@@ -301,6 +301,9 @@ def main(args: argparse.Namespace) -> int:
                          method_versions=versions, curves=not args.no_curves, jobs=args.jobs,
                          dpi=args.dpi, curve_dpi=args.curve_dpi, metric=args.metric,
                          force=args.force, include_outdated=args.include_outdated, log=log)
+    if args.quiet:  # --quiet drops the progress lines, not the failures (a cron log must say why it exits 1)
+        for error in report["errors"]:
+            print(f"kdlab results: could not draw {error}", file=sys.stderr)
     return 1 if report["errors"] else 0
 
 

@@ -136,8 +136,8 @@ rule distill:
         model=f"{DISTILL}/model.pth",
     params:
         run=run_param(f"{DISTILL}/metrics.json"),
-        # The method's loss version: bumping it in the code makes `--list-changes params`
-        # list exactly that method's runs (and the params trigger rerun them).
+        # The method's loss version: bumping it in the code makes `snakemake -n` list exactly
+        # that method's runs ("Params have changed"), and the params trigger rerun them.
         method_version=lambda w: METHODS[w.method].VERSION,
     log:
         "logs/distill/{dataset}/{method}/{recipe}/{teacher}_to_{student}/{seed}.log",
