@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from .config import ConfigError, fingerprint, resolve_run
 from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
-from .runio import file_sha256, previous_path, remove_temporaries, save_checked, save_checkpoint
+from .runio import code_sha256, file_sha256, previous_path, remove_temporaries, save_checked, save_checkpoint
 from .train import (GuardError, Normalize, load_frozen_teacher, load_resume_state, log, nonfinite_tensors, pick_device,
                     seed_everything)
 
@@ -35,20 +35,26 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
     teacher_hash = file_sha256(run["teacher_weights"])
     run_fingerprint = fingerprint(run, {"teacher_weights": teacher_hash})
 
-    # Resumable per epoch, like every run: a small checkpoint next to the output.
+    # Resumable per epoch, like every run: a small checkpoint next to the output. A checkpoint of
+    # other data is not resumed; a finished one of the same code rewrites paraphraser.pth without
+    # training (Snakemake reruns the job after a hard kill, or when the teacher's weights were rewritten).
     checkpoint_path = out_path.with_name("paraphraser.checkpoint.pth")
-    identity = {"data_sha256": arrays.sha256()}  # a checkpoint of other data is not resumed
+    identity = {"data_sha256": arrays.sha256(), "code_sha256": code_sha256()}
     ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart, identity)
     losses = []
     if ckpt:
         paraphraser.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         losses = ckpt["losses"]
-        log(f"resuming the paraphraser from epoch {len(losses)}")
+        if not ckpt["finished"]:
+            log(f"resuming the paraphraser from epoch {len(losses)}")
     else:  # a stale paraphraser.pth must not outlive a retrain that a kill interrupts
         out_path.unlink(missing_ok=True)
 
     epochs = settings["paraphraser_epochs"]
+    state = lambda finished: {"fingerprint": run_fingerprint, **identity, "finished": finished,  # noqa: E731
+                              "state_dict": paraphraser.state_dict(), "optimizer": optimizer.state_dict(),
+                              "losses": losses}
     for epoch in range(len(losses), epochs):
         loader.sampler.epoch = epoch
         paraphraser.train()
@@ -72,13 +78,10 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
         if bad:  # never saved: the previous checkpoint stays
             raise GuardError(f"health guard: ft paraphraser, epoch {epoch + 1}: {len(bad)} weight tensor(s) went "
                              f"non-finite ({', '.join(bad[:3])}) after the optimizer step")
-        finished = epoch + 1 == epochs
-        if not finished:
-            save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, **identity, "finished": False,
-                                              "state_dict": paraphraser.state_dict(),
-                                              "optimizer": optimizer.state_dict(), "losses": losses})
+        if epoch + 1 < epochs:
+            save_checkpoint(checkpoint_path, state(False))
     save_checked(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,
                             "teacher_weights_sha256": teacher_hash, "reconstruction_loss": losses})
-    save_checkpoint(checkpoint_path, {"fingerprint": run_fingerprint, **identity, "finished": True, "losses": losses})
+    save_checkpoint(checkpoint_path, state(True))
     previous_path(checkpoint_path).unlink(missing_ok=True)
     log(f"saved {out_path}")

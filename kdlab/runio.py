@@ -5,6 +5,7 @@ use the atomic writes without loading torch.
 """
 
 import datetime
+import errno
 import functools
 import glob
 import hashlib
@@ -15,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import zipfile
 from pathlib import Path
 
 from . import __version__
@@ -96,8 +98,13 @@ def torch_load(path, mmap=False):
         raise UnreadableFile(f"{path} is a directory, not a file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except OSError:
-        raise  # an I/O failure is not a damaged file: never a reason to start over
+    except OSError as e:
+        # torch's zip reader seeks back 64 KiB from the end for the archive's directory: in a
+        # file cut to between about 1 and 64 KiB that seek is negative, and it raises EINVAL.
+        if e.errno != errno.EINVAL or zipfile.is_zipfile(path):
+            raise  # an I/O failure is not a damaged file: never a reason to start over
+        raise UnreadableFile(f"{path} is truncated or corrupt and cannot be loaded (no zip archive's "
+                             f"directory in its {Path(path).stat().st_size} bytes)") from None
     except Exception as e:
         detail = (str(e).splitlines() or ["empty file" if Path(path).stat().st_size == 0 else "no detail"])[0]
         raise UnreadableFile(f"{path} is truncated or corrupt and cannot be loaded "

@@ -2,6 +2,7 @@
 in the convex and the additive form; learned loss parts and schedules resume bit-identically."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -178,6 +179,21 @@ def test_paraphraser_stage_one_resumes_after_an_interruption(trained_teacher, pa
     resumed, reference = (torch.load(p, weights_only=True) for p in (tmp_path / "paraphraser.pth", paraphraser))
     assert resumed["reconstruction_loss"] == reference["reconstruction_loss"]
     assert all(torch.equal(resumed["state_dict"][k], v) for k, v in reference["state_dict"].items())
+
+
+def test_a_finished_paraphraser_is_rewritten_from_its_checkpoint_without_training(trained_teacher, paraphraser,
+                                                                                   tmp_path, capsys):
+    """Snakemake reruns pretrain_paraphraser when it was killed before recording the finished job, or when
+    the teacher's model.pth was rewritten (deleted and rebuilt from its finished checkpoint)."""
+    run = tiny_run(kind="paraphraser", method="ft", teacher="ResNet8", method_settings=FT_SETTINGS,
+                   teacher_weights=str(trained_teacher[0] / "model.pth"))
+    shutil.copy(paraphraser.with_name("paraphraser.checkpoint.pth"), tmp_path)
+    capsys.readouterr()
+    pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
+    out = capsys.readouterr().out
+    assert "finished by the same code: writing its outputs from it, without training" in out
+    assert "paraphraser epoch" not in out and "resuming" not in out
+    assert (tmp_path / "paraphraser.pth").read_bytes() == paraphraser.read_bytes()
 
 
 @pytest.mark.parametrize("method,settings", [

@@ -12,6 +12,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -560,7 +561,8 @@ def test_console_summary_counts_unreadable_runs_as_health_does(tmp_path, capsys)
     assert "1 runs (0 complete, 0 incomplete, 0 failed, 0 near chance, 0 outdated, " \
            "1 unreadable, 0 misplaced, 0 duplicate)" in last, last
     assert json.loads((out / R.HEALTH_JSON).read_text())["counts"]["unreadable"] == 1
-    assert "## Unreadable run files (1)" in (out / R.HEALTH_MD).read_text()
+    health = (out / R.HEALTH_MD).read_text()
+    assert "## Unreadable run files (1)" in health and "delete the file and run snakemake again" in health
 
 
 def test_run_results_on_a_file_says_it_is_not_a_directory(tmp_path):
@@ -633,6 +635,22 @@ def test_figures_redrawn_only_when_inputs_change(tmp_path):
     assert gone["removed"] == [curve[rels[3]]]
     assert not (out / curve[rels[3]]).exists()
     assert not list(out.rglob("*.tmp"))
+
+
+def test_temporaries_of_a_killed_run_are_removed_but_not_a_fresh_one(tmp_path):
+    """A kill during a write (Snakemake's aggregate killed) leaves `.results.csv.*.tmp`; the next run
+    removes it, but not one a minute young (another `kdlab results` writing now, from cron)."""
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    write_run(exp, "teacher", student="A", best=70.0, last=69.0)
+    (out / R.CURVES_DIR).mkdir(parents=True)
+    stale = [out / ".results.csv.k1ll3d.tmp", out / R.CURVES_DIR / ".a.png.k1ll3d.tmp"]
+    fresh = out / ".health.md.wr1t1ng.tmp"
+    for path in stale + [fresh]:
+        path.write_text("partial")
+    for path in stale:
+        os.utime(path, (time.time() - 120, time.time() - 120))
+    R.run_results(str(exp), str(out), curves=False, log=lambda m: None)
+    assert not any(p.exists() for p in stale) and fresh.exists()
 
 
 def test_unreadable_file_is_reported_not_fatal(tmp_path):

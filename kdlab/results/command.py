@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from ..runio import atomic_write_bytes, finite_or_null
@@ -155,6 +157,18 @@ def _out_dir(value: str) -> str:
     return value
 
 
+def _remove_stale_temporaries(out: str, min_age_s: float = 60.0) -> None:
+    """The temporary files of writes that a kill interrupted (`.results.csv.*.tmp`); only those a
+    minute old, so that a `kdlab results` writing beside this one (from cron) keeps its own."""
+    for path in glob.glob(os.path.join(glob.escape(out), ".*.tmp")) + \
+            glob.glob(os.path.join(glob.escape(out), CURVES_DIR, ".*.tmp")):
+        try:
+            if time.time() - os.stat(path).st_mtime > min_age_s:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _load_state(out: str) -> dict:
     try:
         with open(os.path.join(out, STATE_NAME), "rb") as fh:
@@ -181,6 +195,7 @@ def run_results(experiments: str = "experiments", out: str = "results",
                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """Do everything; return a report (counts, and the figures drawn and skipped)."""
     os.makedirs(out, exist_ok=True)
+    _remove_stale_temporaries(out)
     state = _load_state(out)
     report: dict[str, Any] = {"drawn": [], "skipped": [], "removed": [], "errors": []}
     if not os.path.isdir(experiments):

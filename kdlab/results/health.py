@@ -137,7 +137,8 @@ def health_markdown(h: dict, experiments: str) -> str:
     else:
         section("Outdated method version", [], str,
                 "Not checked: no `--method-versions` given.")
-    section("Unreadable run files", h["unreadable"], lambda e: f"`{e['run']}`: {e['error']}")
+    section("Unreadable run files", h["unreadable"], lambda e: f"`{e['run']}`: {e['error']} (delete the file and run "
+            f"snakemake again, which writes it anew: a finished run's from its checkpoint, without training)")
     section("Misplaced run files (the run block names another run; not used)", h["misplaced"],
             lambda e: misplaced_message(e, quote="`"))
     section("Duplicate runs (one run claimed by several run files; at most the one in its "
