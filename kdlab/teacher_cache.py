@@ -20,10 +20,15 @@ changing results (SHA-256 streams at about 1.4 GB/s with SHA-NI: ~2 s for CIFAR-
 A build saves its outputs part by part in .teacher_cache.pth.parts/ beside the file (each
 part keyed and checksummed like the cache) and removes them once the file is written: a
 killed build, run again, resumes at its first missing part. It also removes the
-.teacher_cache.pth.*.tmp that a build killed during its final write leaves.
+.teacher_cache.pth.*.tmp that a build killed during its final write leaves. A finished
+build keeps a hard link to its file, .teacher_cache.pth.kept (no disk space of its own
+while the file exists): Snakemake reruns the build whenever the teacher's job reran, even
+when that rewrote identical weights, and deletes the file first; a build whose key the
+kept file matches, checked like any cache, links it back instead of computing again.
 """
 
 import hashlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -141,8 +146,8 @@ def build(run, weights, out, log=print):
     from .data import load_dataset
     from .runio import file_sha256
     from .train import Normalize, load_frozen_teacher, pick_device
-    run = resolve_run(run)
-    for stale in remove_temporaries(Path(out).parent, Path(out).name):  # a killed build's full-size file
+    run, out = resolve_run(run), Path(out)
+    for stale in remove_temporaries(out.parent, out.name):  # a killed build's full-size file
         log(f"removed {stale}, left by an interrupted build")
     tr = run["training"]
     device = pick_device(tr["device"])
@@ -152,12 +157,43 @@ def build(run, weights, out, log=print):
     normalize = Normalize(arrays.mean, arrays.std, device, tr["channels_last"])
     key = cache_key(run["model"], file_sha256(weights), arrays)
     log(f"caching {run['model']} ({weights}) on {len(arrays.train_x)} images x {NUM_VIEWS} views, device {device}")
-    started = time.perf_counter()
+    started, kept = time.perf_counter(), kept_path(out)
+    if reuse_kept(kept, key, out, log):
+        return
     parts = parts_dir(out)
     outputs = compute_in_parts(teacher, arrays, normalize, device, tr["eval_batch_size"], key, parts, log)
     save(out, {"key": key, "outputs": outputs})
     shutil.rmtree(parts, ignore_errors=True)
     log(f"wrote {out}: {outputs.numel() * 2 / 1e9:.3f} GB in {time.perf_counter() - started:.1f}s")
+    try:
+        os.link(out, kept)
+    except OSError as e:  # a file system without hard links: the next rerun computes again
+        log(f"could not keep a link to {out} for a rerun of this build ({e})")
+
+
+def kept_path(out):
+    """The hard link a finished build keeps to its file (see the module's docstring)."""
+    return Path(out).with_name(f".{Path(out).name}.kept")
+
+
+def reuse_kept(kept, key, out, log):
+    """Link the kept file of an earlier build back to `out` if it belongs to `key` and is intact
+    (the checksum of every output is checked); else remove it. Whether it was reused."""
+    if not kept.exists():
+        return False
+    try:
+        TeacherCache(kept, key, "cpu")
+    except TeacherCacheError as e:
+        log(f"not reusing the earlier build's file: {e}")
+        kept.unlink()
+        return False
+    link = out.with_name(f".{out.name}.link.tmp")  # removed by remove_temporaries if a kill leaves it
+    link.unlink(missing_ok=True)
+    os.link(kept, link)
+    os.replace(link, out)
+    log(f"wrote {out}: the file of an earlier build from the same teacher weights, data and augmentation, "
+        f"kept as {kept} and checked")
+    return True
 
 
 def parts_dir(out):

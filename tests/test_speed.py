@@ -20,7 +20,7 @@ from kdlab.grid import expand_grid
 from kdlab.methods import METHODS
 from kdlab.methods.base import MethodLoss, no_check
 from kdlab.models import build_model
-from kdlab.runio import file_sha256
+from kdlab.runio import file_sha256, save_weights
 from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, save,
                                  why_not_cached)
 from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
@@ -241,7 +241,8 @@ def test_a_build_removes_stale_temporary_files_and_a_full_disk_leaves_none(train
     calls, messages = counting(monkeypatch), []
     build_tiny(weights, 4, messages.append)  # once there is room: from the parts, computing nothing
     assert not calls and sum("read from" in m for m in messages) == 2, messages
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unrelated.name, *copied, "teacher_cache.pth"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([unrelated.name, *copied, "teacher_cache.pth",
+                                                                 ".teacher_cache.pth.kept"])
     data = {"synthetic": {**CACHE_DATA["synthetic"], "train_size": 4}}
     arrays = load_dataset(resolve_run(tiny_run(data=data))["data"])
     TeacherCache(cache_path(weights), cache_key("ResNet8", file_sha256(weights), arrays), "cpu")
@@ -266,6 +267,39 @@ def test_a_killed_build_resumes_at_its_first_missing_or_damaged_part(trained_tea
     assert not parts.exists()
     resumed, whole = (torch.load(cache_path(w), weights_only=True) for w in weights.values())
     assert torch.equal(resumed["outputs"], whole["outputs"]) and resumed["key"] == whole["key"]
+
+
+def test_a_rerun_build_links_back_the_kept_file_of_the_same_teacher_and_data(trained_teacher, tmp_path,
+                                                                              monkeypatch):
+    """Snakemake reruns cache_teacher whenever the teacher's job reran (identical weights
+    rewritten from its finished checkpoint), deleting the cache first: the build links the
+    kept file back, computing nothing; a damaged kept file or other weights compute again."""
+    weights, kept = copy_teacher(trained_teacher, tmp_path), tmp_path / ".teacher_cache.pth.kept"
+    build_tiny(weights, 4)
+    first = torch.load(cache_path(weights), weights_only=True)["outputs"]
+    assert os.path.samefile(kept, cache_path(weights))  # a hard link: no space of its own
+
+    calls, messages = counting(monkeypatch), []
+    cache_path(weights).unlink()  # as Snakemake does before it reruns the job
+    build_tiny(weights, 4, messages.append)
+    assert not calls and any(f"kept as {kept} and checked" in m for m in messages), messages
+    assert torch.equal(torch.load(cache_path(weights), weights_only=True)["outputs"], first)
+    assert os.path.samefile(kept, cache_path(weights))
+
+    cache_path(weights).unlink()
+    flip_a_bit(kept)
+    build_tiny(weights, 4, messages.append)
+    assert len(calls) == 1 and any("not reusing" in m and "do not match their checksum" in m for m in messages)
+    assert torch.equal(torch.load(cache_path(weights), weights_only=True)["outputs"], first)
+    assert os.path.samefile(kept, cache_path(weights))
+
+    state = torch.load(weights, weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + 1.0  # other teacher weights: other logits
+    save_weights(weights, state)
+    build_tiny(weights, 4, messages.append)
+    assert len(calls) == 2 and any("not reusing" in m and "another teacher_sha256" in m for m in messages)
+    assert not torch.equal(torch.load(cache_path(weights), weights_only=True)["outputs"], first)
+    assert os.path.samefile(kept, cache_path(weights))
 
 
 def test_which_runs_read_the_cache():
