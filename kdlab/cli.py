@@ -14,6 +14,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # PBS signals every process of the job, Snakemake its jobs: often two
     raise Terminated()
 
 

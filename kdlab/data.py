@@ -10,7 +10,9 @@ an epoch's batches are the same with any num_workers and after a resume.
 
 import hashlib
 import math
+import os
 import pickle
+import signal
 import tarfile
 from pathlib import Path
 
@@ -346,12 +348,21 @@ class ImageDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1))), int(self.labels[i]), view
 
 
+def exit_quietly_on_sigterm(worker_id):
+    """A loader worker ends with exit status 0 on SIGTERM, whoever sends it. A PBS walltime
+    kill, qdel and Snakemake signal every process of the job, workers included; torch's own
+    handler lets a worker die of a SIGTERM its parent did not send, and the parent then fails
+    with "DataLoader worker killed by signal" instead of stopping cleanly."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def make_loaders(arrays, batch_size, num_workers, seed, pin_memory, eval_batch_size=None, augmentation=None):
     """Train loader (augmented, reshuffled per epoch via sampler.epoch) and test loader;
     augmentation is the config's data.augmentation block (default: padding 4, flips)."""
     augmentation = {**DEFAULT_AUGMENTATION, **(augmentation or {})}
     padding = augmentation["crop_padding"]
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                  worker_init_fn=exit_quietly_on_sigterm)
     sampler = AugmentingSampler(len(arrays.train_x), seed, padding, augmentation["horizontal_flip"])
     train = DataLoader(ImageDataset(arrays.train_x, arrays.train_y, padding), batch_size=batch_size,
                        sampler=sampler, **common)

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -55,12 +56,18 @@ def atomic_write(path, write):
         raise
 
 
-def remove_temporaries(directory, name=None):
+def remove_temporaries(directory, name=None, min_age_s=0):
     """Remove the temporary files of atomic_write and save_checkpoint (of file `name`, or of
-    every file) that a kill left in `directory`; return them."""
-    stale = list(Path(directory).glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
+    every file) that a kill left in `directory`, those at least `min_age_s` old (younger ones
+    may be a concurrent writer's); return them."""
+    stale = []
+    for path in Path(directory).glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"):
+        try:
+            if time.time() - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                stale.append(path)
+        except FileNotFoundError:  # removed meanwhile by its writer
+            pass
     return stale
 
 

@@ -152,15 +152,14 @@ def build(run, weights, out, log=print):
     tr = run["training"]
     device = pick_device(tr["device"])
     arrays = load_dataset(run["data"])
+    key, kept = cache_key(run["model"], file_sha256(weights), arrays), kept_path(out)
+    if reuse_kept(kept, key, out, log):
+        return
     teacher = load_frozen_teacher({"teacher": run["model"], "teacher_weights": weights}, arrays.num_classes, device,
                                   tr["channels_last"])
     normalize = Normalize(arrays.mean, arrays.std, device, tr["channels_last"])
-    key = cache_key(run["model"], file_sha256(weights), arrays)
     log(f"caching {run['model']} ({weights}) on {len(arrays.train_x)} images x {NUM_VIEWS} views, device {device}")
-    started, kept = time.perf_counter(), kept_path(out)
-    if reuse_kept(kept, key, out, log):
-        return
-    parts = parts_dir(out)
+    started, parts = time.perf_counter(), parts_dir(out)
     outputs = compute_in_parts(teacher, arrays, normalize, device, tr["eval_batch_size"], key, parts, log)
     save(out, {"key": key, "outputs": outputs})
     shutil.rmtree(parts, ignore_errors=True)
@@ -187,10 +186,13 @@ def reuse_kept(kept, key, out, log):
         log(f"not reusing the earlier build's file: {e}")
         kept.unlink()
         return False
-    link = out.with_name(f".{out.name}.link.tmp")  # removed by remove_temporaries if a kill leaves it
-    link.unlink(missing_ok=True)
-    os.link(kept, link)
-    os.replace(link, out)
+    try:
+        if not (out.exists() and os.path.samefile(kept, out)):
+            out.unlink(missing_ok=True)  # a kill from here to the link leaves `kept` for the next build
+            os.link(kept, out)
+    except OSError as e:  # e.g. protected_hardlinks and a file of another user: compute it
+        log(f"could not link {kept} back to {out} ({e}): computing the cache again")
+        return False
     log(f"wrote {out}: the file of an earlier build from the same teacher weights, data and augmentation, "
         f"kept as {kept} and checked")
     return True

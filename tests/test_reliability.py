@@ -499,31 +499,38 @@ def test_sigkilled_at_random_instants_resumes_to_bit_identical_weights(tmp_path)
     strict_json(run_dir / "metrics.json")
 
 
-def test_sigterm_marks_the_run_interrupted_and_running_it_again_resumes(tmp_path):
-    """A PBS walltime or memory kill, qdel, and Snakemake stopping its jobs send SIGTERM: the
-    job ends with one line and exit 143, its progress.json says interrupted (it would say
-    running for ever), the health list shows it so, and running it again resumes."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_marks_the_run_interrupted_and_running_it_again_resumes(tmp_path, workers):
+    """A PBS walltime or memory kill, qdel, and Snakemake stopping its jobs send SIGTERM, to
+    every process of the job (loader workers too) and often twice: the job ends with one line
+    and exit 143, its progress.json says interrupted (it would say running for ever), the
+    health list shows it so, and running it again resumes."""
     import multiprocessing
     import kdlab.train
     from kdlab.results.health import build_health
     from kdlab.results.runs import load_runs
     run = tiny_run(data={"synthetic": {"num_classes": 4, "train_size": 64, "test_size": 32, "seed": 1}},
-                   training={"epochs": 4, "milestones": [3]})
+                   training={"epochs": 4, "milestones": [3], "num_workers": workers})
     experiments = tmp_path / "experiments"
     run_dir = experiments / "Synthetic" / "teachers" / "ResNet8" / "0"
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         reference = train(run, tmp_path / "reference")
 
     def sigterm_after_the_second_epoch():  # in a forked child: the signal's own path, not a raise
-        real_write, progress_writes = kdlab.train.atomic_write_json, []
+        real_write, real_mark, progress_writes = kdlab.train.atomic_write_json, kdlab.train.mark_interrupted, []
 
         def write(path, obj):
             real_write(path, obj)
             if path.name == "progress.json":
                 progress_writes.append(path)
-                if len(progress_writes) == 2:
-                    os.kill(os.getpid(), signal.SIGTERM)
-        kdlab.train.atomic_write_json = write
+                if len(progress_writes) == 2:  # to the job and its loader workers, from outside, as PBS's MoM
+                    subprocess.run([sys.executable, "-c", f"import os; os.killpg({os.getpgid(0)}, {int(signal.SIGTERM)})"])
+
+        def mark_interrupted(*args):
+            os.kill(os.getpid(), signal.SIGTERM)  # the second one (Snakemake's, or PBS's), while it marks
+            real_mark(*args)
+        os.setpgid(0, 0)  # a process group of its own: the job and its loader workers
+        kdlab.train.atomic_write_json, kdlab.train.mark_interrupted = write, mark_interrupted
         sys.stdout, sys.stderr = open(os.devnull, "w"), open(tmp_path / "stderr", "w")
         code = kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(run_dir)])
         sys.stderr.flush()

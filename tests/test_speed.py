@@ -285,6 +285,17 @@ def test_a_rerun_build_links_back_the_kept_file_of_the_same_teacher_and_data(tra
     assert not calls and any(f"kept as {kept} and checked" in m for m in messages), messages
     assert torch.equal(torch.load(cache_path(weights), weights_only=True)["outputs"], first)
     assert os.path.samefile(kept, cache_path(weights))
+    build_tiny(weights, 4)  # by hand, over the intact cache: nothing computed, nothing left behind
+    assert not calls and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".teacher_cache.pth.kept", "model.pth", "model.pth.sha256", "teacher_cache.pth"]
+
+    with monkeypatch.context() as no_links:  # e.g. protected_hardlinks and another user's file
+        no_links.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+        cache_path(weights).unlink()
+        build_tiny(weights, 4, messages.append)
+    assert len(calls) == 1 and any("could not link" in m and "computing the cache again" in m for m in messages)
+    assert torch.equal(torch.load(cache_path(weights), weights_only=True)["outputs"], first)
+    calls.clear()
 
     cache_path(weights).unlink()
     flip_a_bit(kept)

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
 import sys
-import time
 from typing import Any, Callable
 
-from ..runio import atomic_write_bytes, finite_or_null
+from ..runio import atomic_write_bytes, finite_or_null, remove_temporaries
 from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, draw_accuracy_vs_alpha,
                       draw_methods_at_best_alpha, _draw_curve_job)
 from .health import build_health, health_markdown
@@ -157,18 +155,6 @@ def _out_dir(value: str) -> str:
     return value
 
 
-def _remove_stale_temporaries(out: str, min_age_s: float = 60.0) -> None:
-    """The temporary files of writes that a kill interrupted (`.results.csv.*.tmp`); only those a
-    minute old, so that a `kdlab results` writing beside this one (from cron) keeps its own."""
-    for path in glob.glob(os.path.join(glob.escape(out), ".*.tmp")) + \
-            glob.glob(os.path.join(glob.escape(out), CURVES_DIR, ".*.tmp")):
-        try:
-            if time.time() - os.stat(path).st_mtime > min_age_s:
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
 def _load_state(out: str) -> dict:
     try:
         with open(os.path.join(out, STATE_NAME), "rb") as fh:
@@ -195,7 +181,8 @@ def run_results(experiments: str = "experiments", out: str = "results",
                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """Do everything; return a report (counts, and the figures drawn and skipped)."""
     os.makedirs(out, exist_ok=True)
-    _remove_stale_temporaries(out)
+    for directory in (out, os.path.join(out, CURVES_DIR)):  # a kill left them; a concurrent run's are fresh
+        remove_temporaries(directory, min_age_s=60)
     state = _load_state(out)
     report: dict[str, Any] = {"drawn": [], "skipped": [], "removed": [], "errors": []}
     if not os.path.isdir(experiments):
@@ -269,10 +256,10 @@ def run_results(experiments: str = "experiments", out: str = "results",
                 with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
                     results = pool.map(_draw_curve_job, [t[2] for t in todo], chunksize=4)
                     for (name, fp, _), (_, err) in zip(todo, results):
-                        _record(name, fp, err, figs, report, log)
+                        _record(name, fp, err, figs, report)
             else:
                 for name, fp, job in todo:
-                    _record(name, fp, _draw_curve_job(job)[1], figs, report, log)
+                    _record(name, fp, _draw_curve_job(job)[1], figs, report)
             # Curves of runs that no longer exist (only files this tool made).
             for name in old_figs:
                 if name.startswith(CURVES_DIR + "/") and name not in figs:
@@ -294,13 +281,12 @@ def run_results(experiments: str = "experiments", out: str = "results",
     return report
 
 
-def _record(name, fp, err, figs, report, log) -> None:
+def _record(name, fp, err, figs, report) -> None:
     if err is None:
         figs[name] = fp
         report["drawn"].append(name)
     else:
-        report["errors"].append(f"{name}: {err}")
-        log(f"kdlab results: could not draw {name}: {err}")
+        report["errors"].append(f"{name}: {err}")  # printed by main, --quiet or not
 
 
 def main(args: argparse.Namespace) -> int:
@@ -316,9 +302,8 @@ def main(args: argparse.Namespace) -> int:
                          method_versions=versions, curves=not args.no_curves, jobs=args.jobs,
                          dpi=args.dpi, curve_dpi=args.curve_dpi, metric=args.metric,
                          force=args.force, include_outdated=args.include_outdated, log=log)
-    if args.quiet:  # --quiet drops the progress lines, not the failures (a cron log must say why it exits 1)
-        for error in report["errors"]:
-            print(f"kdlab results: could not draw {error}", file=sys.stderr)
+    for error in report["errors"]:  # also under --quiet: a cron log must say why it exits 1
+        print(f"kdlab results: could not draw {error}", file=sys.stderr)
     return 1 if report["errors"] else 0
 
 
