@@ -14,6 +14,7 @@ import kdlab.train
 from kdlab.methods import METHODS
 from kdlab.methods.ft import ParaphraserError, paraphraser_setting
 from kdlab.pretrain import pretrain_paraphraser
+from kdlab.runio import load_checked, save_checkpoint
 from kdlab.train import gradient_share, train
 
 from conftest import comparable, interrupt_after_checkpoints, tiny_run, tiny_student
@@ -193,6 +194,17 @@ def test_a_finished_paraphraser_is_rewritten_from_its_checkpoint_without_trainin
     out = capsys.readouterr().out
     assert "finished by the same code: writing its outputs from it, without training" in out
     assert "paraphraser epoch" not in out and "resuming" not in out
+    assert (tmp_path / "paraphraser.pth").read_bytes() == paraphraser.read_bytes()
+
+    # A finished checkpoint of an earlier kdlab (no weights, no code hash) trains again, to the same paraphraser.
+    old = load_checked(tmp_path / "paraphraser.checkpoint.pth")
+    for key in ("state_dict", "optimizer", "code_sha256"):
+        del old[key]
+    save_checkpoint(tmp_path / "paraphraser.checkpoint.pth", old)
+    (tmp_path / "paraphraser.pth").unlink()
+    pretrain_paraphraser(run, tmp_path / "paraphraser.pth")
+    out = capsys.readouterr().out
+    assert "is of a finished run of other code" in out and "starting fresh" in out and "paraphraser epoch" in out
     assert (tmp_path / "paraphraser.pth").read_bytes() == paraphraser.read_bytes()
 
 
