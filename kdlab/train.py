@@ -207,11 +207,10 @@ def run_record(run, status, state, epochs_planned, prov, num_classes, error=None
 def load_resume_state(path, run_fingerprint, force_restart, identity):
     """The checkpoint to resume from, or None (with the reason logged) to start fresh.
 
-    `identity` ({"data_sha256"[, "code_sha256"]}, as the checkpoints store it): a checkpoint of
+    `identity` ({"data_sha256", "code_sha256"}, as the checkpoints store it): a checkpoint of
     other data is not resumed, and a finished checkpoint of the same code is returned, to
     write the run's outputs from it (a rerun after Snakemake lost track of a finished job,
-    or after its outputs were deleted, trains nothing). Without a code_sha256, a finished
-    checkpoint starts fresh."""
+    or after its outputs were deleted, trains nothing)."""
     if force_restart:
         log("--force-restart: starting fresh")
         return None
@@ -240,9 +239,8 @@ def load_resume_state(path, run_fingerprint, force_restart, identity):
             log(f"{name} was trained on other data (the dataset's files changed): starting fresh")
             return None
         if ckpt.get("finished"):
-            if ckpt.get("code_sha256") != identity.get("code_sha256", False):
-                log(f"{name} is of a finished run"
-                    f"{' of other code (kdlab or torch changed)' if 'code_sha256' in identity else ''}: starting fresh")
+            if ckpt.get("code_sha256") != identity["code_sha256"]:
+                log(f"{name} is of a finished run of other code (kdlab or torch changed): starting fresh")
                 return None
             log(f"{name} holds this run, finished by the same code: writing its outputs from it, without training")
         if candidate != path:

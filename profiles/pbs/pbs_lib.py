@@ -546,8 +546,7 @@ def submit_main(argv):
             "Snakemake run); watching it instead of submitting it again. To start "
             "it over, qdel %s first.\n" % (name, previous, previous)
         )
-        append_line(os.path.join(logdir, "status.log"),
-                    "%s %s: re-attached to PBS job %s of an earlier run" % (now_iso(), name, previous))
+        status_log(settings, "%s: re-attached to PBS job %s of an earlier run" % (name, previous))
         return 0
     script = make_job_script(props, text, name, workdir, logdir, settings, summary, now_iso())
     write_atomic(script_path, script)
@@ -575,10 +574,7 @@ def submit_main(argv):
             "pbs-submit: qsub failed (exit %s) for %s:\n%s%s\ncommand: %s\n"
             % (rc, name, out or "", err or "", " ".join(shlex.quote(a) for a in qsub_argv))
         )
-        append_line(
-            os.path.join(logdir, "status.log"),
-            "%s qsub failed (exit %s) for %s: %s" % (now_iso(), rc, name, (err or out or "").strip()),
-        )
+        status_log(settings, "qsub failed (exit %s) for %s: %s" % (rc, name, (err or out or "").strip()))
         return 1
     sys.stdout.write(jobid + "\n")
     sys.stdout.flush()
