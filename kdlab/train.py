@@ -365,8 +365,8 @@ def train(run, run_dir, force_restart=False):
                 continue
             problem = tally.read(list(terms), torch.stack(pending).tolist(), sizes, step + 1 - len(pending))  # a sync
             if problem:
-                stop(record, run_dir, f"{guard_where(run, epoch, problem[0])}: {problem[1]} The last good checkpoint "
-                                      f"is kept.")
+                stop(record, run_dir, f"{guard_where(run, epoch, problem[0])}: {problem[1]}"
+                                      f"{share_note(share, run['method'])} The last good checkpoint is kept.")
             pending, sizes = [], []
             if show_bar:
                 print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {tally.last_loss:.4f}",
@@ -376,7 +376,8 @@ def train(run, run_dir, force_restart=False):
 
         if tally.skipped > len(train_loader) // 2:
             stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: the fp16 GradScaler "
-                 f"skipped {tally.skipped} of {len(train_loader)} optimizer steps. The last good checkpoint is kept.")
+                 f"skipped {tally.skipped} of {len(train_loader)} optimizer steps.{share_note(share, run['method'])} "
+                 f"The last good checkpoint is kept.")
         test_loss, test_acc = evaluate(forward, test_loader, normalize, device, autocast)
         sums, seen = tally.sums, max(tally.seen, 1)
         for name in terms:
@@ -448,14 +449,15 @@ class StepTally:
             bad = [name for name, v in zip(names, term_values) if not math.isfinite(v)]
             self.nonfinite += bool(bad) or not math.isfinite(total)
             if not self.scaled and (bad or not math.isfinite(norm)):
-                return at, f"{what_went_wrong(bad)}; amp is {self.amp!r}, so there is no GradScaler to skip the step."
+                return at, (f"{what_went_wrong(bad)}; amp is {self.amp!r}, so there is no GradScaler to skip the "
+                            f"step ({step_terms(names, term_values)}).")
             scale_before, self.loss_scale = self.loss_scale, scale
             if self.loss_scale < scale_before or self.loss_scale == 0:  # the GradScaler skipped this step
                 self.skipped += 1
                 self.state["consecutive_skipped"] += 1
                 if self.state["consecutive_skipped"] >= self.max_skipped:
                     return at, (f"{self.state['consecutive_skipped']} consecutive optimizer steps skipped by the "
-                                f"fp16 GradScaler; {what_went_wrong(bad)}.")
+                                f"fp16 GradScaler; {what_went_wrong(bad)} ({step_terms(names, term_values)}).")
                 continue
             if self.scaled and self.loss_scale < MIN_LOSS_SCALE:
                 # Intermittent overflows halve the scale faster than it regrows: the scaled
@@ -490,17 +492,40 @@ def nonfinite_tensors(*modules):
 def check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, *modules):
     """Before every checkpoint and before completion: non-finite weights are never saved.
     The step's guard sees only the loss and gradient; the step itself (weight decay, a huge
-    lr) can still make weights non-finite."""
+    lr) can still make weights non-finite, and a training forward pass updates buffers
+    (BatchNorm's running statistics, CRD's memory) even when the GradScaler skips its step."""
     bad = nonfinite_tensors(*modules)
     if bad or not math.isfinite(test_loss):
-        what = (f"{len(bad)} weight tensor(s) went non-finite in the optimizer step ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''})" if bad else f"the test loss is {test_loss}")
+        weights = {name for m in modules for name, _ in m.named_parameters()}
+        bad_weights, bad_buffers = [n for n in bad if n in weights], [n for n in bad if n not in weights]
+        if bad_weights:
+            what = f"{len(bad_weights)} weight tensor(s) went non-finite in the optimizer step ({some(bad_weights)})"
+        elif bad_buffers:
+            what = (f"{len(bad_buffers)} buffer(s) went non-finite ({some(bad_buffers)}) while every weight is "
+                    f"finite: a training forward pass updates them (BatchNorm's running statistics) even when the "
+                    f"GradScaler skips its step, so a NaN input or an overflowing activation leaves them non-finite")
+        else:
+            what = f"the test loss is {test_loss}"
         stop(record, run_dir, f"health guard: method {run['method']!r}, epoch {epoch + 1}: {what}. "
              f"The last good checkpoint is kept.")
 
 
 def guard_where(run, epoch, step):
     return f"health guard: method {run['method']!r}, epoch {epoch + 1}, step {step + 1}"
+
+
+def some(names):
+    return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+
+
+def step_terms(names, values):
+    return "that step's loss terms: " + ", ".join(f"{name} {value:.4g}" for name, value in zip(names, values))
+
+
+def share_note(share, method):
+    """The epoch's gradient share in a guard message: a method term that overwhelms CE shows there."""
+    return "" if share is None else (f" At this epoch's first step the {method} loss sent {100 * share:.0f}% of the "
+                                     f"gradient (the rest: CE).")
 
 
 def what_went_wrong(bad_terms):

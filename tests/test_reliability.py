@@ -412,7 +412,7 @@ def test_nonfinite_weights_or_test_loss_stop_the_run_before_anything_is_saved(wh
                    training={"epochs": 2, "milestones": [1]})  # 3 steps per epoch: epoch 2 is the last
     # Each case must be caught by its own check: an inf weight also makes the test loss NaN.
     expected = {"parameter": r"weight tensor\(s\) went non-finite in the optimizer step \(fc\.weight",
-                "buffer": r"weight tensor\(s\) went non-finite in the optimizer step \(stem\.1\.running_var",
+                "buffer": r"1 buffer\(s\) went non-finite \(stem\.1\.running_var\) while every weight is finite",
                 "test loss": r"the test loss is nan"}[what]
     with pytest.raises(GuardError, match=expected):
         train(run, tmp_path)
