@@ -448,8 +448,8 @@ class StepTally:
             self.last_loss = total
             bad = [name for name, v in zip(names, term_values) if not math.isfinite(v)]
             self.nonfinite += bool(bad) or not math.isfinite(total)
-            if not self.scaled and (bad or not math.isfinite(norm)):
-                return at, (f"{what_went_wrong(bad)}; amp is {self.amp!r}, so there is no GradScaler to skip the "
+            if not self.scaled and (bad or not math.isfinite(total) or not math.isfinite(norm)):
+                return at, (f"{what_went_wrong(bad, total)}; amp is {self.amp!r}, so there is no GradScaler to skip the "
                             f"step ({step_terms(names, term_values)}).")
             scale_before, self.loss_scale = self.loss_scale, scale
             if self.loss_scale < scale_before or self.loss_scale == 0:  # the GradScaler skipped this step
@@ -457,7 +457,7 @@ class StepTally:
                 self.state["consecutive_skipped"] += 1
                 if self.state["consecutive_skipped"] >= self.max_skipped:
                     return at, (f"{self.state['consecutive_skipped']} consecutive optimizer steps skipped by the "
-                                f"fp16 GradScaler; {what_went_wrong(bad)} ({step_terms(names, term_values)}).")
+                                f"fp16 GradScaler; {what_went_wrong(bad, total)} ({step_terms(names, term_values)}).")
                 continue
             if self.scaled and self.loss_scale < MIN_LOSS_SCALE:
                 # Intermittent overflows halve the scale faster than it regrows: the scaled
@@ -528,9 +528,11 @@ def share_note(share, method):
                                      f"gradient (the rest: CE).")
 
 
-def what_went_wrong(bad_terms):
+def what_went_wrong(bad_terms, total):
     if bad_terms:
         return f"loss term {', '.join(repr(t) for t in bad_terms)} went non-finite"
+    if not math.isfinite(total):
+        return "the weighted sum of the loss terms overflowed although every term was finite"
     return "the gradient went non-finite although every loss term was finite"
 
 

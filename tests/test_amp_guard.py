@@ -146,3 +146,16 @@ def test_a_skipped_fp16_step_of_a_nan_forward_stops_at_the_epoch_end_naming_batc
     assert progress["status"] == "failed" and progress["history"]["skipped_steps"] == [0, 1]
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_a_loss_sum_that_overflows_from_finite_terms_stops_the_run_without_a_scaler():
+    """Two finite terms can sum to inf (with a finite gradient norm): the fused SGD skips that
+    step on the device (found_inf), so the guard must stop the run rather than not count it."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    tally = kdlab.train.StepTally(scaler, "off", 5, {"consecutive_skipped": 0})
+    finite = [1.0, 2.0, 3.0, 30.0, 1.0, 1.0]
+    overflowed = [2e38, 2e38, float("inf"), 40.0, 1.0, 1.0]  # ce, kd, loss, correct, grad norm, scale
+    step, message = tally.read(["ce", "kd"], [finite, overflowed], [64, 64], 10)
+    assert step == 11
+    assert "weighted sum of the loss terms overflowed" in message and "ce 2e+38" in message
+    assert tally.seen == 64 and tally.sums["loss"] == 3.0 * 64  # the good step counted, the bad one not
