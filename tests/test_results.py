@@ -811,3 +811,30 @@ def test_run_block_names_the_directory_the_grid_gives_it():
         block = run_record(resolve_run(job.run), "complete", state, 1, {}, 100)["run"]
         run_dir = os.path.relpath(os.path.dirname(job.outputs[0]), grid["experiments_dir"])
         assert R.runs.show_dir(R.runs.claimed_dir(json.loads(json.dumps(block)))) == run_dir
+
+
+# ------------------------------------------- values for hostile or foreign run files
+
+def test_run_without_accuracies_is_unreadable_not_a_seed_of_its_row(tmp_path):
+    """A metrics.json without best_acc, last_acc or a test_acc history (not kdlab's) must
+    not be counted in n_seeds while the means leave it out."""
+    exp = tmp_path / "e"
+    pair = dict(method="kd", alpha=0.5, teacher="ResNet56", student="ResNet20")
+    values = [(70.4, 70.1), (71.0, 69.5), (69.2, 69.2)]
+    for seed, (best, last) in enumerate(values):
+        write_run(exp, "distill", **pair, seed=seed, best=best, last=last)
+    foreign = Path(exp, write_run(exp, "distill", **pair, seed=3, best=99.0), "metrics.json")
+    data = json.loads(foreign.read_text())
+    for key in ("best_acc", "last_acc", "history"):
+        del data[key]
+    data["extra_key_of_another_tool"] = {"x": 1}
+    foreign.write_text(json.dumps(data))
+    summaries = R.load_runs(str(exp))[0]
+    [row] = R.build_table(summaries, methods=["kd"])
+    assert (row["n_seeds"], row["seeds"]) == (3, "0 1 2")
+    assert row["best_mean"] == pytest.approx(statistics.mean(b for b, _ in values))
+    assert row["last_std"] == pytest.approx(statistics.stdev(l for _, l in values))
+    health = R.build_health(summaries)
+    assert [e["run"] for e in health["unreadable"]] == [str(foreign.parent.relative_to(exp))]
+    assert "best_acc and last_acc" in health["unreadable"][0]["error"]
+    assert health["counts"]["complete"] == 3

@@ -316,6 +316,12 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
     status = data.get("status") or ("complete" if filename == "metrics.json" else "running")
     if filename == "metrics.json":
         state = "failed" if status == "failed" else "complete"
+        if state == "complete" and (math.isnan(best) or math.isnan(last)):
+            # Not kdlab's (which always records both): counted among the seeds, such a run
+            # would make n_seeds disagree with the means; listed as unreadable instead.
+            missing = " and ".join(k for k, v in (("best_acc", best), ("last_acc", last)) if math.isnan(v))
+            return {"rel": rel, "file": filename, "state": "unreadable", **guess,
+                    "error": f"{filename}: no finite {missing} and no history.test_acc to take it from"}
     else:
         # A progress file saying "complete" without metrics.json: finishing, or died
         # between the two writes. Not complete by the contract either way.
