@@ -838,3 +838,25 @@ def test_run_without_accuracies_is_unreadable_not_a_seed_of_its_row(tmp_path):
     assert [e["run"] for e in health["unreadable"]] == [str(foreign.parent.relative_to(exp))]
     assert "best_acc and last_acc" in health["unreadable"][0]["error"]
     assert health["counts"]["complete"] == 3
+
+
+def test_method_plus_kd_is_not_compared_with_the_method_alone(tmp_path):
+    """config/crd.yaml runs CRD (ce 1, kd 0) and CRD+KD (ce 1, kd 1); the source's CRD number
+    is CRD alone, so CRD+KD must neither be given it nor chosen for the comparison."""
+    exp = tmp_path / "e"
+    pair = dict(method="crd", teacher="ResNet56", student="ResNet20", training=CRD)
+    alone, plus_kd = [(71.3, 71.1), (71.4, 70.9)], [(71.9, 71.7), (71.8, 71.6)]
+    for setting, values in (("additive_ce1_kd0", alone), ("additive_ce1_kd1", plus_kd)):
+        for seed, (best, last) in enumerate(values):
+            write_run(exp, "distill", **pair, setting=setting, seed=seed, best=best, last=last)
+    rows = {r["setting"]: r for r in R.build_table(R.load_runs(str(exp))[0], methods=["crd"])}
+    last_alone = statistics.mean(l for _, l in alone)
+    assert rows["additive_ce1_kd0"]["published"] == 71.16
+    assert rows["additive_ce1_kd0"]["ours_minus_published"] == pytest.approx(last_alone - 71.16)
+    assert math.isnan(rows["additive_ce1_kd1"]["published"])
+    assert math.isnan(rows["additive_ce1_kd1"]["ours_minus_published"])
+    compared = R.table_markdown(list(rows.values()), methods=["crd"]).split("## Compared")[1]
+    ours = next(l for l in compared.splitlines() if "| ours |" in l)
+    assert ours.endswith(f"| {last_alone:.2f} ± {statistics.stdev(l for _, l in alone):.2f} "
+                         f"(additive ce1 kd0) |")
+    assert f"| {last_alone - 71.16:+.2f} |".replace("-", "−") in compared

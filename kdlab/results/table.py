@@ -63,7 +63,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role: str,
-               teacher: str, student: str, method: str) -> dict:
+               teacher: str, student: str, method: str, setting: str = "") -> dict:
     best_mean, best_std = mean_std([s["best_acc"] for s in group if s.get("best_acc") is not None])
     last_mean, last_std = mean_std([s["last_acc"] for s in group if s.get("last_acc") is not None])
     seeds = sorted((s.get("seed") for s in group), key=lambda x: (str(type(x)), x))
@@ -76,7 +76,7 @@ def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role
     source = source_of(group, sources)
     if source:
         row["published_source"] = source["id"]
-        value = published_value(source, role, teacher, student, method)
+        value = published_value(source, role, teacher, student, method, setting)
         if value is not None:
             row.update(published=float(value), published_metric=source["metric"],
                        ours_minus_published=row[f"{source['metric']}_mean"] - float(value))
@@ -131,7 +131,7 @@ def build_table(summaries: list[dict], chance_margin: float = 5.0,
             group = distill[k]
             rows.append({**base, "role": "distill", "method": k[3], "setting": k[4],
                          "alpha": group[0].get("alpha") or "",
-                         **_group_row(group, chance_margin, sources, "distill", t, st, k[3])})
+                         **_group_row(group, chance_margin, sources, "distill", t, st, k[3], k[4])})
     return rows
 
 
@@ -174,16 +174,21 @@ def best_setting_rows(rows: list[dict], metric: str = "best",
                       source_id: str | None = None) -> dict[tuple, dict]:
     """For each (dataset, teacher, student, method): the row of the best setting (highest
     mean ``metric`` accuracy; ties go to the first in table order); with ``source_id``,
-    among the rows compared with that published source only."""
+    among the rows compared with that published source only, those with a published number
+    first (CRD alone before a better CRD+KD, which the source does not report)."""
     out: dict[tuple, dict] = {}
     col = f"{metric}_mean"
+
+    def rank(r):
+        return (source_id is not None and math.isfinite(r["published"]), r[col])
+
     for r in rows:
         if r["role"] != "distill" or not math.isfinite(r[col]):
             continue
         if source_id is not None and r["published_source"] != source_id:
             continue
         k = (r["dataset"], r["teacher"], r["student"], r["method"])
-        if k not in out or r[col] > out[k][col]:
+        if k not in out or rank(r) > rank(out[k]):
             out[k] = r
     return out
 
