@@ -860,3 +860,21 @@ def test_method_plus_kd_is_not_compared_with_the_method_alone(tmp_path):
     assert ours.endswith(f"| {last_alone:.2f} ± {statistics.stdev(l for _, l in alone):.2f} "
                          f"(additive ce1 kd0) |")
     assert f"| {last_alone - 71.16:+.2f} |".replace("-", "−") in compared
+
+
+def test_a_row_mixing_recipes_says_so(tmp_path):
+    """Seeds of another config written into the same experiments directory (or a grid half
+    rerun after a change) land in the same row: its mean mixes them, and the row says so."""
+    exp = tmp_path / "e"
+    pair = dict(method="kd", alpha=0.5, teacher="ResNet56", student="ResNet20")
+    for seed in range(3):
+        write_run(exp, "distill", **pair, seed=seed, best=70.0 + seed, training=CRD)
+        write_run(exp, "distill", **{**pair, "alpha": 0.9}, seed=seed, best=70.0, training=CRD)
+    write_run(exp, "distill", **pair, seed=3, best=60.0, epochs=100, training={**CRD, "epochs": 100})
+    rows = {r["setting"]: r for r in R.build_table(R.load_runs(str(exp))[0], methods=["kd"])}
+    assert (rows["alpha_0.5"]["n_seeds"], rows["alpha_0.5"]["n_recipes"]) == (4, 2)
+    assert (rows["alpha_0.9"]["n_seeds"], rows["alpha_0.9"]["n_recipes"]) == (3, 1)
+    assert rows["alpha_0.5"]["best_mean"] == pytest.approx(statistics.mean([70, 71, 72, 60]))
+    md = R.table_markdown(list(rows.values()), methods=["kd"])
+    assert "| 4 ⚠ 2 recipes |" in md and "| 3 |" in md
+    assert R.table_csv(list(rows.values())).splitlines()[1].endswith(",2")

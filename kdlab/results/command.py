@@ -18,7 +18,7 @@ from .runs import digest, left_out, load_runs
 from .table import build_table, registry_methods, shown_runs, table_csv, table_markdown
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache).
-STATE_VERSION = 5
+STATE_VERSION = 6
 STATE_NAME = ".results-state.json"
 
 TABLE_CSV = "results.csv"

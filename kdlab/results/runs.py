@@ -352,6 +352,13 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         # What the published-number comparison needs: the recorded training recipe, and
         # for an imported teacher (kdlab import-teacher) where it came from.
         "training": {k: training[k] for k in RECIPE_KEYS if k in training},
+        # What the run was trained with, beyond its directory: runs of one table row that
+        # differ in it (another config into the same experiments directory, or a grid half
+        # rerun after a change) are counted as several recipes (table.n_recipes).
+        "recipe_digest": digest(json.dumps(
+            [{k: training[k] for k in RECIPE_KEYS if k in training}, config.get("method_settings"),
+             data.get("epochs_planned")],
+            sort_keys=True, default=str).encode()),
         "imported_from": source.get("path") if source else None,
         # Where the run block says this run belongs (check_placement).
         "claimed": claimed_dir(run) if run else None,

@@ -17,7 +17,7 @@ from .runs import left_out, setting_label, setting_sort_key
 CSV_COLUMNS = [
     "dataset", "teacher", "student", "role", "method", "setting", "alpha", "n_seeds", "seeds",
     "best_mean", "best_std", "last_mean", "last_std", "n_near_chance",
-    "published_source", "published", "published_metric", "ours_minus_published",
+    "published_source", "published", "published_metric", "ours_minus_published", "n_recipes",
 ]
 
 
@@ -71,6 +71,7 @@ def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role
            "best_mean": best_mean, "best_std": best_std,
            "last_mean": last_mean, "last_std": last_std,
            "n_near_chance": sum(is_near_chance(s, margin) for s in group),
+           "n_recipes": len({s.get("recipe_digest") for s in group}),
            "published_source": "", "published": math.nan, "published_metric": "",
            "ours_minus_published": math.nan}
     source = source_of(group, sources)
@@ -285,7 +286,9 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
     lines += ["", "## All runs", "",
               "Best-epoch and last-epoch accuracy side by side; *Published* is the source's "
               "number on its own metric (column *Metric*), and Δ is ours on that metric minus "
-              "it.", ""]
+              "it. *⚠ N recipes*: the row's runs recorded N different training recipes or method "
+              "settings (epochs, lr and schedule, batch, weight decay, label smoothing, precision, "
+              "the method's settings), so its mean mixes them.", ""]
     for ds in sorted({r["dataset"] for r in rows}):
         lines += [f"### {ds}", ""]
         body = []
@@ -299,6 +302,8 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
             else:
                 name = r["method"]
             flag = f" ⚠ {r['n_near_chance']} near chance" if r["n_near_chance"] else ""
+            if r["n_recipes"] > 1:
+                flag += f" ⚠ {r['n_recipes']} recipes"
             body.append([f"{r['teacher'] or '–'} → {r['student'] or '–'}", name,
                          setting_label(r["setting"]) if r["setting"] else "–",
                          fmt_pm(r["best_mean"], r["best_std"]),
