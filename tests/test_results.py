@@ -878,3 +878,11 @@ def test_a_row_mixing_recipes_says_so(tmp_path):
     md = R.table_markdown(list(rows.values()), methods=["kd"])
     assert "| 4 ⚠ 2 recipes |" in md and "| 3 |" in md
     assert R.table_csv(list(rows.values())).splitlines()[1].endswith(",2")
+
+
+def test_markdown_says_which_runs_are_not_in_the_table(campaign):
+    exp, out, values, planted, pair, report = campaign
+    md = (out / R.TABLE_MD).read_text()
+    n_incomplete, n_failed = len(planted["incomplete"]), len(planted["failed"])
+    assert (n_incomplete, n_failed) == (3, 1)
+    assert f"Not in the table (see health.md): {n_incomplete} incomplete, {n_failed} failed run file(s)." in md
