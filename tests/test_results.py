@@ -886,3 +886,17 @@ def test_markdown_says_which_runs_are_not_in_the_table(campaign):
     n_incomplete, n_failed = len(planted["incomplete"]), len(planted["failed"])
     assert (n_incomplete, n_failed) == (3, 1)
     assert f"Not in the table (see health.md): {n_incomplete} incomplete, {n_failed} failed run file(s)." in md
+
+
+def test_garbage_and_deeply_nested_run_files_are_unreadable_not_fatal(tmp_path):
+    exp = tmp_path / "e"
+    good = write_run(exp, "distill", method="kd", alpha=0.5, teacher="A", student="B", seed=0, best=61.0)
+    for seed, raw in ((1, b"\xff\xfe\x00garbage"), (2, b"[" * 100_000)):
+        d = exp / "Cifar100/kd/alpha_0.5/A_to_B" / str(seed)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_bytes(raw)
+    summaries = R.load_runs(str(exp))[0]
+    assert sorted(s["rel"] for s in summaries if s["state"] == "unreadable") == [
+        "Cifar100/kd/alpha_0.5/A_to_B/1", "Cifar100/kd/alpha_0.5/A_to_B/2"]
+    [row] = R.build_table(summaries, methods=["kd"])
+    assert (row["n_seeds"], row["best_mean"]) == (1, 61.0) and good.endswith("/0")

@@ -395,7 +395,7 @@ def load_runs(experiments: str, cache: dict | None = None) -> tuple[list[dict], 
                 if not isinstance(data, dict):
                     raise ValueError("top level is not a JSON object")
                 summary = summarize(data, rel, name)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 raw = b""
                 summary = {"rel": rel, "file": name, "state": "unreadable",
                            "error": f"{name}: {exc}"}
