@@ -870,13 +870,16 @@ def test_a_row_mixing_recipes_says_so(tmp_path):
     for seed in range(3):
         write_run(exp, "distill", **pair, seed=seed, best=70.0 + seed, training=CRD)
         write_run(exp, "distill", **{**pair, "alpha": 0.9}, seed=seed, best=70.0, training=CRD)
-    write_run(exp, "distill", **pair, seed=3, best=60.0, epochs=100, training={**CRD, "epochs": 100})
+    write_run(exp, "distill", **pair, seed=3, best=75.0, epochs=100, training={**CRD, "epochs": 100})
     rows = {r["setting"]: r for r in R.build_table(R.load_runs(str(exp))[0], methods=["kd"])}
     assert (rows["alpha_0.5"]["n_seeds"], rows["alpha_0.5"]["n_recipes"]) == (4, 2)
     assert (rows["alpha_0.9"]["n_seeds"], rows["alpha_0.9"]["n_recipes"]) == (3, 1)
-    assert rows["alpha_0.5"]["best_mean"] == pytest.approx(statistics.mean([70, 71, 72, 60]))
+    mixed = [70.0, 71.0, 72.0, 75.0]
+    assert rows["alpha_0.5"]["best_mean"] == pytest.approx(statistics.mean(mixed))
     md = R.table_markdown(list(rows.values()), methods=["kd"])
     assert "| 4 ⚠ 2 recipes |" in md and "| 3 |" in md
+    summary = md.split("## Summary")[1].split("## All runs")[0]
+    assert f"| {statistics.mean(mixed):.2f} ± {statistics.stdev(mixed):.2f} (α 0.5) ⚠ |" in summary
     assert R.table_csv(list(rows.values())).splitlines()[1].endswith(",2")
 
 

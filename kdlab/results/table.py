@@ -246,6 +246,10 @@ def _comparison(rows: list[dict], methods: list[str], source: dict) -> list[str]
             f"accuracy).", "", *_table(head, body, 3)]
 
 
+def _mixed(row: dict) -> str:
+    return " ⚠" if row["n_recipes"] > 1 else ""
+
+
 def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | None = None,
                    methods: list[str] | None = None,
                    sources: tuple[dict, ...] | None = None) -> str:
@@ -270,17 +274,18 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
         cells = [p[0], f"{p[1] or '–'} → {p[2] or '–'}"]
         for role in ("teacher", "student"):
             r = _role_row(rows, p, role)
-            cells.append(fmt_pm(r[col[0]], r[col[1]]) if r else "–")
+            cells.append(fmt_pm(r[col[0]], r[col[1]]) + _mixed(r) if r else "–")
         for m in methods:
             r = best.get((*p, m))
-            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])})"
+            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])}){_mixed(r)}"
                          if r else "–")
         body.append(cells)
     lines += ["", f"## Summary: each method at its best setting, {metric_words(metric)} test "
               f"accuracy (%)", "",
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
-              "such. A method without runs shows –."]
+              "such. A method without runs shows –; ⚠ marks a mean over runs of different "
+              "recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
     lines += ["", "## All runs", "",
