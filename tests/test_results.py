@@ -811,3 +811,95 @@ def test_run_block_names_the_directory_the_grid_gives_it():
         block = run_record(resolve_run(job.run), "complete", state, 1, {}, 100)["run"]
         run_dir = os.path.relpath(os.path.dirname(job.outputs[0]), grid["experiments_dir"])
         assert R.runs.show_dir(R.runs.claimed_dir(json.loads(json.dumps(block)))) == run_dir
+
+
+# ------------------------------------------- values for hostile or foreign run files
+
+def test_run_without_accuracies_is_unreadable_not_a_seed_of_its_row(tmp_path):
+    """A metrics.json without best_acc, last_acc or a test_acc history (not kdlab's) must
+    not be counted in n_seeds while the means leave it out."""
+    exp = tmp_path / "e"
+    pair = dict(method="kd", alpha=0.5, teacher="ResNet56", student="ResNet20")
+    values = [(70.4, 70.1), (71.0, 69.5), (69.2, 69.2)]
+    for seed, (best, last) in enumerate(values):
+        write_run(exp, "distill", **pair, seed=seed, best=best, last=last)
+    foreign = Path(exp, write_run(exp, "distill", **pair, seed=3, best=99.0), "metrics.json")
+    data = json.loads(foreign.read_text())
+    for key in ("best_acc", "last_acc", "history"):
+        del data[key]
+    data["extra_key_of_another_tool"] = {"x": 1}
+    foreign.write_text(json.dumps(data))
+    summaries = R.load_runs(str(exp))[0]
+    [row] = R.build_table(summaries, methods=["kd"])
+    assert (row["n_seeds"], row["seeds"]) == (3, "0 1 2")
+    assert row["best_mean"] == pytest.approx(statistics.mean(b for b, _ in values))
+    assert row["last_std"] == pytest.approx(statistics.stdev(l for _, l in values))
+    health = R.build_health(summaries)
+    assert [e["run"] for e in health["unreadable"]] == [str(foreign.parent.relative_to(exp))]
+    assert "best_acc and last_acc" in health["unreadable"][0]["error"]
+    assert health["counts"]["complete"] == 3
+
+
+def test_method_plus_kd_is_not_compared_with_the_method_alone(tmp_path):
+    """config/crd.yaml runs CRD (ce 1, kd 0) and CRD+KD (ce 1, kd 1); the source's CRD number
+    is CRD alone, so CRD+KD must neither be given it nor chosen for the comparison."""
+    exp = tmp_path / "e"
+    pair = dict(method="crd", teacher="ResNet56", student="ResNet20", training=CRD)
+    alone, plus_kd = [(71.3, 71.1), (71.4, 70.9)], [(71.9, 71.7), (71.8, 71.6)]
+    for setting, values in (("additive_ce1_kd0", alone), ("additive_ce1_kd1", plus_kd)):
+        for seed, (best, last) in enumerate(values):
+            write_run(exp, "distill", **pair, setting=setting, seed=seed, best=best, last=last)
+    rows = {r["setting"]: r for r in R.build_table(R.load_runs(str(exp))[0], methods=["crd"])}
+    last_alone = statistics.mean(l for _, l in alone)
+    assert rows["additive_ce1_kd0"]["published"] == 71.16
+    assert rows["additive_ce1_kd0"]["ours_minus_published"] == pytest.approx(last_alone - 71.16)
+    assert math.isnan(rows["additive_ce1_kd1"]["published"])
+    assert math.isnan(rows["additive_ce1_kd1"]["ours_minus_published"])
+    compared = R.table_markdown(list(rows.values()), methods=["crd"]).split("## Compared")[1]
+    ours = next(l for l in compared.splitlines() if "| ours |" in l)
+    assert ours.endswith(f"| {last_alone:.2f} ± {statistics.stdev(l for _, l in alone):.2f} "
+                         f"(additive ce1 kd0) |")
+    assert f"| {last_alone - 71.16:+.2f} |".replace("-", "−") in compared
+
+
+def test_a_row_mixing_recipes_says_so(tmp_path):
+    """Seeds of another config written into the same experiments directory (or a grid half
+    rerun after a change) land in the same row: its mean mixes them, and the row says so."""
+    exp = tmp_path / "e"
+    pair = dict(method="kd", alpha=0.5, teacher="ResNet56", student="ResNet20")
+    for seed in range(3):
+        write_run(exp, "distill", **pair, seed=seed, best=70.0 + seed, training=CRD)
+        write_run(exp, "distill", **{**pair, "alpha": 0.9}, seed=seed, best=70.0, training=CRD)
+    write_run(exp, "distill", **pair, seed=3, best=75.0, epochs=100, training={**CRD, "epochs": 100})
+    rows = {r["setting"]: r for r in R.build_table(R.load_runs(str(exp))[0], methods=["kd"])}
+    assert (rows["alpha_0.5"]["n_seeds"], rows["alpha_0.5"]["n_recipes"]) == (4, 2)
+    assert (rows["alpha_0.9"]["n_seeds"], rows["alpha_0.9"]["n_recipes"]) == (3, 1)
+    mixed = [70.0, 71.0, 72.0, 75.0]
+    assert rows["alpha_0.5"]["best_mean"] == pytest.approx(statistics.mean(mixed))
+    md = R.table_markdown(list(rows.values()), methods=["kd"])
+    assert "| 4 ⚠ 2 recipes |" in md and "| 3 |" in md
+    summary = md.split("## Summary")[1].split("## All runs")[0]
+    assert f"| {statistics.mean(mixed):.2f} ± {statistics.stdev(mixed):.2f} (α 0.5) ⚠ |" in summary
+    assert R.table_csv(list(rows.values())).splitlines()[1].endswith(",2")
+
+
+def test_markdown_says_which_runs_are_not_in_the_table(campaign):
+    exp, out, values, planted, pair, report = campaign
+    md = (out / R.TABLE_MD).read_text()
+    n_incomplete, n_failed = len(planted["incomplete"]), len(planted["failed"])
+    assert (n_incomplete, n_failed) == (3, 1)
+    assert f"Not in the table (see health.md): {n_incomplete} incomplete, {n_failed} failed run file(s)." in md
+
+
+def test_garbage_and_deeply_nested_run_files_are_unreadable_not_fatal(tmp_path):
+    exp = tmp_path / "e"
+    good = write_run(exp, "distill", method="kd", alpha=0.5, teacher="A", student="B", seed=0, best=61.0)
+    for seed, raw in ((1, b"\xff\xfe\x00garbage"), (2, b"[" * 100_000)):
+        d = exp / "Cifar100/kd/alpha_0.5/A_to_B" / str(seed)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_bytes(raw)
+    summaries = R.load_runs(str(exp))[0]
+    assert sorted(s["rel"] for s in summaries if s["state"] == "unreadable") == [
+        "Cifar100/kd/alpha_0.5/A_to_B/1", "Cifar100/kd/alpha_0.5/A_to_B/2"]
+    [row] = R.build_table(summaries, methods=["kd"])
+    assert (row["n_seeds"], row["best_mean"]) == (1, 61.0) and good.endswith("/0")

@@ -18,7 +18,7 @@ from .runs import digest, left_out, load_runs
 from .table import build_table, registry_methods, shown_runs, table_csv, table_markdown
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache).
-STATE_VERSION = 4
+STATE_VERSION = 6
 STATE_NAME = ".results-state.json"
 
 TABLE_CSV = "results.csv"
@@ -204,6 +204,10 @@ def run_results(experiments: str = "experiments", out: str = "results",
     if n_outdated:
         notes.append(f"{n_outdated} complete run(s) made with an outdated method version are left "
                      f"out (see health.md).")
+    not_shown = [f"{health['counts'][k]} {k}" for k in
+                 ("incomplete", "failed", "unreadable", "misplaced", "duplicate") if health["counts"][k]]
+    if not_shown:  # a row's Seeds counts only what it averages: say what else there is
+        notes.append(f"Not in the table (see health.md): {', '.join(not_shown)} run file(s).")
     atomic_write_text(os.path.join(out, TABLE_CSV), table_csv(rows))
     atomic_write_text(os.path.join(out, TABLE_MD), table_markdown(rows, metric, notes, methods))
     atomic_write_text(os.path.join(out, HEALTH_JSON),

@@ -52,8 +52,22 @@ def source_of(group: list[dict], sources: tuple[dict, ...]) -> dict | None:
     return next((src for src in sources if group and all(matches(s, src) for s in group)), None)
 
 
+def adds_kd_term(method: str, setting: str) -> bool:
+    """Whether a distilled row's loss setting adds a KD term to a method other than KD
+    (``additive_ce1_kd1``: CRD+KD, RepDistiller's ``-a 1``). The sources report each
+    method alone, so such a row has no published number."""
+    if method == "kd" or not setting.startswith("additive_ce") or "_kd" not in setting:
+        return False
+    try:
+        return float(setting.rsplit("_kd", 1)[1]) != 0
+    except ValueError:
+        return False
+
+
 def published_value(source: dict, role: str, teacher: str, student: str,
-                    method: str) -> float | None:
+                    method: str, setting: str = "") -> float | None:
+    if role == "distill" and adds_kd_term(method, setting):
+        return None
     if role == "teacher":
         return source["teachers"].get(teacher)
     if role == "student":

@@ -316,6 +316,12 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
     status = data.get("status") or ("complete" if filename == "metrics.json" else "running")
     if filename == "metrics.json":
         state = "failed" if status == "failed" else "complete"
+        if state == "complete" and (math.isnan(best) or math.isnan(last)):
+            # Not kdlab's (which always records both): counted among the seeds, such a run
+            # would make n_seeds disagree with the means; listed as unreadable instead.
+            missing = " and ".join(k for k, v in (("best_acc", best), ("last_acc", last)) if math.isnan(v))
+            return {"rel": rel, "file": filename, "state": "unreadable", **guess,
+                    "error": f"{filename}: no finite {missing} and no history.test_acc to take it from"}
     else:
         # A progress file saying "complete" without metrics.json: finishing, or died
         # between the two writes. Not complete by the contract either way.
@@ -346,6 +352,13 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         # What the published-number comparison needs: the recorded training recipe, and
         # for an imported teacher (kdlab import-teacher) where it came from.
         "training": {k: training[k] for k in RECIPE_KEYS if k in training},
+        # What the run was trained with, beyond its directory: runs of one table row that
+        # differ in it (another config into the same experiments directory, or a grid half
+        # rerun after a change) are counted as several recipes (table.n_recipes).
+        "recipe_digest": digest(json.dumps(
+            [{k: training[k] for k in RECIPE_KEYS if k in training}, config.get("method_settings"),
+             data.get("epochs_planned")],
+            sort_keys=True, default=str).encode()),
         "imported_from": source.get("path") if source else None,
         # Where the run block says this run belongs (check_placement).
         "claimed": claimed_dir(run) if run else None,
@@ -382,7 +395,7 @@ def load_runs(experiments: str, cache: dict | None = None) -> tuple[list[dict], 
                 if not isinstance(data, dict):
                     raise ValueError("top level is not a JSON object")
                 summary = summarize(data, rel, name)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 raw = b""
                 summary = {"rel": rel, "file": name, "state": "unreadable",
                            "error": f"{name}: {exc}"}

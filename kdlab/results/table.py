@@ -17,7 +17,7 @@ from .runs import left_out, setting_label, setting_sort_key
 CSV_COLUMNS = [
     "dataset", "teacher", "student", "role", "method", "setting", "alpha", "n_seeds", "seeds",
     "best_mean", "best_std", "last_mean", "last_std", "n_near_chance",
-    "published_source", "published", "published_metric", "ours_minus_published",
+    "published_source", "published", "published_metric", "ours_minus_published", "n_recipes",
 ]
 
 
@@ -63,7 +63,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role: str,
-               teacher: str, student: str, method: str) -> dict:
+               teacher: str, student: str, method: str, setting: str = "") -> dict:
     best_mean, best_std = mean_std([s["best_acc"] for s in group if s.get("best_acc") is not None])
     last_mean, last_std = mean_std([s["last_acc"] for s in group if s.get("last_acc") is not None])
     seeds = sorted((s.get("seed") for s in group), key=lambda x: (str(type(x)), x))
@@ -71,12 +71,13 @@ def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role
            "best_mean": best_mean, "best_std": best_std,
            "last_mean": last_mean, "last_std": last_std,
            "n_near_chance": sum(is_near_chance(s, margin) for s in group),
+           "n_recipes": len({s.get("recipe_digest") for s in group}),
            "published_source": "", "published": math.nan, "published_metric": "",
            "ours_minus_published": math.nan}
     source = source_of(group, sources)
     if source:
         row["published_source"] = source["id"]
-        value = published_value(source, role, teacher, student, method)
+        value = published_value(source, role, teacher, student, method, setting)
         if value is not None:
             row.update(published=float(value), published_metric=source["metric"],
                        ours_minus_published=row[f"{source['metric']}_mean"] - float(value))
@@ -131,7 +132,7 @@ def build_table(summaries: list[dict], chance_margin: float = 5.0,
             group = distill[k]
             rows.append({**base, "role": "distill", "method": k[3], "setting": k[4],
                          "alpha": group[0].get("alpha") or "",
-                         **_group_row(group, chance_margin, sources, "distill", t, st, k[3])})
+                         **_group_row(group, chance_margin, sources, "distill", t, st, k[3], k[4])})
     return rows
 
 
@@ -174,16 +175,21 @@ def best_setting_rows(rows: list[dict], metric: str = "best",
                       source_id: str | None = None) -> dict[tuple, dict]:
     """For each (dataset, teacher, student, method): the row of the best setting (highest
     mean ``metric`` accuracy; ties go to the first in table order); with ``source_id``,
-    among the rows compared with that published source only."""
+    among the rows compared with that published source only, those with a published number
+    first (CRD alone before a better CRD+KD, which the source does not report)."""
     out: dict[tuple, dict] = {}
     col = f"{metric}_mean"
+
+    def rank(r):
+        return (source_id is not None and math.isfinite(r["published"]), r[col])
+
     for r in rows:
         if r["role"] != "distill" or not math.isfinite(r[col]):
             continue
         if source_id is not None and r["published_source"] != source_id:
             continue
         k = (r["dataset"], r["teacher"], r["student"], r["method"])
-        if k not in out or r[col] > out[k][col]:
+        if k not in out or rank(r) > rank(out[k]):
             out[k] = r
     return out
 
@@ -240,6 +246,10 @@ def _comparison(rows: list[dict], methods: list[str], source: dict) -> list[str]
             f"accuracy).", "", *_table(head, body, 3)]
 
 
+def _mixed(row: dict) -> str:
+    return " ⚠" if row["n_recipes"] > 1 else ""
+
+
 def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | None = None,
                    methods: list[str] | None = None,
                    sources: tuple[dict, ...] | None = None) -> str:
@@ -264,23 +274,26 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
         cells = [p[0], f"{p[1] or '–'} → {p[2] or '–'}"]
         for role in ("teacher", "student"):
             r = _role_row(rows, p, role)
-            cells.append(fmt_pm(r[col[0]], r[col[1]]) if r else "–")
+            cells.append(fmt_pm(r[col[0]], r[col[1]]) + _mixed(r) if r else "–")
         for m in methods:
             r = best.get((*p, m))
-            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])})"
+            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])}){_mixed(r)}"
                          if r else "–")
         body.append(cells)
     lines += ["", f"## Summary: each method at its best setting, {metric_words(metric)} test "
               f"accuracy (%)", "",
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
-              "such. A method without runs shows –."]
+              "such. A method without runs shows –; ⚠ marks a mean over runs of different "
+              "recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
     lines += ["", "## All runs", "",
               "Best-epoch and last-epoch accuracy side by side; *Published* is the source's "
               "number on its own metric (column *Metric*), and Δ is ours on that metric minus "
-              "it.", ""]
+              "it. *⚠ N recipes*: the row's runs recorded N different training recipes or method "
+              "settings (epochs, lr and schedule, batch, weight decay, label smoothing, precision, "
+              "the method's settings), so its mean mixes them.", ""]
     for ds in sorted({r["dataset"] for r in rows}):
         lines += [f"### {ds}", ""]
         body = []
@@ -294,6 +307,8 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
             else:
                 name = r["method"]
             flag = f" ⚠ {r['n_near_chance']} near chance" if r["n_near_chance"] else ""
+            if r["n_recipes"] > 1:
+                flag += f" ⚠ {r['n_recipes']} recipes"
             body.append([f"{r['teacher'] or '–'} → {r['student'] or '–'}", name,
                          setting_label(r["setting"]) if r["setting"] else "–",
                          fmt_pm(r["best_mean"], r["best_std"]),
