@@ -10,7 +10,7 @@ import sys
 import torch
 
 import kdlab.train
-from kdlab.runio import code_sha256
+from kdlab.runio import code_sha256, git_state
 from kdlab.train import train
 
 from conftest import REPO, comparable, interrupt_after_checkpoints, tiny_run
@@ -51,21 +51,28 @@ def test_a_resumed_run_records_the_process_that_started_it_and_each_resume(tmp_p
     assert [r["code_sha256"] for r in metrics["provenance"]["resumes"]] == ["other code"]
 
 
-GIT_STATE = "import kdlab.runio as r; print(r.git_state())"
+RUN_FROM_A_COPY = """
+import kdlab.config as c, kdlab.runio as r
+run = c.resolve_run({"kind": "teacher", "model": "ResNet8", "seed": 0, "method": "none",
+                     "data": {"dataset": "Synthetic"}, "training": {}})
+print(r.git_state(), r.code_sha256(), run["training"]["epochs"])
+"""
 
 
-def test_git_commit_only_from_a_checkout_of_kdlab_itself(tmp_path):
-    """A tarball or `pip install .` inside another repository (a home under git, the checkout's
-    own .venv) reports no commit, not that repository's; the checkout reports its own."""
+def test_a_copy_of_the_package_alone_runs_and_tells_its_code_by_hash_not_by_anothers_commit(tmp_path):
+    """kdlab's package directory alone, as a wheel (`pip install .`) or a tarball installs it,
+    here inside another git repository (a home under git; the checkout's own .venv): it
+    validates configs (the schema is package data) and reports no commit, not that
+    repository's, but the checkout's code hash; the checkout reports its own commit."""
     outer = tmp_path / "home"
-    copy = outer / "kdlab-0.1.0"
-    shutil.copytree(REPO / "kdlab", copy / "kdlab", ignore=shutil.ignore_patterns("__pycache__"))
+    copy = outer / "site-packages"
+    shutil.copytree(REPO / "kdlab", copy / "kdlab", ignore=shutil.ignore_patterns("__pycache__"))  # links followed
     git = ["git", "-C", str(outer), "-c", "user.email=a@b", "-c", "user.name=a"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "dotfiles"], check=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    state = subprocess.run([sys.executable, "-c", GIT_STATE], cwd=copy, env=env, capture_output=True, text=True)
-    assert state.stdout.strip() == "(None, None)", state.stderr
-    state = subprocess.run([sys.executable, "-c", GIT_STATE], cwd=REPO, env=env, capture_output=True, text=True)
+    state = subprocess.run([sys.executable, "-c", RUN_FROM_A_COPY], cwd=copy, env=env, capture_output=True, text=True)
+    assert state.stdout.split() == ["(None,", "None)", code_sha256(), "240"], state.stderr
+    assert 'kdlab = ["config.schema.yaml"]' in (REPO / "pyproject.toml").read_text()  # what a wheel holds
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    assert state.stdout.startswith(f"('{commit.strip()}', "), state.stderr
+    assert git_state()[0] == commit.strip()  # this test's kdlab is the checkout's
