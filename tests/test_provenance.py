@@ -76,3 +76,17 @@ def test_a_copy_of_the_package_alone_runs_and_tells_its_code_by_hash_not_by_anot
     assert 'kdlab = ["config.schema.yaml"]' in (REPO / "pyproject.toml").read_text()  # what a wheel holds
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert git_state()[0] == commit.strip()  # this test's kdlab is the checkout's
+
+
+def test_on_the_cpu_deterministic_and_num_workers_leave_every_bit_alike(tmp_path):
+    """README: on the CPU two runs of one config are bit-identical with any num_workers, and
+    `deterministic` (cuDNN's flags) changes nothing there."""
+    small = {"synthetic": {"num_classes": 4, "train_size": 64, "test_size": 32, "seed": 1}}
+    results = []
+    for deterministic, workers in ((True, 0), (False, 2)):
+        run = tiny_run(data=small, training={"epochs": 2, "milestones": [1], "deterministic": deterministic,
+                                             "num_workers": workers})
+        metrics = comparable(train(run, tmp_path / str(workers)))
+        del metrics["config"]
+        results.append((metrics, (tmp_path / str(workers) / "model.pth.sha256").read_text().split()[0]))
+    assert results[0] == results[1]
