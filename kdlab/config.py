@@ -17,7 +17,9 @@ from .data import DEFAULT_AUGMENTATION
 from .methods import METHODS, get_method
 from .models import BLOCKS_PER_STAGE
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+# workflow/schemas/config.schema.yaml, through a link in the package: a wheel (`pip install .`) holds
+# the file itself, and kdlab installed so validates as in the checkout.
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 # Keys that do not change what a run computes: a resumed run may change them.
 RUNTIME_KEYS = {"data": {"data_dir", "download"},
                 "training": {"num_workers", "device", "max_skipped_steps", "eval_batch_size",

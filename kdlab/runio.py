@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -261,8 +262,15 @@ def now():
 
 
 def git_state():
+    """(commit, dirty) of the git checkout kdlab runs from; (None, None) when it runs from no
+    checkout of its own: a tarball or a `pip install .` inside another repository (a dotfiles
+    home, the checkout's own .venv) must not report that repository's commit."""
     repo = Path(__file__).resolve().parent.parent
     try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not top or Path(top).resolve() != repo:
+            return None, None
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
@@ -274,11 +282,18 @@ def git_state():
 
 def provenance(device, started, data_sha256):
     """Where a run comes from. code_sha256 and data_sha256 tie it to its code and data also
-    where there is no git checkout (a copy rsynced to the cluster)."""
+    where there is no git checkout (a copy rsynced to the cluster). The thread count, CUDA
+    and cuDNN change a run's float rounding, so its bits."""
+    import numpy
     import torch
     commit, dirty = git_state()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    cuda = device.type == "cuda"
+    device_name = torch.cuda.get_device_name(device) if cuda else device.type
     return {"git_commit": commit, "git_dirty": dirty, "package_version": __version__,
             "code_sha256": code_sha256(), "data_sha256": data_sha256,
-            "torch_version": str(torch.__version__), "device": device_name, "host": socket.gethostname(),
+            "torch_version": str(torch.__version__), "python_version": platform.python_version(),
+            "numpy_version": numpy.__version__, "threads": torch.get_num_threads(),
+            "cuda_version": torch.version.cuda if cuda else None,
+            "cudnn_version": torch.backends.cudnn.version() if cuda else None,
+            "device": device_name, "host": socket.gethostname(),
             "started": started, "finished": None, "pbs_job_id": os.environ.get("PBS_JOBID")}

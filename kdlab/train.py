@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, fingerprint, recipe_name, resolve_run
+from .config import ConfigError, fingerprint, recipe_name, resolve_run, split_runtime
 from .data import load_dataset, make_loaders
 from .loss import build_loss, loss_weights
 from .methods import get_method
@@ -35,6 +35,9 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # stops the run at the next read, naming the step, before any checkpoint is written.
 SYNC_EVERY = {"cuda": 50}
 MIN_LOSS_SCALE = 2.0 ** -14  # below this, fp16-scaled gradients underflow to zero
+# What a resume records of the process that continues a run (provenance.resumes).
+RESUME_KEYS = ("host", "pbs_job_id", "git_commit", "git_dirty", "code_sha256", "torch_version", "python_version",
+               "threads", "cuda_version", "cudnn_version", "device", "runtime")
 
 
 class GuardError(RuntimeError):
@@ -303,18 +306,33 @@ def train(run, run_dir, force_restart=False):
                  "consecutive_skipped": 0}  # in the checkpoint: a streak of skipped steps survives a resume
         if teacher:
             log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
-    prov = provenance(device, state["started"], identity["data_sha256"])
+    here = {**provenance(device, state["started"], identity["data_sha256"]), "fingerprint": run_fingerprint,
+            "inputs_sha256": inputs, "runtime": split_runtime(run)[1]}
     if "provenance" in state:  # a finished run whose outputs are rewritten: it keeps its training's provenance
-        prov = {**state["provenance"], "outputs_rewritten": {"at": now(), "host": prov["host"],
-                                                             "git_commit": prov["git_commit"],
-                                                             "pbs_job_id": prov["pbs_job_id"]}}
+        prov = {**state["provenance"], "outputs_rewritten": {"at": now(), "host": here["host"],
+                                                             "git_commit": here["git_commit"],
+                                                             "pbs_job_id": here["pbs_job_id"]}}
+    else:
+        # Each process that trained part of the run is on record: the one that started it, then
+        # every resume (another node, PBS job, thread count or runtime setting; even other code,
+        # which an unfinished checkpoint does not refuse). A checkpoint of before this record
+        # knows only its latest process.
+        state.setdefault("config", run)
+        state.setdefault("provenance_at_start", here)
+        if ckpt:
+            if ckpt.get("code_sha256") != identity["code_sha256"]:
+                log(f"WARNING: the checkpoint was written by other code (kdlab or torch changed): its {ckpt['epoch']} "
+                    f"epoch(s) and the rest of this run come from different code (provenance.resumes)")
+            state.setdefault("resumes", []).append({"epoch": ckpt["epoch"], "at": now(), **{
+                k: here[k] for k in RESUME_KEYS}})
+        prov = {**state["provenance_at_start"], "resumes": state.get("resumes", [])}
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
-    record = lambda status, error=None: run_record(run, status, state, tr["epochs"], prov,  # noqa: E731
-                                                   arrays.num_classes, error)
+    record = lambda status, error=None: run_record(state.get("config", run), status, state, tr["epochs"],  # noqa: E731
+                                                   prov, arrays.num_classes, error)
     recipe = recipe_name(run["alpha"], run.get("additive")) if distilled else "plain"
     log(f"{run['kind']} {run['model']} method={run['method']} {recipe} seed={run['seed']} "
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
-        f"{arrays.num_classes} classes), device {prov['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
+        f"{arrays.num_classes} classes), device {here['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
     sync_every, no_scaler = SYNC_EVERY.get(device.type, 1), torch.ones(1, device=device)
 
