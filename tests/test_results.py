@@ -559,7 +559,7 @@ def test_console_summary_counts_unreadable_runs_as_health_does(tmp_path, capsys)
     assert cli(exp, "--out", out, "--no-curves", "--dpi", 10) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "1 runs (0 complete, 0 incomplete, 0 failed, 0 near chance, 0 outdated, " \
-           "1 unreadable, 0 misplaced, 0 duplicate)" in last, last
+           "0 of mixed code, 1 unreadable, 0 misplaced, 0 duplicate)" in last, last
     assert json.loads((out / R.HEALTH_JSON).read_text())["counts"]["unreadable"] == 1
     health = (out / R.HEALTH_MD).read_text()
     assert "## Unreadable run files (1)" in health and "delete the file and run snakemake again" in health
@@ -903,3 +903,27 @@ def test_garbage_and_deeply_nested_run_files_are_unreadable_not_fatal(tmp_path):
         "Cifar100/kd/alpha_0.5/A_to_B/1", "Cifar100/kd/alpha_0.5/A_to_B/2"]
     [row] = R.build_table(summaries, methods=["kd"])
     assert (row["n_seeds"], row["best_mean"]) == (1, 61.0) and good.endswith("/0")
+
+
+def test_a_run_resumed_under_other_code_is_listed_as_mixed_code(tmp_path):
+    """provenance.resumes records each process's code hash: a run whose epochs come from two
+    code versions is named in the health list (it stays in the table), one resumed by the
+    same code is not."""
+    exp, out = tmp_path / "e", tmp_path / "r"
+    pair = dict(method="kd", alpha=0.5, teacher="ResNet56", student="ResNet20")
+    provenances = {0: {"code_sha256": "a" * 64, "resumes": []},
+                   1: {"code_sha256": "a" * 64, "resumes": [{"epoch": 4, "code_sha256": "a" * 64}]},
+                   2: {"code_sha256": "a" * 64, "resumes": [{"epoch": 4, "code_sha256": "a" * 64},
+                                                            {"epoch": 9, "code_sha256": "b" * 64}]}}
+    for seed, prov in provenances.items():
+        rel = write_run(exp, "distill", **pair, seed=seed)
+        path = exp / rel / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "provenance": prov}))
+    R.run_results(str(exp), str(out), curves=False, dpi=10, log=lambda m: None)
+    health = json.loads((out / R.HEALTH_JSON).read_text())
+    assert health["counts"]["mixed_code"] == 1 and health["counts"]["complete"] == 3
+    (entry,) = health["mixed_code"]
+    assert entry["run"].endswith("/2") and entry["code_versions"] == 2 and entry["resumed_at"] == [4, 9]
+    md = (out / R.HEALTH_MD).read_text()
+    assert "## Trained by more than one code version" in md and "2 code versions, resumed at epoch(s) 4, 9" in md
+    assert "| 3 |" in (out / R.TABLE_MD).read_text()  # all three seeds stay in the table

@@ -18,7 +18,7 @@ from .runs import digest, left_out, load_runs
 from .table import build_table, registry_methods, shown_runs, table_csv, table_markdown
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache).
-STATE_VERSION = 6
+STATE_VERSION = 7
 STATE_NAME = ".results-state.json"
 
 TABLE_CSV = "results.csv"
@@ -279,7 +279,7 @@ def run_results(experiments: str = "experiments", out: str = "results",
     c = health["counts"]
     log(f"kdlab results: {c['runs']} runs ({c['complete']} complete, {c['incomplete']} "
         f"incomplete, {c['failed']} failed, {c['near_chance']} near chance, "
-        f"{c['outdated']} outdated, {c['unreadable']} unreadable, {c['misplaced']} misplaced, "
+        f"{c['outdated']} outdated, {c['mixed_code']} of mixed code, {c['unreadable']} unreadable, {c['misplaced']} misplaced, "
         f"{c['duplicate']} duplicate); {len(rows)} table rows; "
         f"figures drawn {len(report['drawn'])}, unchanged {len(report['skipped'])} -> {out}/")
     return report

@@ -1,5 +1,5 @@
-"""The health list: incomplete, failed, near-chance, outdated, unreadable, misplaced and
-duplicate runs."""
+"""The health list: incomplete, failed, near-chance, outdated, mixed-code, unreadable,
+misplaced and duplicate runs."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def kind_word(kind) -> str:
 
 def build_health(summaries: list[dict], chance_margin: float = 5.0,
                  method_versions: dict | None = None) -> dict:
-    incomplete, failed, near, outdated, unreadable, misplaced = [], [], [], [], [], []
+    incomplete, failed, near, outdated, unreadable, misplaced, mixed_code = [], [], [], [], [], [], []
     duplicates: dict[tuple, dict] = {}
     for s in summaries:
         rel, state = s["rel"], s.get("state")
@@ -81,6 +81,9 @@ def build_health(summaries: list[dict], chance_margin: float = 5.0,
         if state == "complete" and is_near_chance(s, chance_margin):
             near.append({"run": rel, "best_acc": s["best_acc"], "chance": chance_level(s),
                          "num_classes": s.get("num_classes")})
+        if len(s.get("code_sha256s") or []) > 1:
+            mixed_code.append({"run": rel, "state": state, "code_versions": len(s["code_sha256s"]),
+                               "resumed_at": s.get("resumed_at")})
         cur = outdated_version(s, method_versions)
         if cur is not None:
             outdated.append({"run": rel, "method": s.get("version_method") or s.get("method"),
@@ -93,11 +96,11 @@ def build_health(summaries: list[dict], chance_margin: float = 5.0,
                    "complete": sum(s.get("state") == "complete" and not left_out(s)
                                    for s in summaries),
                    "incomplete": len(incomplete), "failed": len(failed),
-                   "near_chance": len(near), "outdated": len(outdated),
+                   "near_chance": len(near), "outdated": len(outdated), "mixed_code": len(mixed_code),
                    "unreadable": len(unreadable), "misplaced": len(misplaced),
                    "duplicate": sum(left_out(s) == "duplicate" for s in summaries)},
         "incomplete": incomplete, "failed": failed, "near_chance": near,
-        "outdated": outdated, "unreadable": unreadable, "misplaced": misplaced,
+        "outdated": outdated, "mixed_code": mixed_code, "unreadable": unreadable, "misplaced": misplaced,
         "duplicates": list(duplicates.values()),
     }
 
@@ -137,6 +140,10 @@ def health_markdown(h: dict, experiments: str) -> str:
     else:
         section("Outdated method version", [], str,
                 "Not checked: no `--method-versions` given.")
+    section("Trained by more than one code version (resumed after kdlab or torch changed; "
+            "`provenance.resumes` says which epochs)", h["mixed_code"],
+            lambda e: f"`{e['run']}` ({e['state']}): {e['code_versions']} code versions, resumed at epoch(s) "
+                      f"{', '.join(str(x) for x in e['resumed_at'])}")
     section("Unreadable run files", h["unreadable"], lambda e: f"`{e['run']}`: {e['error']} (delete the file and run "
             f"snakemake again, which writes it anew: a finished run's from its checkpoint, without training)")
     section("Misplaced run files (the run block names another run; not used)", h["misplaced"],

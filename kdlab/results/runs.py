@@ -335,6 +335,8 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
     if epochs_done is None:
         epochs_done = len(series(hist.get("test_acc")))
     prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    resumes = prov.get("resumes") if isinstance(prov.get("resumes"), list) else []
+    resumes = [r for r in resumes if isinstance(r, dict)]
     source = data.get("source") if isinstance(data.get("source"), dict) else None
     return {
         "rel": rel, "file": filename, "state": state, "status": status,
@@ -349,6 +351,10 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         # Teachers and plain students are trained with method "none": its version counts.
         "version_method": run.get("method") or (method if kind == "distill" else "none"),
         "started": prov.get("started"), "finished": prov.get("finished"),
+        # The code (kdlab's and torch's hash) of the process that started the run and of
+        # each resume: more than one means its epochs come from different code.
+        "code_sha256s": sorted({prov.get("code_sha256"), *(r.get("code_sha256") for r in resumes)} - {None}),
+        "resumed_at": [r.get("epoch") for r in resumes],
         # What the published-number comparison needs: the recorded training recipe, and
         # for an imported teacher (kdlab import-teacher) where it came from.
         "training": {k: training[k] for k in RECIPE_KEYS if k in training},
