@@ -262,14 +262,15 @@ def now():
 
 
 def git_state():
-    """(commit, dirty) of the git checkout kdlab runs from; (None, None) when it runs from no
-    checkout of its own: a tarball or a `pip install .` inside another repository (a dotfiles
-    home, the checkout's own .venv) must not report that repository's commit."""
-    repo = Path(__file__).resolve().parent.parent
+    """(commit, dirty) of the git checkout whose tracked files kdlab runs from (also a larger
+    repository holding kdlab); (None, None) for a copy git does not track: a tarball, or a
+    `pip install .` inside another repository (a dotfiles home, the checkout's own .venv),
+    must not report that repository's commit."""
+    here = Path(__file__).resolve()
+    repo = here.parent.parent
     try:
-        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        if not top or Path(top).resolve() != repo:
+        if subprocess.run(["git", "-C", str(here.parent), "ls-files", "--error-unmatch", "--", here.name],
+                          capture_output=True, timeout=10).returncode != 0:
             return None, None
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None

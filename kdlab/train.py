@@ -35,9 +35,9 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # stops the run at the next read, naming the step, before any checkpoint is written.
 SYNC_EVERY = {"cuda": 50}
 MIN_LOSS_SCALE = 2.0 ** -14  # below this, fp16-scaled gradients underflow to zero
-# What a resume records of the process that continues a run (provenance.resumes).
-RESUME_KEYS = ("host", "pbs_job_id", "git_commit", "git_dirty", "code_sha256", "torch_version", "python_version",
-               "threads", "cuda_version", "cudnn_version", "device", "runtime")
+# What a resume's record (provenance.resumes) leaves out of its process's provenance: what
+# belongs to the run's start, or must equal the start's for the checkpoint to be resumed.
+START_ONLY_KEYS = ("started", "finished", "data_sha256", "fingerprint", "inputs_sha256")
 
 
 class GuardError(RuntimeError):
@@ -318,13 +318,17 @@ def train(run, run_dir, force_restart=False):
         # which an unfinished checkpoint does not refuse). A checkpoint of before this record
         # knows only its latest process.
         state.setdefault("config", run)
+        if ckpt and "provenance_at_start" not in state:  # of an earlier kdlab: of its start only the code is known
+            state["provenance_at_start"] = {**dict.fromkeys(here), "started": state["started"],
+                                            "code_sha256": ckpt.get("code_sha256"),
+                                            **{k: here[k] for k in ("data_sha256", "fingerprint", "inputs_sha256")}}
         state.setdefault("provenance_at_start", here)
         if ckpt:
             if ckpt.get("code_sha256") != identity["code_sha256"]:
                 log(f"WARNING: the checkpoint was written by other code (kdlab or torch changed): its {ckpt['epoch']} "
                     f"epoch(s) and the rest of this run come from different code (provenance.resumes)")
             state.setdefault("resumes", []).append({"epoch": ckpt["epoch"], "at": now(), **{
-                k: here[k] for k in RESUME_KEYS}})
+                k: v for k, v in here.items() if k not in START_ONLY_KEYS}})
         prov = {**state["provenance_at_start"], "resumes": state.get("resumes", [])}
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(state.get("config", run), status, state, tr["epochs"],  # noqa: E731

@@ -986,7 +986,9 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
     metrics = json.loads((wd / teacher / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["epochs_done"] == 2
     assert metrics["resumed_at_epochs"] == [1], metrics["resumed_at_epochs"]
-    assert metrics["provenance"]["pbs_job_id"] == p.stdout.split("external jobid '")[2].split("'")[0]
+    first_job, resubmitted_job = [s.split("'")[0] for s in p.stdout.split("external jobid '")[1:3]]
+    assert metrics["provenance"]["pbs_job_id"] == first_job  # the job that started it, then the one that resumed it
+    assert [r["pbs_job_id"] for r in metrics["provenance"]["resumes"]] == [resubmitted_job]
     # the stand-in keeps no job history, like a default OpenPBS server: the
     # walltime kill is read from the job's exit-code file (SIGTERM from PBS)
     status_log = (wd / "logs" / "pbs" / "status.log").read_text()

@@ -51,6 +51,35 @@ def test_a_resumed_run_records_the_process_that_started_it_and_each_resume(tmp_p
     assert [r["code_sha256"] for r in metrics["provenance"]["resumes"]] == ["other code"]
 
 
+
+def test_a_run_resumed_from_a_checkpoint_of_an_earlier_kdlab_shows_both_codes(tmp_path, monkeypatch):
+    """A run in progress when kdlab is updated: its checkpoint has no start record. The start
+    is recorded with the checkpoint's code (the rest unknown), not as the resuming process's,
+    so that kdlab results can name the run as one of mixed code."""
+    from kdlab.results.health import build_health
+    from kdlab.results.runs import summarize
+    from kdlab.runio import load_checked, save_checked
+
+    run = tiny_run(data={"synthetic": {"num_classes": 4, "train_size": 64, "test_size": 32, "seed": 1}},
+                   training={"epochs": 2, "milestones": [1]})
+    interrupt_after_checkpoints(kdlab.train, 1, train, run, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pth"
+    ckpt = load_checked(path)
+    for key in ("config", "provenance_at_start", "resumes"):
+        ckpt["state"].pop(key, None)
+    save_checked(path, {**ckpt, "code_sha256": "earlier code"})
+    monkeypatch.setattr("socket.gethostname", lambda: "node-b")
+    metrics = train(run, tmp_path / "run")
+    prov = metrics["provenance"]
+    assert (prov["code_sha256"], prov["host"], prov["pbs_job_id"], prov["threads"]) == ("earlier code", None, None, None)
+    assert prov["started"] and prov["data_sha256"] and prov["fingerprint"]  # what a resume must match
+    [resume] = prov["resumes"]
+    assert (resume["epoch"], resume["host"], resume["code_sha256"]) == (1, "node-b", code_sha256())
+    summary = summarize(metrics, "Synthetic/teachers/ResNet8/0", "metrics.json")
+    assert summary["code_sha256s"] == sorted(["earlier code", code_sha256()]) and summary["resumed_at"] == [1]
+    assert [e["code_versions"] for e in build_health([summary])["mixed_code"]] == [2]
+
+
 RUN_FROM_A_COPY = """
 import kdlab.config as c, kdlab.runio as r
 run = c.resolve_run({"kind": "teacher", "model": "ResNet8", "seed": 0, "method": "none",
@@ -74,6 +103,12 @@ def test_a_copy_of_the_package_alone_runs_and_tells_its_code_by_hash_not_by_anot
     state = subprocess.run([sys.executable, "-c", RUN_FROM_A_COPY], cwd=copy, env=env, capture_output=True, text=True)
     assert state.stdout.split() == ["(None,", "None)", code_sha256(), "240"], state.stderr
     assert 'kdlab = ["config.schema.yaml"]' in (REPO / "pyproject.toml").read_text()  # what a wheel holds
+    # Committed into that repository (kdlab kept in a larger project), its commit is kdlab's.
+    subprocess.run([*git, "add", "site-packages"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "kdlab inside"], check=True)
+    outer_commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    state = subprocess.run([sys.executable, "-c", RUN_FROM_A_COPY], cwd=copy, env=env, capture_output=True, text=True)
+    assert state.stdout.split()[:2] == [f"('{outer_commit}',", "False)"], state.stderr
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert git_state()[0] == commit.strip()  # this test's kdlab is the checkout's
 

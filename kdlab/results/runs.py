@@ -328,6 +328,7 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         state = {"failed": "failed", "complete": "finishing", "interrupted": "interrupted"}.get(status, "running")
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    recipe = {k: training[k] for k in RECIPE_KEYS if k in training}
     num_classes = run.get("num_classes") or config.get("num_classes")
     if not num_classes and dataset:
         num_classes = NUM_CLASSES.get(str(dataset).lower().replace("-", "").replace("_", ""))
@@ -354,17 +355,15 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
         # The code (kdlab's and torch's hash) of the process that started the run and of
         # each resume: more than one means its epochs come from different code.
         "code_sha256s": sorted({prov.get("code_sha256"), *(r.get("code_sha256") for r in resumes)} - {None}),
-        "resumed_at": [r.get("epoch") for r in resumes],
+        "resumed_at": data.get("resumed_at_epochs") or [r.get("epoch") for r in resumes],
         # What the published-number comparison needs: the recorded training recipe, and
         # for an imported teacher (kdlab import-teacher) where it came from.
-        "training": {k: training[k] for k in RECIPE_KEYS if k in training},
+        "training": recipe,
         # What the run was trained with, beyond its directory: runs of one table row that
         # differ in it (another config into the same experiments directory, or a grid half
         # rerun after a change) are counted as several recipes (table.n_recipes).
-        "recipe_digest": digest(json.dumps(
-            [{k: training[k] for k in RECIPE_KEYS if k in training}, config.get("method_settings"),
-             data.get("epochs_planned")],
-            sort_keys=True, default=str).encode()),
+        "recipe_digest": digest(json.dumps([recipe, config.get("method_settings"), data.get("epochs_planned")],
+                                           sort_keys=True, default=str).encode()),
         "imported_from": source.get("path") if source else None,
         # Where the run block says this run belongs (check_placement).
         "claimed": claimed_dir(run) if run else None,
