@@ -308,28 +308,7 @@ def train(run, run_dir, force_restart=False):
             log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
     here = {**provenance(device, state["started"], identity["data_sha256"]), "fingerprint": run_fingerprint,
             "inputs_sha256": inputs, "runtime": split_runtime(run)[1]}
-    if "provenance" in state:  # a finished run whose outputs are rewritten: it keeps its training's provenance
-        prov = {**state["provenance"], "outputs_rewritten": {"at": now(), "host": here["host"],
-                                                             "git_commit": here["git_commit"],
-                                                             "pbs_job_id": here["pbs_job_id"]}}
-    else:
-        # Each process that trained part of the run is on record: the one that started it, then
-        # every resume (another node, PBS job, thread count or runtime setting; even other code,
-        # which an unfinished checkpoint does not refuse). A checkpoint of before this record
-        # knows only its latest process.
-        state.setdefault("config", run)
-        if ckpt and "provenance_at_start" not in state:  # of an earlier kdlab: of its start only the code is known
-            state["provenance_at_start"] = {**dict.fromkeys(here), "started": state["started"],
-                                            "code_sha256": ckpt.get("code_sha256"),
-                                            **{k: here[k] for k in ("data_sha256", "fingerprint", "inputs_sha256")}}
-        state.setdefault("provenance_at_start", here)
-        if ckpt:
-            if ckpt.get("code_sha256") != identity["code_sha256"]:
-                log(f"WARNING: the checkpoint was written by other code (kdlab or torch changed): its {ckpt['epoch']} "
-                    f"epoch(s) and the rest of this run come from different code (provenance.resumes)")
-            state.setdefault("resumes", []).append({"epoch": ckpt["epoch"], "at": now(), **{
-                k: v for k, v in here.items() if k not in START_ONLY_KEYS}})
-        prov = {**state["provenance_at_start"], "resumes": state.get("resumes", [])}
+    prov = run_provenance(state, ckpt, here, run)
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(state.get("config", run), status, state, tr["epochs"],  # noqa: E731
                                                    prov, arrays.num_classes, error)
@@ -432,6 +411,29 @@ def train(run, run_dir, force_restart=False):
     previous_path(checkpoint_path).unlink(missing_ok=True)  # a finished run has nothing to fall back to
     log(f"done: best test accuracy {max(history['test_acc']):.2f}%, last {history['test_acc'][-1]:.2f}%")
     return record("complete")
+
+
+def run_provenance(state, ckpt, here, run):
+    """The provenance a run records, `here` being this process's. Each process that trained
+    part of the run is on record: the one that started it, then every resume (another node,
+    PBS job, thread count or runtime setting; even other code, which an unfinished checkpoint
+    does not refuse). A finished run whose outputs are rewritten keeps its training's."""
+    if "provenance" in state:
+        return {**state["provenance"], "outputs_rewritten": {"at": now(), **{
+            k: here[k] for k in ("host", "git_commit", "pbs_job_id")}}}
+    state.setdefault("config", run)
+    if ckpt and "provenance_at_start" not in state:  # of an earlier kdlab: of its start only the code is known
+        state["provenance_at_start"] = {**dict.fromkeys(here), "started": state["started"],
+                                        "code_sha256": ckpt.get("code_sha256"),
+                                        **{k: here[k] for k in ("data_sha256", "fingerprint", "inputs_sha256")}}
+    state.setdefault("provenance_at_start", here)
+    if ckpt:
+        if ckpt.get("code_sha256") != here["code_sha256"]:
+            log(f"WARNING: the checkpoint was written by other code (kdlab or torch changed): its {ckpt['epoch']} "
+                f"epoch(s) and the rest of this run come from different code (provenance.resumes)")
+        state.setdefault("resumes", []).append({"epoch": ckpt["epoch"], "at": now(), **{
+            k: v for k, v in here.items() if k not in START_ONLY_KEYS}})
+    return {**state["provenance_at_start"], "resumes": state.get("resumes", [])}
 
 
 def teacher_source(run, teacher, teacher_sha256, arrays, device, compile_teacher):
