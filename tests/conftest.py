@@ -2,6 +2,7 @@
 
 import copy
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from kdlab.config import method_settings, resolve_run
 from kdlab.data import load_dataset
 from kdlab.methods import METHODS, ft
+from kdlab.methods.base import MethodLoss, no_check
 from kdlab.runio import atomic_torch_save
 
 torch.set_num_threads(1)  # tests run next to each other's subprocesses on 2 cores
@@ -89,3 +91,30 @@ def trained_teacher(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("teacher")
     metrics = train(tiny_run(training={"epochs": 4, "milestones": [3]}), run_dir)
     return run_dir, metrics
+
+
+class PoisonLoss(MethodLoss):
+    """Method "poison": a term of `size` times the mean squared logit (0: no gradient), NaN on
+    the calls (one per training step, counted from 1) that `poisoned(call)` picks."""
+    calls, poisoned, size = 0, None, 0.0
+
+    def __init__(self, settings, run):
+        super().__init__()
+
+    def terms(self, student_out, teacher_out, labels, index):
+        PoisonLoss.calls += 1
+        term = PoisonLoss.size * student_out[-1].pow(2).mean()
+        return {"poison": term * float("nan") if PoisonLoss.poisoned(PoisonLoss.calls) else term}
+
+
+@pytest.fixture
+def poison_method(monkeypatch):
+    """Registers method "poison" (PoisonLoss); call the fixture's value with `poisoned` and `size`."""
+    monkeypatch.setitem(METHODS, "poison", types.SimpleNamespace(
+        NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check, Loss=PoisonLoss))
+    monkeypatch.setattr(PoisonLoss, "calls", 0)
+
+    def set_poison(poisoned, size=0.0):
+        monkeypatch.setattr(PoisonLoss, "poisoned", staticmethod(poisoned))
+        monkeypatch.setattr(PoisonLoss, "size", size)
+    return set_poison

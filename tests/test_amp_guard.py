@@ -4,16 +4,13 @@ a method term that overwhelms CE)."""
 
 import copy
 import json
-import types
 
 import pytest
 import torch
 
 import kdlab.train
-from kdlab import methods
 from kdlab.config import method_settings
 from kdlab.methods import METHODS, crd
-from kdlab.methods.base import MethodLoss, no_check
 from kdlab.train import GuardError, train
 
 from conftest import every_method_loss, tiny_run
@@ -75,34 +72,17 @@ def test_every_method_loss_runs_in_float32_under_autocast(name, tmp_path):
             assert (g - r).norm() <= 1e-2 * r.norm(), (dtype, ((g - r).norm() / r.norm()).item())
 
 
-class HeavyThenPoisoned(MethodLoss):
-    """A term 1e6 times CE's size (finite) on the first calls, NaN from call `poisoned_from`."""
-    calls, poisoned_from = 0, None
-
-    def __init__(self, settings, run):
-        super().__init__()
-
-    def terms(self, student_out, teacher_out, labels, index):
-        HeavyThenPoisoned.calls += 1
-        heavy = 1e6 * student_out[-1].pow(2).mean()
-        return {"heavy": heavy * float("nan") if HeavyThenPoisoned.calls >= self.poisoned_from else heavy}
-
-
-def test_a_guard_stop_shows_the_gradient_share_and_the_steps_terms(trained_teacher, tmp_path, monkeypatch):
+def test_a_guard_stop_shows_the_gradient_share_and_the_steps_terms(trained_teacher, tmp_path, poison_method):
     """A run stopped inside its first epoch has no log line and no history entry: the message itself
     must show that the method's term overwhelmed CE, and the values of the step that failed."""
-    module = types.SimpleNamespace(NAME="heavy", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check,
-                                   Loss=HeavyThenPoisoned)
-    monkeypatch.setitem(methods.METHODS, "heavy", module)
-    monkeypatch.setattr(HeavyThenPoisoned, "calls", 0)
-    monkeypatch.setattr(HeavyThenPoisoned, "poisoned_from", 3)
-    run = tiny_run(kind="distill", method="heavy", alpha=0.5, teacher="ResNet8",
+    poison_method(lambda call: call >= 3, size=1e6)  # a finite term 1e6 times CE's size, then NaN
+    run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
                    data={"synthetic": {"num_classes": 5, "train_size": 64, "test_size": 8, "seed": 0}},
                    training={"epochs": 2, "batch_size": 16})
-    with pytest.raises(GuardError, match=r"epoch 1, step 3: loss term 'heavy' went non-finite; amp is 'off', so there "
+    with pytest.raises(GuardError, match=r"epoch 1, step 3: loss term 'poison' went non-finite; amp is 'off', so there "
                                          r"is no GradScaler to skip the step \(that step's loss terms: ce [-+0-9.e]+, "
-                                         r"heavy nan\)\. At this epoch's first step the heavy loss sent 100% of the "
+                                         r"poison nan\)\. At this epoch's first step the poison loss sent 100% of the "
                                          r"gradient \(the rest: CE\)\. The last good checkpoint is kept\."):
         train(run, tmp_path)
     progress = json.loads((tmp_path / "progress.json").read_text())

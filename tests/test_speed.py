@@ -6,22 +6,20 @@ import errno
 import os
 import shutil
 import sys
-import types
 import zipfile
 
 import pytest
 import torch
 import yaml
 
-from kdlab import methods, teacher_cache
+from kdlab import teacher_cache
 from kdlab.config import resolve_grid, resolve_run
 from kdlab.data import ImageDataset, load_dataset
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS
-from kdlab.methods.base import MethodLoss, no_check
 from kdlab.models import build_model
 from kdlab.runio import file_sha256, save_weights
-from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path, save,
+from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path,
                                  why_not_cached)
 from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
 
@@ -357,35 +355,18 @@ def test_a_kd_run_from_the_cache_ends_as_one_with_the_live_teacher(cached_teache
     assert cached["history"]["terms"]["kd"] == pytest.approx(live["history"]["terms"]["kd"], rel=1e-2)
 
 
-class PoisonLoss(MethodLoss):
-    """NaN on the `POISONED` calls (counted from 1, one per training step)."""
-    calls, poisoned = 0, ()
-
-    def __init__(self, settings, run):
-        super().__init__()
-
-    def terms(self, student_out, teacher_out, labels, index):
-        PoisonLoss.calls += 1
-        zero = student_out[-1].sum() * 0.0
-        return {"poison": zero * float("nan") if PoisonLoss.calls in PoisonLoss.poisoned else zero}
-
-
 @pytest.mark.parametrize("amp,images,poisoned,message", [
     # 10 steps per epoch: call 13 is epoch 2, step 3
     ("off", 320, {13}, r"epoch 2, step 3: loss term 'poison' went non-finite; amp is 'off'"),
     # 6 steps per epoch (fp16 is slow on a CPU): calls 7.. are epoch 2, steps 1..
     ("fp16", 48, set(range(7, 100)), r"epoch 2, step 2: 2 consecutive optimizer steps skipped by the fp16 GradScaler"),
 ])
-def test_the_guard_is_as_strong_when_figures_are_read_every_n_steps(monkeypatch, tmp_path, amp, images, poisoned,
-                                                                     message):
+def test_the_guard_is_as_strong_when_figures_are_read_every_n_steps(monkeypatch, poison_method, tmp_path, amp, images,
+                                                                     poisoned, message):
     # As on CUDA: the figures of 4 steps are read at once; the guard still names the step
     # and stops before any checkpoint holds a step it should have refused.
     monkeypatch.setitem(sys.modules["kdlab.train"].SYNC_EVERY, "cpu", 4)
-    module = types.SimpleNamespace(NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check,
-                                   Loss=PoisonLoss)
-    monkeypatch.setitem(methods.METHODS, "poison", module)
-    monkeypatch.setattr(PoisonLoss, "calls", 0)
-    monkeypatch.setattr(PoisonLoss, "poisoned", poisoned)
+    poison_method(poisoned.__contains__)
     run = tiny_run(kind="distill", method="poison", alpha=0.5,
                    data={"synthetic": {"num_classes": 5, "train_size": images, "test_size": 8, "seed": 0}},
                    training={"amp": amp, "max_skipped_steps": 2, "batch_size": 32 if amp == "off" else 8})

@@ -5,14 +5,11 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
 
 import kdlab.train
-from kdlab import methods
-from kdlab.methods.base import MethodLoss, no_check
 from kdlab.data import load_dataset
 from kdlab.runio import code_sha256, torch_load, verify_weights
 from kdlab.train import GuardError, train
@@ -185,31 +182,6 @@ def test_killed_run_resumes_to_identical_metrics(uninterrupted, tmp_path, worker
     assert metrics["resumed_at_epochs"] == [ckpt["epoch"]] and ckpt["epoch"] >= 1
     assert comparable(metrics) == reference
     assert not list(tmp_path.glob(".*.tmp"))
-
-
-class PoisonLoss(MethodLoss):
-    """A method whose loss is NaN on the calls that `poisoned(call number)` picks."""
-    calls, poisoned = 0, None
-
-    def __init__(self, settings, run):
-        super().__init__()
-
-    def terms(self, student_out, teacher_out, labels, index):
-        PoisonLoss.calls += 1
-        zero = student_out[-1].sum() * 0.0
-        return {"poison": zero * float("nan") if PoisonLoss.poisoned(PoisonLoss.calls) else zero}
-
-
-@pytest.fixture
-def poison_method(monkeypatch):
-    module = types.SimpleNamespace(NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check,
-                                   Loss=PoisonLoss)
-    monkeypatch.setitem(methods.METHODS, "poison", module)
-    PoisonLoss.calls = 0
-
-    def set_poison(rule):
-        PoisonLoss.poisoned = staticmethod(rule)
-    return set_poison
 
 
 def test_guard_stops_a_nonfinite_loss_outside_amp(poison_method, trained_teacher, tmp_path):
