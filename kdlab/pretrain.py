@@ -10,7 +10,7 @@ from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
 from .runio import code_sha256, file_sha256, previous_path, remove_temporaries, save_checked, save_checkpoint
 from .train import (GuardError, Normalize, load_frozen_teacher, load_resume_state, log, nonfinite_tensors, pick_device,
-                    seed_everything)
+                    seed_everything, some)
 
 
 def pretrain_paraphraser(run, out_path, force_restart=False):
@@ -77,7 +77,7 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
         bad = nonfinite_tensors(paraphraser)
         if bad:  # never saved: the previous checkpoint stays
             raise GuardError(f"health guard: ft paraphraser, epoch {epoch + 1}: {len(bad)} weight tensor(s) went "
-                             f"non-finite ({', '.join(bad[:3])}) after the optimizer step")
+                             f"non-finite ({some(bad)}) after the optimizer step")
         if epoch + 1 < epochs:
             save_checkpoint(checkpoint_path, state(False))
     save_checked(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,

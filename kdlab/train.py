@@ -473,8 +473,8 @@ class StepTally:
             bad = [name for name, v in zip(names, term_values) if not math.isfinite(v)]
             self.nonfinite += bool(bad) or not math.isfinite(total)
             if not self.scaled and (bad or not math.isfinite(total) or not math.isfinite(norm)):
-                return at, (f"{what_went_wrong(bad, total)}; amp is {self.amp!r}, so there is no GradScaler to skip the "
-                            f"step ({step_terms(names, term_values)}).")
+                return at, (f"{what_went_wrong(bad, total)}; amp is {self.amp!r}, so there is no GradScaler to skip "
+                            f"the step ({step_terms(names, term_values)}).")
             scale_before, self.loss_scale = self.loss_scale, scale
             if self.loss_scale < scale_before or self.loss_scale == 0:  # the GradScaler skipped this step
                 self.skipped += 1

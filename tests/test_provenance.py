@@ -71,7 +71,8 @@ def test_a_run_resumed_from_a_checkpoint_of_an_earlier_kdlab_shows_both_codes(tm
     monkeypatch.setattr("socket.gethostname", lambda: "node-b")
     metrics = train(run, tmp_path / "run")
     prov = metrics["provenance"]
-    assert (prov["code_sha256"], prov["host"], prov["pbs_job_id"], prov["threads"]) == ("earlier code", None, None, None)
+    assert (prov["code_sha256"], prov["host"], prov["pbs_job_id"], prov["threads"]) == ("earlier code", None, None,
+                                                                                       None)
     assert prov["started"] and prov["data_sha256"] and prov["fingerprint"]  # what a resume must match
     [resume] = prov["resumes"]
     assert (resume["epoch"], resume["host"], resume["code_sha256"]) == (1, "node-b", code_sha256())

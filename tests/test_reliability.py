@@ -524,7 +524,8 @@ def test_sigterm_marks_the_run_interrupted_and_running_it_again_resumes(tmp_path
             if path.name == "progress.json":
                 progress_writes.append(path)
                 if len(progress_writes) == 2:  # to the job and its loader workers, from outside, as PBS's MoM
-                    subprocess.run([sys.executable, "-c", f"import os; os.killpg({os.getpgid(0)}, {int(signal.SIGTERM)})"])
+                    kill = f"import os; os.killpg({os.getpgid(0)}, {int(signal.SIGTERM)})"
+                    subprocess.run([sys.executable, "-c", kill])
 
         def mark_interrupted(*args):
             os.kill(os.getpid(), signal.SIGTERM)  # the second one (Snakemake's, or PBS's), while it marks

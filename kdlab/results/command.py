@@ -279,7 +279,8 @@ def run_results(experiments: str = "experiments", out: str = "results",
     c = health["counts"]
     log(f"kdlab results: {c['runs']} runs ({c['complete']} complete, {c['incomplete']} "
         f"incomplete, {c['failed']} failed, {c['near_chance']} near chance, "
-        f"{c['outdated']} outdated, {c['mixed_code']} of mixed code, {c['unreadable']} unreadable, {c['misplaced']} misplaced, "
+        f"{c['outdated']} outdated, {c['mixed_code']} of mixed code, {c['unreadable']} unreadable, "
+        f"{c['misplaced']} misplaced, "
         f"{c['duplicate']} duplicate); {len(rows)} table rows; "
         f"figures drawn {len(report['drawn'])}, unchanged {len(report['skipped'])} -> {out}/")
     return report
