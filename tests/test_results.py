@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import struct
@@ -881,6 +882,17 @@ def test_a_row_mixing_recipes_says_so(tmp_path):
     summary = md.split("## Summary")[1].split("## All runs")[0]
     assert f"| {statistics.mean(mixed):.2f} ± {statistics.stdev(mixed):.2f} (α 0.5) ⚠ |" in summary
     assert R.table_csv(list(rows.values())).splitlines()[1].endswith(",2")
+
+
+def test_a_bar_in_a_directory_name_stays_in_its_table_cell(tmp_path):
+    exp = tmp_path / "e"
+    write_run(exp, "distill", method="kd", teacher="ResNet56", student="ResNet20", setting="ce|kd", best=70.0)
+    md = R.table_markdown(R.build_table(R.load_runs(str(exp))[0], methods=["kd"]), methods=["kd"])
+    row = next(line for line in md.splitlines() if "ce" in line and line.startswith("| ResNet56"))
+    assert "ce\\|kd" in row
+    head = next(line for line in md.splitlines() if line.startswith("| Teacher → Student | Method"))
+    # GitHub's Markdown splits a row at every "|" not preceded by a backslash.
+    assert len(re.split(r"(?<!\\)\|", row)) == len(head.split("|"))
 
 
 def test_markdown_says_which_runs_are_not_in_the_table(campaign):

@@ -209,9 +209,10 @@ def _role_row(rows: list[dict], pair: tuple, role: str) -> dict | None:
 
 
 def _table(head: list[str], body: list[list[str]], left: int) -> list[str]:
+    # A "|" in a cell (from a directory name) would end the cell: Markdown's escape keeps it.
     return (["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] * left + ["---:"] * (len(head) - left)) + "|"]
-            + ["| " + " | ".join(cells) + " |" for cells in body])
+            + ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body])
 
 
 def _comparison(rows: list[dict], methods: list[str], source: dict) -> list[str]:
