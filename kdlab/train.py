@@ -162,6 +162,18 @@ def fused_sgd(params, tr):
     return optimizer
 
 
+def match_momentum_layouts(optimizer):
+    """Each loaded momentum buffer in its weight's memory layout. A run may resume with
+    channels_last switched (a runtime key), and the buffers keep the checkpoint's layout; fused
+    SGD walks weight, gradient and buffer as flat memory: the CPU kernel silently adds up
+    mismatched elements, CUDA's refuses them (check_fast_path_restrictions)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None:
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffer)
+
+
 def gradient_share(method_grads, params):
     """Fraction of the gradient norm on the student's weights that comes from the method's loss.
 
@@ -293,6 +305,7 @@ def train(run, run_dir, force_restart=False):
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a checkpoint from before kdlab fused SGD says fused: None
             group["fused"] = True
+        match_momentum_layouts(optimizer)
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
