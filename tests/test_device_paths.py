@@ -37,8 +37,9 @@ def test_auto_does_not_fall_back_to_the_cpu_in_a_job_given_a_gpu_that_torch_cann
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     run = tiny_run(training={"device": "auto"})
     assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 2
-    assert re.search(r"config key 'training\.device': 'auto', and this job was given GPU\(s\) \(CUDA_VISIBLE_DEVICES="
-                     r"0\), but torch \S+ cannot use CUDA \(.+\); fix that, or set it to 'cpu'", capsys.readouterr().err)
+    assert re.search(r"config key 'training\.device': 'auto', and this job was given GPU\(s\) "
+                     r"\(CUDA_VISIBLE_DEVICES=0\), but torch \S+ cannot use CUDA \(.+\); fix that, or set it to 'cpu'",
+                     capsys.readouterr().err)
     for no_gpu in ("", "-1"):  # a job given none
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", no_gpu)
         assert pick_device("auto") == torch.device("cpu")
