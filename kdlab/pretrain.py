@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from .config import ConfigError, fingerprint, resolve_run
 from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
-from .runio import code_sha256, file_sha256, previous_path, remove_temporaries, save_checked, save_checkpoint
+from .runio import (code_sha256, file_sha256, on_cpu, previous_path, remove_temporaries, save_checked,
+                    save_checkpoint)
 from .train import (GuardError, Normalize, load_frozen_teacher, load_resume_state, log, nonfinite_tensors, pick_device,
                     seed_everything, some)
 
@@ -80,7 +81,7 @@ def pretrain_paraphraser(run, out_path, force_restart=False):
                              f"non-finite ({some(bad)}) after the optimizer step")
         if epoch + 1 < epochs:
             save_checkpoint(checkpoint_path, state(False))
-    save_checked(out_path, {"state_dict": paraphraser.state_dict(), "settings": settings,
+    save_checked(out_path, {"state_dict": on_cpu(paraphraser.state_dict()), "settings": settings,
                             "teacher_weights_sha256": teacher_hash, "reconstruction_loss": losses})
     save_checkpoint(checkpoint_path, state(True))
     previous_path(checkpoint_path).unlink(missing_ok=True)

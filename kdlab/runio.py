@@ -4,6 +4,7 @@ torch is imported only by the functions that need it, so that the results tool c
 use the atomic writes without loading torch.
 """
 
+import copy
 import datetime
 import errno
 import functools
@@ -171,9 +172,20 @@ def load_checked(path):
 
 def save_weights(path, state_dict):
     """Final weights: a plain state_dict, then the sidecar PATH.sha256 with the file's checksum."""
-    atomic_torch_save(path, state_dict)
+    atomic_torch_save(path, on_cpu(state_dict))
     path = Path(path)
     atomic_write_bytes(checksum_path(path), f"{file_sha256(path)}  {path.name}\n".encode())
+
+
+def on_cpu(state_dict):
+    """A state dict (its type and metadata kept) with its tensors on the CPU. torch.save records each
+    tensor's device: a weights file of CUDA tensors fails a plain torch.load on a machine without a GPU,
+    and its bytes, whose SHA-256 is part of the fingerprint of every run that reads it, would depend on
+    the device that wrote it."""
+    copied = copy.copy(state_dict)
+    for key, value in copied.items():
+        copied[key] = value.cpu()  # a CPU tensor stays itself
+    return copied
 
 
 def checksum_path(path):

@@ -8,6 +8,7 @@ ce_weight * CE + kd_weight * KD + L (kdlab/loss.py).
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -50,14 +51,32 @@ def log(message):
 
 def pick_device(name):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        given = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+        if given not in ("", "-1", "NoDevFiles"):
+            # A job given a GPU that torch cannot use (a driver older than torch's CUDA build,
+            # say) would otherwise train on the CPU, tens of times slower, until its walltime.
+            raise ConfigError(f"config key 'training.device': 'auto', and this job was given GPU(s) "
+                              f"(CUDA_VISIBLE_DEVICES={given}), but torch {torch.__version__} cannot use CUDA "
+                              f"({why_no_cuda()}); fix that, or set it to 'cpu' to train on the CPU")
+        return torch.device("cpu")
     device = torch.device(name)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= gpus:
         # Checked here, in the job, not by check-config: a cluster's login node has no GPU.
         raise ConfigError(f"config key 'training.device': {name!r}, but this machine has {gpus} usable CUDA "
-                          f"device(s); use 'auto' (the GPU where there is one) or 'cpu'")
+                          f"device(s){'' if gpus else f' ({why_no_cuda()})'}; use 'auto' (the GPU where there is "
+                          f"one) or 'cpu'")
     return device
+
+
+def why_no_cuda():
+    try:
+        torch.cuda.init()
+    except Exception as e:  # the driver's or the build's own words
+        return (str(e).splitlines() or [type(e).__name__])[0]
+    return "no CUDA device is visible"
 
 
 def seed_everything(seed, deterministic):
@@ -160,6 +179,18 @@ def fused_sgd(params, tr):
         for p in params:
             optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     return optimizer
+
+
+def match_momentum_layouts(optimizer):
+    """Each loaded momentum buffer in its weight's memory layout. A run may resume with
+    channels_last switched (a runtime key), and the buffers keep the checkpoint's layout; fused
+    SGD walks weight, gradient and buffer as flat memory: the CPU kernel silently adds up
+    mismatched elements, CUDA's refuses them (check_fast_path_restrictions)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None:
+                optimizer.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buffer)
 
 
 def gradient_share(method_grads, params):
@@ -293,6 +324,7 @@ def train(run, run_dir, force_restart=False):
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # a checkpoint from before kdlab fused SGD says fused: None
             group["fused"] = True
+        match_momentum_layouts(optimizer)
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
