@@ -300,6 +300,13 @@ def grid_warnings(grid):
             warnings.append(f"config key 'pairs[{i}]': {p['teacher']} -> {p['student']} is the same network pair "
                             f"as pairs[{same[alias]}] (ResNet112 is ResNet110 under the FT code's name); its runs "
                             f"are trained twice")
+    if grid["resources"]["gpu"] > 0:
+        for key, training in (("training", grid["training"]),
+                              ("teacher_training", {**grid["training"], **grid["teacher_training"]})):
+            if training["device"] == "cpu":
+                warnings.append(f"config key '{key}.device': 'cpu', while resources.gpu asks "
+                                f"{grid['resources']['gpu']} GPU(s) for every job: on a cluster they stay idle")
+                break
     return warnings
 
 

@@ -147,6 +147,20 @@ def test_teacher_not_larger_than_its_student_is_a_warning(tmp_path, capsys):
     assert "pairs[1]" not in err
 
 
+def test_a_cpu_device_with_gpus_requested_is_a_warning(tmp_path, capsys):
+    config = demo()
+    config["resources"]["gpu"] = 1
+    for training, teacher_training, named in ((None, None, None), ("cpu", None, "training"),
+                                              ("auto", "cpu", "teacher_training")):
+        config["training"]["device"] = training or "auto"
+        config["teacher_training"] = {"device": teacher_training} if teacher_training else {}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 0
+        err = capsys.readouterr().err
+        assert (f"warning: config key '{named}.device': 'cpu', while resources.gpu asks 1 GPU(s)" in err
+                if named else "resources.gpu" not in err)
+
+
 def test_a_pair_listed_under_both_names_of_one_network_is_a_warning(tmp_path, capsys):
     config = demo()
     config["pairs"] = [{"teacher": "ResNet110", "student": "ResNet8"}, {"teacher": "ResNet112", "student": "ResNet8"},
