@@ -268,13 +268,16 @@ def git_state():
     must not report that repository's commit."""
     here = Path(__file__).resolve()
     repo = here.parent.parent
+    # Read-only: a plain `git status` takes .git/index.lock to refresh the index, and hundreds of
+    # cluster jobs starting at once would make the user's own git commands fail on that lock.
+    git = ["git", "--no-optional-locks", "-C"]
     try:
-        if subprocess.run(["git", "-C", str(here.parent), "ls-files", "--error-unmatch", "--", here.name],
+        if subprocess.run([*git, str(here.parent), "ls-files", "--error-unmatch", "--", here.name],
                           capture_output=True, timeout=10).returncode != 0:
             return None, None
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+        commit = subprocess.run([*git, str(repo), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run([*git, str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip() != ""
         return commit, dirty if commit else None
     except (OSError, subprocess.SubprocessError):
