@@ -280,14 +280,17 @@ def git_state():
     must not report that repository's commit."""
     here = Path(__file__).resolve()
     repo = here.parent.parent
+    # Read-only: a plain `git status` takes .git/index.lock to refresh the index, and hundreds of
+    # cluster jobs starting at once would make the user's own git commands fail on that lock.
+    # (The variable, not --no-optional-locks: a git older than 2.15 ignores it instead of failing.)
+    git = {"capture_output": True, "text": True, "timeout": 10, "env": {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}}
     try:
         if subprocess.run(["git", "-C", str(here.parent), "ls-files", "--error-unmatch", "--", here.name],
-                          capture_output=True, timeout=10).returncode != 0:
+                          **git).returncode != 0:
             return None, None
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], **git).stdout.strip() or None
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+                               **git).stdout.strip() != ""
         return commit, dirty if commit else None
     except (OSError, subprocess.SubprocessError):
         return None, None

@@ -346,6 +346,24 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     assert len(read_log(pbs_env, "qsub")) == 3
 
 
+def test_submit_asks_qstat_only_about_an_earlier_job_that_has_not_ended(tmp_path, pbs_env):
+    """The look-up of the earlier job of the same name (above) costs a qstat per submission;
+    a retry or a restart whose earlier job wrote its exit-code file needs none (a restart of
+    the grid would otherwise be a qstat per job, 10 a second)."""
+    def submit():
+        jobscript = tmp_path / "snakejob.distill.1.sh"
+        jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(single_props(1, runtime=5)))
+        return subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
+                              universal_newlines=True, cwd=str(tmp_path), env=pbs_env, check=True,
+                              timeout=30).stdout.strip()
+
+    first = submit()
+    assert wait_for((tmp_path / "logs" / "pbs" / "exit" / first).exists, seconds=20)  # it ran and ended
+    qstat_calls = len(read_log(pbs_env, "qstat"))
+    assert submit() != first
+    assert len(read_log(pbs_env, "qstat")) == qstat_calls and len(read_log(pbs_env, "qsub")) == 2
+
+
 def test_submit_removes_files_of_an_earlier_job_with_the_same_id(tmp_path, pbs_env):
     """PBS reuses job ids (max_job_sequence_id wraps, a reinstalled server starts over):
     an old exit-code file "0" would make the new job, if deleted while queued, a success."""

@@ -484,7 +484,10 @@ def still_active_job(settings, ledger, name):
                     last = parts[1]
     except OSError:
         return None
-    if last is None:
+    if last is None or read_exit_file(settings, last) is not None:
+        # It wrote its exit code, so it has ended (a retry after a walltime kill, a
+        # restart after it finished): no qstat, which a restart would otherwise call
+        # once per job, up to 10 a second.
         return None
     for attempt in range(max(settings.int("qstat_retries"), 1)):
         found, unknown, error = query_jobs(settings, [last])
