@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_results.py
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_classic.py
+	$(PY) bench/bench_io.py config/config.yaml config/crd.yaml
 
 clean-demo:
 	rm -rf experiments/Synthetic results/curves/Synthetic__* logs/ .snakemake/
