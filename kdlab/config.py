@@ -210,11 +210,15 @@ def resolve_run(run):
     return run
 
 
-def check_models_and_methods(student, teacher, method, settings, where):
+def check_models(student, teacher, where):
     for key, name in (("student", student), ("teacher", teacher)):
         if name is not None and name not in BLOCKS_PER_STAGE:
             raise ConfigError(f"config key '{where}{key}': unknown model {name!r}; "
                               f"known models: {', '.join(BLOCKS_PER_STAGE)}")
+
+
+def check_models_and_methods(student, teacher, method, settings, where):
+    check_models(student, teacher, where)
     try:
         get_method(method).check(settings, student, teacher)
     except ValueError as e:
@@ -271,6 +275,7 @@ def resolve_grid(config):
             raise ConfigError(f"config key 'pairs[{i}]': {pair['teacher']} -> {pair['student']} repeats "
                               f"pairs[{first_seen[key]}]; every pair must be listed once")
         first_seen[key] = i
+        check_models(pair["student"], pair["teacher"], f"pairs[{i}].")  # also where no method would check them
         for name, block in grid["methods"].items():
             check_models_and_methods(pair["student"], pair["teacher"], name, settings_of(block), f"pairs[{i}].")
     return grid

@@ -313,6 +313,15 @@ def test_bad_config_is_rejected_naming_the_key(name):
     assert text in message
 
 
+@pytest.mark.parametrize("key", ["teacher", "student"])
+def test_unknown_model_is_rejected_without_methods(key):
+    """A grid of teachers and plain students only: no method checks the pair, the models still are (a
+    misspelt model passed check-config and snakemake -n, and no rule matched its output)."""
+    config = set_in(demo(methods={}), f"pairs.0.{key}", "Resnet8")
+    with pytest.raises(ConfigError, match=rf"config key 'pairs\[0\]\.{key}': unknown model 'Resnet8'"):
+        resolve_grid(config)
+
+
 def test_missing_pairs_and_empty_config():
     for config in ({}, {"seeds": [0]}):
         with pytest.raises(ConfigError, match=r"config key '\(top level\)': 'pairs' is a required property"):
