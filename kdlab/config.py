@@ -110,6 +110,8 @@ def unsafe_values(instance, path=()):
 def schema_message(error):
     if error.validator == "pattern" and "description" in error.schema:
         return f"{error.instance!r} is not allowed here: it must be {error.schema['description']}"
+    if error.validator == "additionalProperties" and error.schema.get("properties"):  # a typo: say what is known
+        return f"{error.message}; known keys: {', '.join(error.schema['properties'])}"
     return error.message + yaml_hint(error)
 
 
@@ -136,7 +138,7 @@ def yaml_hint(error):
         return " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write 1.0e-3 or 0.001)"
     # Snakemake's --config reads every value inside a mapping (training={"epochs": 2}) as a string.
     return (" (a number in quotes is a string: remove the quotes; snakemake --config passes the values inside a "
-            "mapping as strings: set them in a YAML file given with a second --configfile)")
+            "list or a mapping as strings: set them in a YAML file given with a second --configfile)")
 
 
 def validate(instance, schema, prefix=""):
