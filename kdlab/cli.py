@@ -38,6 +38,10 @@ def full_run_config(args):
     """--config, with the blocks of --runtime (workers, device, data_dir: how, not what) merged in."""
     from .config import ConfigError
     run = read_run_config(args.config, "--config")
+    if "pairs" in run:  # config/demo.yaml given to kdlab train: a likely first mistake
+        raise ConfigError("--config is an experiment grid (it has 'pairs'): run it with snakemake (or check it with "
+                          "kdlab check-config); this command takes one run's config, as snakemake passes it "
+                          "(`snakemake -n -p --forcerun RUN/metrics.json` prints a run's command)")
     for block, values in (read_run_config(args.runtime, "--runtime") if args.runtime else {}).items():
         if not isinstance(values, dict) or not isinstance(run.get(block, {}), dict):
             raise ConfigError(f"--runtime: block {block!r} must be a mapping in both --runtime and --config")

@@ -110,6 +110,8 @@ def unsafe_values(instance, path=()):
 def schema_message(error):
     if error.validator == "pattern" and "description" in error.schema:
         return f"{error.instance!r} is not allowed here: it must be {error.schema['description']}"
+    if error.validator == "additionalProperties" and error.schema.get("properties"):  # a typo: say what is known
+        return f"{error.message}; known keys: {', '.join(error.schema['properties'])}"
     return error.message + yaml_hint(error)
 
 
@@ -136,7 +138,7 @@ def yaml_hint(error):
         return " (YAML 1.1 reads an exponent as a number only with a dot and a sign: write 1.0e-3 or 0.001)"
     # Snakemake's --config reads every value inside a mapping (training={"epochs": 2}) as a string.
     return (" (a number in quotes is a string: remove the quotes; snakemake --config passes the values inside a "
-            "mapping as strings: set them in a YAML file given with a second --configfile)")
+            "list or a mapping as strings: set them in a YAML file given with a second --configfile)")
 
 
 def validate(instance, schema, prefix=""):
@@ -210,11 +212,15 @@ def resolve_run(run):
     return run
 
 
-def check_models_and_methods(student, teacher, method, settings, where):
+def check_models(student, teacher, where):
     for key, name in (("student", student), ("teacher", teacher)):
         if name is not None and name not in BLOCKS_PER_STAGE:
             raise ConfigError(f"config key '{where}{key}': unknown model {name!r}; "
                               f"known models: {', '.join(BLOCKS_PER_STAGE)}")
+
+
+def check_models_and_methods(student, teacher, method, settings, where):
+    check_models(student, teacher, where)
     try:
         get_method(method).check(settings, student, teacher)
     except ValueError as e:
@@ -271,6 +277,7 @@ def resolve_grid(config):
             raise ConfigError(f"config key 'pairs[{i}]': {pair['teacher']} -> {pair['student']} repeats "
                               f"pairs[{first_seen[key]}]; every pair must be listed once")
         first_seen[key] = i
+        check_models(pair["student"], pair["teacher"], f"pairs[{i}].")  # also where no method would check them
         for name, block in grid["methods"].items():
             check_models_and_methods(pair["student"], pair["teacher"], name, settings_of(block), f"pairs[{i}].")
     return grid

@@ -312,7 +312,8 @@ def train(run, run_dir, force_restart=False):
 
     inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
     run_fingerprint = fingerprint(run, inputs)
-    teacher_outputs = teacher_source(run, teacher, inputs.get("teacher_weights"), arrays, device, tr["compile"])
+    teacher_outputs, teacher_from = teacher_source(run, teacher, inputs.get("teacher_weights"), arrays, device,
+                                                   tr["compile"])
     student = student_forward(model, method)
     forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     checkpoint_path = run_dir / "checkpoint.pth"
@@ -339,7 +340,8 @@ def train(run, run_dir, force_restart=False):
         if teacher:
             log(f"teacher {run['teacher']} test accuracy: {teacher_acc:.2f}%")
     here = {**provenance(device, state["started"], identity["data_sha256"]), "fingerprint": run_fingerprint,
-            "inputs_sha256": inputs, "runtime": split_runtime(run)[1]}
+            "inputs_sha256": inputs, "runtime": split_runtime(run)[1],
+            "teacher_outputs": teacher_from}  # teacher_cache on says where it may apply, not that it did
     prov = run_provenance(state, ckpt, here, run)
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(state.get("config", run), status, state, tr["epochs"],  # noqa: E731
@@ -469,19 +471,20 @@ def run_provenance(state, ckpt, here, run):
 
 
 def teacher_source(run, teacher, teacher_sha256, arrays, device, compile_teacher):
-    """f(images, views) -> the frozen teacher's outputs for a batch: from the cache where it applies."""
+    """(f(images, views) -> the frozen teacher's outputs for a batch, "cache" or "live"): from the cache
+    where it applies."""
     if teacher is None:
-        return lambda x, views: None
+        return (lambda x, views: None), None
     reason, path = why_not_cached(run), cache_path(run["teacher_weights"])
     if reason is None and not path.exists():  # by hand; in the workflow the cache is an input
         reason = f"there is no cache at {path} (kdlab cache-teacher builds it)"
     if reason is None:
         cache = TeacherCache(path, cache_key(run["teacher"], teacher_sha256, arrays), device)
         log(f"teacher outputs (logits, embedding) from the cache {path}")
-        return lambda x, views: cache(views)
+        return (lambda x, views: cache(views)), "cache"
     log(f"teacher runs live: {reason}")
     forward = torch.compile(teacher) if compile_teacher else teacher
-    return lambda x, views: forward(x)
+    return (lambda x, views: forward(x)), "live"
 
 
 class StepTally:

@@ -215,6 +215,10 @@ BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must n
                                       "methods.rkd.additive", "plain decimals"),
     "additive empty": ("methods.rkd.additive", [], "methods.rkd.additive", "non-empty"),
     "unknown method none": ("methods.none", {}, "methods", "'none'"),
+    "misspelt method names the known ones": ("methods.kdd", {}, "methods",
+                                             "('kdd' was unexpected); known keys: kd, fitnets, rkd, ft, at,"),
+    "misspelt setting names the known ones": ("methods.kd.tempreature", 4, "methods.kd",
+                                              "known keys: temperature, alphas, additive"),
     "unknown teacher": ("pairs.0.teacher", "ResNet1000", "pairs[0].teacher", "unknown model 'ResNet1000'"),
     "unknown student": ("pairs.0.student", "ResNet9", "pairs[0].student", "unknown model 'ResNet9'"),
     "alpha above 1": ("alphas", [0.5, 1.5], "alphas[1]", "1.5"),
@@ -257,7 +261,7 @@ BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must n
     "output dir is a file": ("experiments_dir", __file__, "experiments_dir", "is a file, not a directory"),
     "output dir inside a file": ("results_dir", __file__ + "/results", "results_dir", "is a file, not a directory"),
     "a quoted number": ("training.epochs", "3", "training.epochs", "remove the quotes; snakemake --config passes the "
-                        "values inside a mapping as strings"),
+                        "values inside a list or a mapping as strings"),
     "seeds not a list": ("seeds", 0, "seeds", "not of type 'array'"),
     "duplicate seeds": ("seeds", [0, 0], "seeds", "non-unique"),
     "epochs as a string": ("training.epochs", "240", "training.epochs", "not of type 'integer'"),
@@ -311,6 +315,15 @@ def test_bad_config_is_rejected_naming_the_key(name):
     message = str(error.value)
     assert f"config key '{key}'" in message
     assert text in message
+
+
+@pytest.mark.parametrize("key", ["teacher", "student"])
+def test_unknown_model_is_rejected_without_methods(key):
+    """A grid of teachers and plain students only: no method checks the pair, the models still are (a
+    misspelt model passed check-config and snakemake -n, and no rule matched its output)."""
+    config = set_in(demo(methods={}), f"pairs.0.{key}", "Resnet8")
+    with pytest.raises(ConfigError, match=rf"config key 'pairs\[0\]\.{key}': unknown model 'Resnet8'"):
+        resolve_grid(config)
 
 
 def test_missing_pairs_and_empty_config():

@@ -36,6 +36,7 @@ def test_a_resumed_run_records_the_process_that_started_it_and_each_resume(tmp_p
     assert (prov["host"], prov["pbs_job_id"], prov["code_sha256"]) == ("node-a", "111.pbs", code_sha256())
     assert prov["python_version"] == platform.python_version() and prov["threads"] == torch.get_num_threads()
     assert prov["fingerprint"] and prov["runtime"]["training"]["num_workers"] == 0
+    assert prov["teacher_outputs"] is None  # a teacher run reads no teacher
     [resume] = prov["resumes"]
     assert (resume["epoch"], resume["host"], resume["pbs_job_id"]) == (1, "node-b", "222.pbs")
     assert resume["runtime"]["training"]["num_workers"] == 2 and resume["code_sha256"] == code_sha256()

@@ -23,7 +23,7 @@ from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, load
                          save_weights, verify_weights)
 from kdlab.train import GuardError, train
 
-from conftest import comparable, interrupt_after_checkpoints, read_json, tiny_run
+from conftest import REPO, comparable, interrupt_after_checkpoints, read_json, tiny_run
 from test_config import BAD, bad_config, demo, tree
 
 RELIABILITY_BAD = [name for name in BAD if any(word in name for word in (
@@ -84,7 +84,8 @@ def test_a_job_refuses_a_bad_value_at_start_naming_the_key(key, value, tmp_path,
     (["--runtime", "[1]"], "--runtime must be a mapping of config keys"),
     (["--config", "[1]"], "--config must be a mapping of config keys"),
     (["--config", ""], "--config must be a mapping of config keys (inline JSON or a YAML/JSON file), not nothing"),
-], ids=["runtime block", "runtime list", "config list", "config empty"])
+    (["--config", str(REPO / "config" / "demo.yaml")], "--config is an experiment grid"),
+], ids=["runtime block", "runtime list", "config list", "config empty", "config a grid"])
 def test_a_job_refuses_malformed_config_options(args, message, tmp_path, capsys):
     run = ["--config", json.dumps(tiny_run()), "--run-dir", str(tmp_path / "run")]
     for option, value in zip(args[::2], args[1::2]):

@@ -349,6 +349,8 @@ def test_a_kd_run_from_the_cache_ends_as_one_with_the_live_teacher(cached_teache
     cached, live, other_seed = kd(0, True), kd(0, False), kd(1, False)
     out = capsys.readouterr().out
     assert "from the cache" in out and "teacher runs live: training.teacher_cache is false" in out
+    # What the run did, not only its setting: a by-hand run without the cache file says "live" too.
+    assert (cached["provenance"]["teacher_outputs"], live["provenance"]["teacher_outputs"]) == ("cache", "live")
     seed_noise = max(abs(other_seed["last_acc"] - live["last_acc"]), 3.0)
     assert abs(cached["last_acc"] - live["last_acc"]) <= seed_noise
     assert cached["history"]["train_loss"] == pytest.approx(live["history"]["train_loss"], rel=1e-2)

@@ -89,6 +89,17 @@ def test_a_config_file_with_a_key_given_twice_stops_the_workflow_naming_it(tmp_p
     assert f"cannot read the config {tmp_path / 'overlay.yaml'}: key 'seeds' appears twice" in proc.output
 
 
+def test_another_experiments_dir_keeps_its_logs_apart(tmp_path):
+    """config.yaml and crd.yaml run from one directory have runs of the same names (the teachers): the logs of
+    experiments_crd/ go to logs/experiments_crd/, not over those of experiments/ in logs/."""
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump({**OVERLAY, "experiments_dir": "./runs/crd/"}))
+    output = snakemake(tmp_path, "-n").output
+    assert "log: logs/runs_crd/train_teacher/Synthetic/ResNet8/0.log" in output
+    assert "log: logs/runs_crd/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log" in output
+    assert "benchmark: logs/runs_crd/benchmarks/train_student/Synthetic/ResNet8/0.tsv" in output
+    assert "log: logs/runs_crd/aggregate.log" in output and "log: logs/train" not in output
+
+
 def test_crd_recipe_plans_every_method_in_its_additive_form(tmp_path):
     """config/crd.yaml: one run of each method and recipe, planned through the wildcards."""
     jobs = [j for j in expand_grid(load_grid(REPO / "config" / "crd.yaml")) if j.rule == "distill"]

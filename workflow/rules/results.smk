@@ -20,7 +20,7 @@ rule aggregate:
         out=lambda w, output: os.path.dirname(output.table_csv),
         method_versions=json.dumps(method_versions()),
     log:
-        "logs/aggregate.log",
+        f"{LOGS}/aggregate.log",
     conda:
         ENV
     shell:

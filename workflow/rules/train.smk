@@ -12,9 +12,9 @@ rule train_teacher:
         run=run_param(f"{TEACHER}/metrics.json"),
         method_version=METHODS["none"].VERSION,
     log:
-        "logs/train_teacher/{dataset}/{teacher}/{seed}.log",
+        f"{LOGS}/train_teacher/{{dataset}}/{{teacher}}/{{seed}}.log",
     benchmark:
-        "logs/benchmarks/train_teacher/{dataset}/{teacher}/{seed}.tsv"
+        f"{LOGS}/benchmarks/train_teacher/{{dataset}}/{{teacher}}/{{seed}}.tsv"
     threads: RES["threads"]
     conda:
         ENV
@@ -38,9 +38,9 @@ rule import_teacher:
     params:
         run=run_param(f"{TEACHER}/metrics.json"),
     log:
-        "logs/import_teacher/{dataset}/{teacher}/{seed}.log",
+        f"{LOGS}/import_teacher/{{dataset}}/{{teacher}}/{{seed}}.log",
     benchmark:
-        "logs/benchmarks/import_teacher/{dataset}/{teacher}/{seed}.tsv"
+        f"{LOGS}/benchmarks/import_teacher/{{dataset}}/{{teacher}}/{{seed}}.tsv"
     threads: RES["threads"]
     conda:
         ENV
@@ -62,9 +62,9 @@ rule pretrain_paraphraser:
         run=run_param(PARAPHRASER),
         method_version=METHODS["ft"].VERSION,
     log:
-        "logs/pretrain_paraphraser/{dataset}/{teacher}/{seed}/{setting}.log",
+        f"{LOGS}/pretrain_paraphraser/{{dataset}}/{{teacher}}/{{seed}}/{{setting}}.log",
     benchmark:
-        "logs/benchmarks/pretrain_paraphraser/{dataset}/{teacher}/{seed}/{setting}.tsv"
+        f"{LOGS}/benchmarks/pretrain_paraphraser/{{dataset}}/{{teacher}}/{{seed}}/{{setting}}.tsv"
     threads: RES["threads"]
     conda:
         ENV
@@ -90,9 +90,9 @@ rule cache_teacher:
     params:
         run=run_param(TEACHER_CACHE),
     log:
-        "logs/cache_teacher/{dataset}/{teacher}/{seed}.log",
+        f"{LOGS}/cache_teacher/{{dataset}}/{{teacher}}/{{seed}}.log",
     benchmark:
-        "logs/benchmarks/cache_teacher/{dataset}/{teacher}/{seed}.tsv"
+        f"{LOGS}/benchmarks/cache_teacher/{{dataset}}/{{teacher}}/{{seed}}.tsv"
     threads: RES["threads"]
     conda:
         ENV
@@ -113,9 +113,9 @@ rule train_student:
         run=run_param(f"{STUDENT}/metrics.json"),
         method_version=METHODS["none"].VERSION,
     log:
-        "logs/train_student/{dataset}/{student}/{seed}.log",
+        f"{LOGS}/train_student/{{dataset}}/{{student}}/{{seed}}.log",
     benchmark:
-        "logs/benchmarks/train_student/{dataset}/{student}/{seed}.tsv"
+        f"{LOGS}/benchmarks/train_student/{{dataset}}/{{student}}/{{seed}}.tsv"
     threads: RES["threads"]
     conda:
         ENV
@@ -140,9 +140,9 @@ rule distill:
         # that method's runs ("Params have changed"), and the params trigger rerun them.
         method_version=lambda w: METHODS[w.method].VERSION,
     log:
-        "logs/distill/{dataset}/{method}/{recipe}/{teacher}_to_{student}/{seed}.log",
+        f"{LOGS}/distill/{{dataset}}/{{method}}/{{recipe}}/{{teacher}}_to_{{student}}/{{seed}}.log",
     benchmark:
-        "logs/benchmarks/distill/{dataset}/{method}/{recipe}/{teacher}_to_{student}/{seed}.tsv"
+        f"{LOGS}/benchmarks/distill/{{dataset}}/{{method}}/{{recipe}}/{{teacher}}_to_{{student}}/{{seed}}.tsv"
     threads: RES["threads"]
     conda:
         ENV
