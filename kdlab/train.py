@@ -135,6 +135,10 @@ def student_forward(model, method):
 
 def load_frozen_teacher(run, num_classes, device, channels_last=False):
     teacher, path = build_model(run["teacher"], num_classes), run["teacher_weights"]
+    if not Path(path).exists():
+        raise UnreadableFile(f"teacher weights {path} do not exist: they are the output of rule train_teacher "
+                             f"(import_teacher for a published checkpoint); run snakemake, which trains the "
+                             f"teacher before this run")
     try:
         weights = load_weights(path)
         if not isinstance(weights, dict):
@@ -288,8 +292,6 @@ def load_resume_state(path, run_fingerprint, force_restart, identity):
 def train(run, run_dir, force_restart=False):
     run = resolve_run(run)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(run_dir)  # from writes that a kill interrupted
     tr, method = run["training"], get_method(run["method"])
     device = pick_device(tr["device"])
     seed_everything(run["seed"], tr["deterministic"])
@@ -309,6 +311,10 @@ def train(run, run_dir, force_restart=False):
     amp_dtype = AMP_DTYPES.get(tr["amp"])
     scaler = torch.amp.GradScaler(device.type, enabled=tr["amp"] == "fp16")
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+
+    # Made only now that the inputs have loaded: a run refused for a missing input leaves no empty directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(run_dir)  # from writes that a kill interrupted
 
     inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
     run_fingerprint = fingerprint(run, inputs)

@@ -362,6 +362,15 @@ def test_damaged_teacher_weights_name_the_file_and_the_rule(teacher_dir, tmp_pat
     assert f"teacher weights {weights}" in err and "rule train_teacher" in err and "Traceback" not in err
 
 
+def test_missing_teacher_weights_say_so_and_leave_no_run_directory(tmp_path, capsys):
+    weights = tmp_path / "teachers" / "model.pth"
+    run = tiny_run(kind="distill", method="kd", alpha=0.5, teacher="ResNet8", teacher_weights=str(weights))
+    assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"teacher weights {weights} do not exist: they are the output of rule train_teacher" in err
+    assert "delete" not in err and not (tmp_path / "run").exists()
+
+
 def test_damaged_paraphraser_names_the_file_and_the_rule(tmp_path, capsys):
     from kdlab.methods.ft import PARAPHRASER_KEYS, load_paraphraser
     from kdlab.runio import save_checked
