@@ -884,6 +884,19 @@ def test_a_row_mixing_recipes_says_so(tmp_path):
     assert R.table_csv(list(rows.values())).splitlines()[1].endswith(",2")
 
 
+def test_the_summary_says_when_a_best_setting_has_fewer_seeds(tmp_path):
+    exp = tmp_path / "e"
+    pair = dict(teacher="ResNet56", student="ResNet20")
+    write_run(exp, "distill", method="kd", alpha=0.7, **pair, seed=0, best=55.33)  # best on one seed
+    for seed in range(2):
+        write_run(exp, "distill", method="kd", alpha=0.5, **pair, seed=seed, best=54.0 + seed)
+        write_run(exp, "distill", method="rkd", alpha=0.5, **pair, seed=seed, best=50.0 + seed)
+    md = R.table_markdown(R.build_table(R.load_runs(str(exp))[0], methods=["kd", "rkd"]), methods=["kd", "rkd"])
+    summary = md.split("## Summary")[1].split("## All runs")[0]
+    assert "| 55.33 (α 0.7, 1 seed) |" in summary
+    assert f"| 50.50 ± {statistics.stdev([50.0, 51.0]):.2f} (α 0.5) |" in summary  # as many seeds as any
+
+
 def test_a_bar_in_a_directory_name_stays_in_its_table_cell(tmp_path):
     exp = tmp_path / "e"
     write_run(exp, "distill", method="kd", teacher="ResNet56", student="ResNet20", setting="ce|kd", best=70.0)

@@ -270,6 +270,11 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
     methods = method_order(order, (r["method"] for r in rows if r["role"] == "distill"))
     best = best_setting_rows(rows, metric)
     col = (f"{metric}_mean", f"{metric}_std")
+    most_seeds = max((r["n_seeds"] for r in best.values()), default=0)
+
+    def seeds(r):  # a best setting on fewer seeds than the others is a weaker claim: say so
+        return f", {r['n_seeds']} seed{'s' * (r['n_seeds'] != 1)}" if r["n_seeds"] < most_seeds else ""
+
     body = []
     for p in _pairs(rows):
         cells = [p[0], f"{p[1] or '–'} → {p[2] or '–'}"]
@@ -278,15 +283,15 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
             cells.append(fmt_pm(r[col[0]], r[col[1]]) + _mixed(r) if r else "–")
         for m in methods:
             r = best.get((*p, m))
-            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])}){_mixed(r)}"
+            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])}{seeds(r)}){_mixed(r)}"
                          if r else "–")
         body.append(cells)
     lines += ["", f"## Summary: each method at its best setting, {metric_words(metric)} test "
               f"accuracy (%)", "",
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
-              "such. A method without runs shows –; ⚠ marks a mean over runs of different "
-              "recipes (see *All runs*)."]
+              "such. A method without runs shows –; a setting with fewer seeds than the others "
+              "says how many; ⚠ marks a mean over runs of different recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
     lines += ["", "## All runs", "",
