@@ -311,6 +311,8 @@ def test_published_numbers_beside_ours_on_the_source_metric(tmp_path):
     assert float(imported["ours_minus_published"]) == pytest.approx(74.2 - 74.31)
 
     md = (out / R.TABLE_MD).read_text()
+    assert "| ResNet110 → – | Teacher (ResNet110, imported) |" in md
+    assert f"| {T} → ResNet20 | Teacher ({T}) |" in md  # trained here
     compared = md.split("## Compared with crd2020")[1].split("## All runs")[0]
     assert compared.startswith(": last-epoch test accuracy")
     lines = compared.splitlines()

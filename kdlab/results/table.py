@@ -72,6 +72,7 @@ def _group_row(group: list[dict], margin: float, sources: tuple[dict, ...], role
            "last_mean": last_mean, "last_std": last_std,
            "n_near_chance": sum(is_near_chance(s, margin) for s in group),
            "n_recipes": len({s.get("recipe_digest") for s in group}),
+           "n_imported": sum(bool(s.get("imported_from")) for s in group),  # teachers of kdlab import-teacher
            "published_source": "", "published": math.nan, "published_metric": "",
            "ours_minus_published": math.nan}
     source = source_of(group, sources)
@@ -307,7 +308,9 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
             if r["dataset"] != ds:
                 continue
             if r["role"] == "teacher":
-                name = f"Teacher ({r['teacher']})"
+                imported = ("" if not r["n_imported"] else ", imported" if r["n_imported"] == r["n_seeds"]
+                            else f", {r['n_imported']} of {r['n_seeds']} imported")
+                name = f"Teacher ({r['teacher']}{imported})"
             elif r["role"] == "student":
                 name = f"Student ({r['student']}, no distillation)"
             else:
