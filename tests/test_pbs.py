@@ -321,10 +321,10 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     that job has left PBS, or for another job, pbs-submit submits as usual."""
     set_control(pbs_env, queue_delay=60)  # the first job stays queued
 
-    def submit(rule):
+    def submit(rule, output="experiments/x/model.pth"):
         jobscript = tmp_path / ("snakejob.%s.1.sh" % rule)
         props = single_props(1, runtime=5)
-        props["rule"] = rule
+        props.update(rule=rule, output=[output, "other/metrics.json"])
         jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(props))
         p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
@@ -338,12 +338,17 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     assert "re-attached to PBS job %s" % first in (tmp_path / "logs" / "pbs" / "status.log").read_text()
     other, _ = submit("distill")
     assert other != first and len(read_log(pbs_env, "qsub")) == 2
+    # The same rule and wildcards (so the same name) in another config's experiments_dir,
+    # run at the same time from this directory: another job, not the first config's.
+    crd, message = submit("train_teacher", "experiments_crd/x/model.pth")
+    assert crd not in (first, other) and "watching" not in message and len(read_log(pbs_env, "qsub")) == 3
+    subprocess.run(["qdel", crd], env=pbs_env, check=True, timeout=10)
     subprocess.run(["qdel", first], env=pbs_env, check=True, timeout=10)
     wait_for(lambda: first not in [j["id"] for j in standin.all_jobs(pbs_env["PBS_STANDIN_DIR"])
                                    if j["state"] in ("Q", "R")], seconds=10, every=0.1)
     fresh, message = submit("train_teacher")
-    assert fresh not in (first, other) and "watching" not in message
-    assert len(read_log(pbs_env, "qsub")) == 3
+    assert fresh not in (first, other, crd) and "watching" not in message
+    assert len(read_log(pbs_env, "qsub")) == 4
 
 
 def test_submit_asks_qstat_only_about_an_earlier_job_that_has_not_ended(tmp_path, pbs_env):

@@ -472,15 +472,18 @@ def register_job(jobid):
         pass
 
 
-def still_active_job(settings, ledger, name):
-    """The PBS id of the last job submitted under `name` from this workflow
-    directory if PBS still has it queued/running/held, else None."""
+def still_active_job(settings, ledger, name, output=""):
+    """The PBS id of the last job submitted under `name` for `output` (the first of its
+    output files) from this workflow directory if PBS still has it queued/running/held, else None.
+    The name alone is rule and wildcards: two configs run from one directory (another
+    experiments_dir) have jobs of one name and other outputs, which are not the same job."""
     last = None
     try:
         with open(ledger) as f:
             for line in f:
                 parts = line.rstrip("\n").split("\t")
-                if len(parts) > 2 and parts[2] == name and valid_jobid(parts[1]):
+                if (len(parts) > 2 and parts[2] == name and valid_jobid(parts[1])
+                        and (len(parts) < 12 or parts[11] == output)):  # lines before the output column: by name
                     last = parts[1]
     except OSError:
         return None
@@ -536,7 +539,8 @@ def submit_main(argv):
             % (name, summary["ngpus"])
         )
     ledger = os.path.join(logdir, "jobs.tsv")
-    previous = still_active_job(settings, ledger, name)
+    output = min(props.get("output") or [""])  # the first in sorted order: a group lists its outputs in any order
+    previous = still_active_job(settings, ledger, name, output)
     if previous:
         # Snakemake was restarted while this job's PBS job from the earlier run is
         # still queued or running (Snakemake forgets it once the job has started).
@@ -593,7 +597,8 @@ def submit_main(argv):
             "%s=%s" % (k, v) for k, v in (props.get("wildcards") or {}).items()
         )
     if not os.path.exists(ledger):
-        append_line(ledger, "submitted\tjobid\tname\trule\tattempt\tncpus\tngpus\tmem_mb\twalltime\twildcards\tlog")
+        append_line(ledger, "submitted\tjobid\tname\trule\tattempt\tncpus\tngpus\tmem_mb\twalltime\twildcards\tlog"
+                            "\toutput")
     append_line(
         ledger,
         "\t".join(
@@ -601,7 +606,7 @@ def submit_main(argv):
             for x in (
                 now_iso(), jobid, name, what, details["attempt"] or "",
                 summary["ncpus"], summary["ngpus"], summary["mem_mb"], summary["walltime"] or "",
-                wildcards, os.path.join(settings["log_dir"], "%s.%s.log" % (name, jobid)),
+                wildcards, os.path.join(settings["log_dir"], "%s.%s.log" % (name, jobid)), output,
             )
         ),
     )
