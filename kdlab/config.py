@@ -204,7 +204,8 @@ def resolve_run(run):
             raise ConfigError("config key 'method': a distilled student needs a distillation method, not 'none'")
         run["training"] = {**run["training"], "label_smoothing": 0.0}  # hard labels for every distilled student
     run["method_settings"] = method_settings(run["method"], run["method_settings"], "method_settings")
-    check_models_and_methods(run["model"], run["teacher"], run["method"], run["method_settings"], "")
+    check_models(run["model"], run["teacher"], "")
+    check_method(run["model"], run["teacher"], run["method"], run["method_settings"])
     if get_method(run["method"]).NEEDS_TEACHER and not (run["teacher"] and run["teacher_weights"]):
         raise ConfigError(f"config key 'teacher_weights': method {run['method']!r} needs a teacher and its weights")
     if run["paraphraser"] and run["method"] != "ft":
@@ -219,8 +220,7 @@ def check_models(student, teacher, where):
                               f"known models: {', '.join(BLOCKS_PER_STAGE)}")
 
 
-def check_models_and_methods(student, teacher, method, settings, where):
-    check_models(student, teacher, where)
+def check_method(student, teacher, method, settings):
     try:
         get_method(method).check(settings, student, teacher)
     except ValueError as e:
@@ -277,9 +277,9 @@ def resolve_grid(config):
             raise ConfigError(f"config key 'pairs[{i}]': {pair['teacher']} -> {pair['student']} repeats "
                               f"pairs[{first_seen[key]}]; every pair must be listed once")
         first_seen[key] = i
-        check_models(pair["student"], pair["teacher"], f"pairs[{i}].")  # also where no method would check them
+        check_models(pair["student"], pair["teacher"], f"pairs[{i}].")
         for name, block in grid["methods"].items():
-            check_models_and_methods(pair["student"], pair["teacher"], name, settings_of(block), f"pairs[{i}].")
+            check_method(pair["student"], pair["teacher"], name, settings_of(block))
     return grid
 
 
@@ -307,13 +307,12 @@ def grid_warnings(grid):
             warnings.append(f"config key 'pairs[{i}]': {p['teacher']} -> {p['student']} is the same network pair "
                             f"as pairs[{same[alias]}] (ResNet112 is ResNet110 under the FT code's name); its runs "
                             f"are trained twice")
-    if grid["resources"]["gpu"] > 0:
-        for key, training in (("training", grid["training"]),
-                              ("teacher_training", {**grid["training"], **grid["teacher_training"]})):
-            if training["device"] == "cpu":
-                warnings.append(f"config key '{key}.device': 'cpu', while resources.gpu asks "
-                                f"{grid['resources']['gpu']} GPU(s) for every job: on a cluster they stay idle")
-                break
+    # teacher_training holds only overrides: the teachers' device is training's unless it says otherwise.
+    cpu = [key for key, block in (("training", grid["training"]), ("teacher_training", grid["teacher_training"]))
+           if block.get("device") == "cpu"]
+    if grid["resources"]["gpu"] > 0 and cpu:
+        warnings.append(f"config key '{cpu[0]}.device': 'cpu', while resources.gpu asks "
+                        f"{grid['resources']['gpu']} GPU(s) for every job: on a cluster they stay idle")
     return warnings
 
 

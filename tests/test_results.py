@@ -893,10 +893,12 @@ def test_the_summary_says_when_a_best_setting_has_fewer_seeds(tmp_path):
     for seed in range(2):
         write_run(exp, "distill", method="kd", alpha=0.5, **pair, seed=seed, best=54.0 + seed)
         write_run(exp, "distill", method="rkd", alpha=0.5, **pair, seed=seed, best=50.0 + seed)
-    md = R.table_markdown(R.build_table(R.load_runs(str(exp))[0], methods=["kd", "rkd"]), methods=["kd", "rkd"])
+    write_run(exp, "distill", method="pkt", alpha=0.5, **pair, seed=0, best=52.0)  # its only setting
+    methods = ["kd", "rkd", "pkt"]
+    md = R.table_markdown(R.build_table(R.load_runs(str(exp))[0], methods=methods), methods=methods)
     summary = md.split("## Summary")[1].split("## All runs")[0]
     assert "| 55.33 (α 0.7, 1 seed) |" in summary
-    assert f"| 50.50 ± {statistics.stdev([50.0, 51.0]):.2f} (α 0.5) |" in summary  # as many seeds as any
+    assert f"| 50.50 ± {statistics.stdev([50.0, 51.0]):.2f} (α 0.5) | 52.00 (α 0.5) |" in summary
 
 
 def test_a_bar_in_a_directory_name_stays_in_its_table_cell(tmp_path):
@@ -908,6 +910,11 @@ def test_a_bar_in_a_directory_name_stays_in_its_table_cell(tmp_path):
     head = next(line for line in md.splitlines() if line.startswith("| Teacher → Student | Method"))
     # GitHub's Markdown splits a row at every "|" not preceded by a backslash.
     assert len(re.split(r"(?<!\\)\|", row)) == len(head.split("|"))
+    # A method found in runs (not registered) is a column of the summary: its header too.
+    write_run(exp, "distill", method="my|kd", alpha=0.5, teacher="ResNet56", student="ResNet20", best=60.0)
+    md = R.table_markdown(R.build_table(R.load_runs(str(exp))[0], methods=["kd"]), methods=["kd"])
+    head, rule = next((a, b) for a, b in zip(md.splitlines(), md.splitlines()[1:]) if a.startswith("| Dataset"))
+    assert "my\\|kd" in head and len(re.split(r"(?<!\\)\|", head)) == len(rule.split("|"))
 
 
 def test_markdown_says_which_runs_are_not_in_the_table(campaign):

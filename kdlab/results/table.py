@@ -210,10 +210,9 @@ def _role_row(rows: list[dict], pair: tuple, role: str) -> dict | None:
 
 
 def _table(head: list[str], body: list[list[str]], left: int) -> list[str]:
-    # A "|" in a cell (from a directory name) would end the cell: Markdown's escape keeps it.
-    return (["| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] * left + ["---:"] * (len(head) - left)) + "|"]
-            + ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body])
+    def row(cells):  # a "|" from a directory name (a method, a setting) would end its cell: escaped, it stays
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return [row(head), "|" + "|".join(["---"] * left + ["---:"] * (len(head) - left)) + "|"] + [row(c) for c in body]
 
 
 def _comparison(rows: list[dict], methods: list[str], source: dict) -> list[str]:
@@ -271,10 +270,15 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
     methods = method_order(order, (r["method"] for r in rows if r["role"] == "distill"))
     best = best_setting_rows(rows, metric)
     col = (f"{metric}_mean", f"{metric}_std")
-    most_seeds = max((r["n_seeds"] for r in best.values()), default=0)
+    most_seeds: dict[tuple, int] = {}  # per pair and method, over its settings
+    for r in rows:
+        if r["role"] == "distill":
+            k = (r["dataset"], r["teacher"], r["student"], r["method"])
+            most_seeds[k] = max(most_seeds.get(k, 0), r["n_seeds"])
 
-    def seeds(r):  # a best setting on fewer seeds than the others is a weaker claim: say so
-        return f", {r['n_seeds']} seed{'s' * (r['n_seeds'] != 1)}" if r["n_seeds"] < most_seeds else ""
+    def seeds(r):  # a best setting on fewer seeds than the method's other settings may have won on luck: say so
+        n, most = r["n_seeds"], most_seeds[(r["dataset"], r["teacher"], r["student"], r["method"])]
+        return f", {n} seed{'s' * (n != 1)}" if n < most else ""
 
     body = []
     for p in _pairs(rows):
@@ -291,8 +295,8 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
               f"accuracy (%)", "",
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
-              "such. A method without runs shows –; a setting with fewer seeds than the others "
-              "says how many; ⚠ marks a mean over runs of different recipes (see *All runs*)."]
+              "such. A method without runs shows –; a best setting with fewer seeds than the "
+              "method's other settings says how many; ⚠ marks a mean over runs of different recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
     lines += ["", "## All runs", "",
