@@ -31,15 +31,21 @@ from kdlab.methods import ft  # noqa: E402
 from kdlab.models import EMBEDDING_DIM, build_model  # noqa: E402
 from kdlab.runio import save_checked, save_checkpoint  # noqa: E402
 from kdlab.teacher_cache import NUM_VIEWS, why_not_cached  # noqa: E402
+from kdlab.train import checkpoint, fused_sgd  # noqa: E402
 
 TRAINING_RULES = ("train_teacher", "train_student", "distill")
 FILES_PER_RUN = 5  # checkpoint.pth, progress.json, model.pth, model.pth.sha256, metrics.json (docs/run-files.md)
 
 
 def num_classes(data):
+    """The grid's classes, from its resolved config alone (npz grids must name them)."""
     if data["dataset"] == "Synthetic":
-        return data.get("synthetic", {}).get("num_classes", 10)
-    return {"Cifar10": 10, "Cifar100": 100}.get(data["dataset"], data.get("num_classes", 100))
+        return data["synthetic"]["num_classes"]
+    if data["dataset"] == "npz":
+        if not data["num_classes"]:
+            sys.exit("bench_io: an npz grid without data.num_classes: set it to estimate its files")
+        return data["num_classes"]
+    return {"Cifar10": 10, "Cifar100": 100}[data["dataset"]]
 
 
 def checkpoint_of(run, classes, train_size, scratch):
@@ -53,12 +59,8 @@ def checkpoint_of(run, classes, train_size, scratch):
     model = build_model(run["model"], classes)
     loss = build_loss(run, labels)
     params = list(model.parameters()) + [p for p in loss.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()  # creates the momentum buffers
-    return {"model": model.state_dict(), "method": loss.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": torch.get_rng_state()}
+    optimizer = fused_sgd(params, run["training"])  # its momentum buffers as training makes them
+    return checkpoint("", {}, 1, False, model, loss, optimizer, torch.amp.GradScaler("cpu", enabled=False), {})
 
 
 def size_of(obj):

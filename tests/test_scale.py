@@ -2,14 +2,10 @@
 checkout, the PBS server's qstat calls. Cheap: no training."""
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-from conftest import tiny_run
+from conftest import REPO, tiny_run
 from kdlab import runio
 from kdlab.config import resolve_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_provenance_reads_git_without_taking_the_index_lock(tmp_path, monkeypatch):
@@ -34,10 +30,10 @@ def test_provenance_reads_git_without_taking_the_index_lock(tmp_path, monkeypatc
     assert index.read_bytes() == before
 
 
-def test_the_io_benchmark_measures_the_checkpoint_a_run_writes(capsys, tmp_path, trained_teacher):
+def test_the_io_benchmark_measures_the_checkpoint_a_run_writes(capsys, tmp_path, trained_teacher, monkeypatch):
     """bench/bench_io.py's checkpoint of a run (weights, method state, optimizer) is the one that
     training writes, less the run's small state (history, config, provenance)."""
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     import bench_io
     run_dir, _ = trained_teacher
     written = (run_dir / "checkpoint.pth").stat().st_size
