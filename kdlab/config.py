@@ -23,7 +23,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 # Keys that do not change what a run computes: a resumed run may change them.
 RUNTIME_KEYS = {"data": {"data_dir", "download"},
                 "training": {"num_workers", "device", "max_skipped_steps", "eval_batch_size",
-                             "channels_last", "compile", "teacher_cache"}}
+                             "channels_last", "compile", "teacher_cache", "checkpoint_minutes"}}
 
 
 # data keys that only some datasets read: given with another, they would be silently ignored.

@@ -358,6 +358,7 @@ def train(run, run_dir, force_restart=False):
         f"{arrays.num_classes} classes), device {here['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
     sync_every, no_scaler = SYNC_EVERY.get(device.type, 1), torch.ones(1, device=device)
+    saved_at = time.monotonic()
 
     for epoch in range(start_epoch, tr["epochs"]):
         t0 = time.perf_counter()
@@ -431,11 +432,14 @@ def train(run, run_dir, force_restart=False):
             history[key].append(value)
         log(epoch_line(epoch, tr["epochs"], history, run["method"]))
         check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, model, loss_fn)
-        last = epoch + 1 == tr["epochs"]
-        if not last:
+        # A CRD checkpoint is 55 MB: with short epochs, writing one every epoch loads a shared file
+        # system for little (checkpoint_minutes bounds the work a kill can lose instead).
+        due = time.monotonic() - saved_at >= 60 * tr["checkpoint_minutes"]
+        if epoch + 1 < tr["epochs"] and due:
             save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, identity, epoch + 1, False, model,
                                                         loss_fn, optimizer, scaler, state))
             atomic_write_json(run_dir / "progress.json", record("running"))
+            saved_at = time.monotonic()
 
     # Completion (the weights were checked above): final weights and their checksum, then
     # metrics.json (the mark), then a checkpoint marked finished, from which a rerun by the

@@ -333,7 +333,7 @@ def test_which_runs_read_the_cache():
     assert caches[0].inputs == ["experiments/Synthetic/teachers/ResNet14/0/model.pth"]
     assert caches[0].run["training"] == {k: v for k, v in caches[0].run["training"].items()
                                          if k in ("num_workers", "device", "max_skipped_steps", "eval_batch_size",
-                                                  "channels_last", "compile", "teacher_cache")}
+                                                  "channels_last", "compile", "teacher_cache", "checkpoint_minutes")}
     for job in (j for j in jobs if j.rule == "distill"):
         reads_cache = getattr(METHODS[job.run["method"]], "TEACHER_OUTPUTS", None) == "logits+embedding"
         assert (caches[0].outputs[0] in job.inputs) == reads_cache, job.outputs

@@ -99,6 +99,21 @@ def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, capsys, monkeypatch
     assert metrics["resumed_at_epochs"] == []
 
 
+def test_checkpoint_minutes_spaces_the_checkpoints_and_changes_nothing_else(tmp_path, monkeypatch):
+    real_save, saved = kdlab.train.save_checkpoint, []
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", lambda path, obj: (saved.append(obj["epoch"]),
+                                                                          real_save(path, obj)))
+    every = train(tiny_run(training={"epochs": 3, "milestones": [2]}), tmp_path / "every")
+    assert saved == [1, 2, 3]
+    saved.clear()
+    spaced = train(tiny_run(training={"epochs": 3, "milestones": [2], "checkpoint_minutes": 1440}), tmp_path / "spaced")
+    assert saved == [3]  # only the finished run's: the last epoch's is always written
+    # A runtime key: the same fingerprint, history and weights.
+    assert spaced["provenance"]["fingerprint"] == every["provenance"]["fingerprint"]
+    assert comparable(spaced)["history"] == comparable(every)["history"]
+    assert (tmp_path / "spaced" / "model.pth").read_bytes() == (tmp_path / "every" / "model.pth").read_bytes()
+
+
 def test_the_fingerprint_is_what_a_run_computes():
     # Workers and device do not change the result: not part of the fingerprint.
     from kdlab.config import fingerprint, resolve_run
