@@ -27,8 +27,8 @@ for the other images.
 
 import argparse
 import contextlib
+import functools
 import io
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -246,48 +246,47 @@ def main(argv=None):
     arrays = make_synthetic(args.classes, args.train_size, args.test_size, 0)
     best = lambda seconds: min(seconds[1:])  # noqa: E731
     results = {}
+    # Each figure is printed as soon as it is measured: a run stopped by a time limit (a lent
+    # GPU's) still leaves what it measured.
+    say = functools.partial(print, flush=True)
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    say(f"{args.teacher} -> {args.student} KD on {device}{threads}, {args.train_size} train + {args.test_size} "
+        f"test images, {args.classes} classes, batch {args.batch_size}, {args.workers} loader workers, kdlab amp "
+        f"{args.amp}; seconds per epoch (train + evaluate), best of epochs 2..{args.epochs}")
     with tempfile.TemporaryDirectory() as tmp:
         teacher_weights = Path(tmp) / "teacher" / "model.pth"
         teacher_weights.parent.mkdir()
         torch.manual_seed(1)
         save_weights(teacher_weights, build_model(args.teacher, args.classes).state_dict())
         if "cache" in levers:
-            results["cache_rate"] = timing_cache(args, arrays, teacher_weights, device)
+            results["cache_rate"] = rate = timing_cache(args, arrays, teacher_weights, device)
+            size = CIFAR100_IMAGES * NUM_VIEWS * (100 + EMBEDDING_DIM) * 2
+            say(f"  teacher cache: {rate:.0f} {args.teacher} forwards/s (float32, channels_last, batch 256, measured "
+                f"on {args.cache_images} images x {NUM_VIEWS} views); CIFAR-100 ({CIFAR100_IMAGES} images, 100 "
+                f"classes): {size / 1e9:.2f} GB, about {CIFAR100_IMAGES * NUM_VIEWS / rate / 60:.0f} min at this rate")
         results["classic"] = best(classic_loop(args, arrays, teacher_weights, device))
+        say(f"  {'classic (PIL DataLoader, NCHW fp32, live teacher, .item() per step)':72s} "
+            f"{results['classic']:8.3f} s")
         bare = [bare_student_epoch(args, device, levers)]
         configs = {"kdlab, no levers": [], **{f"kdlab + {lever} alone": [lever] for lever in levers},
                    f"kdlab, fastest ({' + '.join(levers)})": levers}
         for name, on in configs.items():
             results[name] = best(kdlab_run(args, data, teacher_weights, device, on, Path(tmp) / name))
+            against = "no levers" if "alone" in name else "classic"
+            ratio = (results["kdlab, no levers"] if against == "no levers" else results["classic"]) / results[name]
+            say(f"  {name:72s} {results[name]:8.3f} s  {ratio:5.2f}x vs {against}")
         # Measured again at the end: right after the classic loop it once took 15% longer
         # (2 threads) than in a process of its own, and a bound must not be too high.
         results["bare"] = min(bare + [bare_student_epoch(args, device, levers)])
 
-    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
-    print(f"{args.teacher} -> {args.student} KD on {device}{threads}, {args.train_size} train + {args.test_size} "
-          f"test images, {args.classes} classes, batch {args.batch_size}, {args.workers} loader workers, kdlab amp "
-          f"{args.amp}; seconds per epoch (train + evaluate), best of epochs 2..{args.epochs}")
-    print(f"  {'classic (PIL DataLoader, NCHW fp32, live teacher, .item() per step)':72s} {results['classic']:8.3f} s")
-    plain = results["kdlab, no levers"]
-    for name in configs:
-        against = "no levers" if "alone" in name else "classic"
-        ratio = (plain if against == "no levers" else results["classic"]) / results[name]
-        print(f"  {name:72s} {results[name]:8.3f} s  {ratio:5.2f}x vs {against}")
     fastest = results[list(configs)[-1]]
-    print(f"  speed-up, kdlab fastest over classic: {results['classic'] / fastest:.2f}x")
+    say(f"  speed-up, kdlab fastest over classic: {results['classic'] / fastest:.2f}x")
     bound = results["classic"] / results["bare"]
     student_levers = " + ".join(lever for lever in levers if lever != "cache") or "no levers"  # no teacher here
-    print(f"  bound: the student's own work ({student_levers}; training steps on one resident "
-          f"batch, then its test-set forward; no data loading, teacher or bookkeeping) takes {results['bare']:.3f} s "
-          f"per epoch; classic / that = {bound:.2f}x, which no KD loop with these levers reaches here; kdlab fastest "
-          f"gets {results['classic'] / fastest / bound:.0%} of it")
-    if "cache" in levers:
-        rate = results["cache_rate"]
-        size = CIFAR100_IMAGES * NUM_VIEWS * (100 + EMBEDDING_DIM) * 2
-        print(f"  teacher cache: {rate:.0f} {args.teacher} forwards/s (float32, channels_last, batch 256, measured "
-              f"on {args.cache_images} images x {NUM_VIEWS} views); CIFAR-100 ({CIFAR100_IMAGES} images, 100 "
-              f"classes): {size / 1e9:.2f} GB, about {CIFAR100_IMAGES * NUM_VIEWS / rate / 60:.0f} min at this rate")
-    sys.stdout.flush()
+    say(f"  bound: the student's own work ({student_levers}; training steps on one resident "
+        f"batch, then its test-set forward; no data loading, teacher or bookkeeping) takes {results['bare']:.3f} s "
+        f"per epoch; classic / that = {bound:.2f}x, which no KD loop with these levers reaches here; kdlab fastest "
+        f"gets {results['classic'] / fastest / bound:.0%} of it")
     return results
 
 
