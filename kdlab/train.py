@@ -318,13 +318,16 @@ def train(run, run_dir, force_restart=False):
 
     inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
     run_fingerprint = fingerprint(run, inputs)
-    teacher_outputs, teacher_from = teacher_source(run, teacher, inputs.get("teacher_weights"), arrays, device,
-                                                   tr["compile"])
-    student = student_forward(model, method)
-    forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     checkpoint_path = run_dir / "checkpoint.pth"
     identity = {"code_sha256": code_sha256(), "data_sha256": arrays.sha256()}
     ckpt = load_resume_state(checkpoint_path, run_fingerprint, force_restart, identity)
+    # A finished run only rewrites its outputs: it reads no teacher cache (2.66 GB for CIFAR-100,
+    # and every student of a teacher whose job reran is rerun).
+    finished = bool(ckpt and ckpt.get("finished"))
+    teacher_outputs, teacher_from = (None, None) if finished else teacher_source(
+        run, teacher, inputs.get("teacher_weights"), arrays, device, tr["compile"])
+    student = student_forward(model, method)
+    forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     if ckpt:
         model.load_state_dict(ckpt["model"])
         loss_fn.load_state_dict(ckpt["method"])
@@ -335,7 +338,7 @@ def train(run, run_dir, force_restart=False):
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         state = ckpt["state"]
-        if not ckpt.get("finished"):
+        if not finished:
             state["resumed_at_epochs"].append(ckpt["epoch"])
             log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
     else:

@@ -357,6 +357,17 @@ def test_a_kd_run_from_the_cache_ends_as_one_with_the_live_teacher(cached_teache
     assert cached["history"]["terms"]["kd"] == pytest.approx(live["history"]["terms"]["kd"], rel=1e-2)
 
 
+def test_a_finished_run_rewrites_its_outputs_without_reading_the_cache(cached_teacher, tmp_path, monkeypatch):
+    run = tiny_run(kind="distill", method="kd", alpha=0.9, teacher="ResNet8", teacher_weights=str(cached_teacher),
+                   data=CACHE_DATA, training={"epochs": 1, "batch_size": 16})
+    first = train(run, tmp_path)
+    assert first["provenance"]["teacher_outputs"] == "cache"
+    (tmp_path / "metrics.json").unlink()  # Snakemake reruns the job: its outputs are rewritten, not trained
+    monkeypatch.setattr(sys.modules["kdlab.train"], "TeacherCache", None)  # any use of the cache fails
+    again = train(run, tmp_path)
+    assert "outputs_rewritten" in again["provenance"] and again["history"] == first["history"]
+
+
 @pytest.mark.parametrize("amp,images,poisoned,message", [
     # 10 steps per epoch: call 13 is epoch 2, step 3
     ("off", 320, {13}, r"epoch 2, step 3: loss term 'poison' went non-finite; amp is 'off'"),
