@@ -5,9 +5,10 @@ Run: ``.venv/bin/python bench/bench_io.py [config/config.yaml ...] [--train-size
 For every training run of the grid it builds the student and its method's state as
 ``kdlab train`` does (fused-SGD momentum included; CRD's memory banks over
 ``--train-size`` samples) and measures the checkpoint that is written after every epoch,
-then adds up: checkpoint bytes over all epochs, the final files that stay, the teacher
-caches (built once: their parts, then the file) and the cache reads of the runs that use
-them. It also times ``save_checkpoint`` (content SHA-256, temporary file, fsync, rename,
+then adds up: checkpoint bytes over all epochs (an upper bound for runs with
+``training.checkpoint_minutes``, which the config alone cannot turn into epochs), the
+final files that stay, the teacher caches (built once: their parts, then the file) and
+the cache reads of the runs that use them. It also times ``save_checkpoint`` (content SHA-256, temporary file, fsync, rename,
 hard link of the previous) for the grid's largest checkpoint on the disk of ``--dir``.
 Not counted: progress.json (a few KB per epoch), the FT paraphrasers' stage 1 (under 1 MB
 per epoch), logs.
@@ -74,7 +75,7 @@ def report(config, train_size, scratch):
     classes = num_classes(grid["data"])
     jobs = expand_grid(grid)
     cache_bytes = train_size * NUM_VIEWS * (classes + EMBEDDING_DIM) * 2
-    sizes, written, kept, runs, cache_reads, largest = {}, 0, 0, 0, 0, (0, None)
+    sizes, written, kept, runs, cache_reads, largest, spaced = {}, 0, 0, 0, 0, (0, None), 0
     for job in jobs:
         if job.rule not in TRAINING_RULES:
             continue
@@ -86,7 +87,8 @@ def report(config, train_size, scratch):
             if sizes[key][0] > largest[0]:
                 largest = (sizes[key][0], obj)
         checkpoint, weights = sizes[key]
-        written += checkpoint * run["training"]["epochs"]
+        written += checkpoint * run["training"]["epochs"]  # at most: checkpoint_minutes may space them
+        spaced += run["training"]["checkpoint_minutes"] > 0
         kept += checkpoint + weights
         runs += 1
         cache_reads += cache_bytes if run["kind"] == "distill" and why_not_cached(run) is None else 0
@@ -99,7 +101,8 @@ def report(config, train_size, scratch):
           f"{train_size} training images")
     low, high = min(s for s, _ in sizes.values()), max(s for s, _ in sizes.values())
     print(f"  checkpoint per epoch: {low / 1e6:.2f} .. {high / 1e6:.2f} MB; over all {runs} training runs' epochs "
-          f"{written / gb:.1f} GB written ({written / runs / gb:.2f} GB per run)")
+          f"{written / gb:.1f} GB written ({written / runs / gb:.2f} GB per run)"
+          + (f"; at most: {spaced} runs checkpoint only every training.checkpoint_minutes" if spaced else ""))
     print(f"  teacher caches: {caches} x {cache_bytes / gb:.2f} GB, written twice each (parts, then the file): "
           f"{2 * caches * cache_bytes / gb:.1f} GB; read by the runs that use them: {cache_reads / gb:.1f} GB")
     print(f"  left on disk: finished checkpoints + final weights {kept / gb:.2f} GB, caches "

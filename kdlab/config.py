@@ -313,6 +313,16 @@ def grid_warnings(grid):
     if grid["resources"]["gpu"] > 0 and cpu:
         warnings.append(f"config key '{cpu[0]}.device': 'cpu', while resources.gpu asks "
                         f"{grid['resources']['gpu']} GPU(s) for every job: on a cluster they stay idle")
+    runtime = grid["resources"]["runtime"]
+    for key, minutes, rules in (
+            ("training", grid["training"]["checkpoint_minutes"], ("train_student", "distill")),
+            ("teacher_training", {**grid["training"], **grid["teacher_training"]}["checkpoint_minutes"],
+             ("train_teacher",))):
+        walltime = min(runtime[r] for r in rules)
+        if minutes >= walltime:
+            warnings.append(f"config key '{key}.checkpoint_minutes': {minutes:g} is not under the first attempt's "
+                            f"walltime ({walltime} min, resources.runtime): a walltime kill would keep no checkpoint, "
+                            f"and every retry would start over")
     return warnings
 
 

@@ -355,6 +355,8 @@ def train(run, run_dir, force_restart=False):
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(state.get("config", run), status, state, tr["epochs"],  # noqa: E731
                                                    prov, arrays.num_classes, error)
+    if ckpt and not finished:  # the last process's status (interrupted, failed) is not this one's
+        atomic_write_json(run_dir / "progress.json", record("running"))
     recipe = recipe_name(run["alpha"], run.get("additive")) if distilled else "plain"
     log(f"{run['kind']} {run['model']} method={run['method']} {recipe} seed={run['seed']} "
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
@@ -446,7 +448,7 @@ def train(run, run_dir, force_restart=False):
 
     # Completion (the weights were checked above): final weights and their checksum, then
     # metrics.json (the mark), then a checkpoint marked finished, from which a rerun by the
-    # same code rewrites these outputs. A kill in between resumes the last epoch.
+    # same code rewrites these outputs. A kill in between resumes from the last checkpoint.
     save_weights(run_dir / "model.pth", model.state_dict())
     if "provenance" not in state:
         prov["finished"] = now()
@@ -610,16 +612,16 @@ def what_went_wrong(bad_terms, total):
 
 def mark_interrupted(run_dir, cause):
     """progress.json of a run stopped from outside (Ctrl-C, SIGTERM) says so: it said
-    "running" since the run's last epoch. Nothing to mark before the first epoch's file or
-    after the run finished or failed."""
+    "running" since the run's last checkpoint (or its resume). Nothing to mark before the
+    first checkpoint's file or after the run finished or failed."""
     path = Path(run_dir) / "progress.json"
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return
     if isinstance(record, dict) and record.get("status") == "running":
-        record.update(status="interrupted", error=f"interrupted by {cause} after {record.get('epochs_done')} "
-                                                  f"epochs; running it again resumes from its checkpoint")
+        record.update(status="interrupted", error=f"interrupted by {cause}; running it again resumes from its "
+                                                  f"checkpoint at epoch {record.get('epochs_done')}")
         atomic_write_json(path, record)
 
 

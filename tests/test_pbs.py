@@ -640,7 +640,7 @@ def test_qstat_x_refused_by_server_without_history_says_nothing_about_jobs(tmp_p
     (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
     ledger = tmp_path / "logs" / "pbs" / "jobs.tsv"
     ledger.write_text("submitted\tjobid\tname\n2026-01-01 10:00:00\t900.server\ttrain_teacher.T1.0\n")
-    assert pbs.still_active_job(pbs.load_settings(), str(ledger), "train_teacher.T1.0") == "900.server"
+    assert pbs.still_active_job(pbs.load_settings(), str(ledger), "train_teacher.T1.0", "") == "900.server"
     # the sidecar's first poll of a new session keeps watching both jobs
     (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
     active = tmp_path / "active"

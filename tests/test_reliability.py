@@ -162,6 +162,20 @@ def test_a_cpu_device_with_gpus_requested_is_a_warning(tmp_path, capsys):
                 if named else "resources.gpu" not in err)
 
 
+def test_checkpoint_minutes_not_under_the_walltime_is_a_warning(tmp_path, capsys):
+    config = demo()
+    config["resources"]["runtime"] = {"train_teacher": 90, "train_student": 60, "distill": 120}
+    for training, teacher_training, named in ((59, None, None), (60, None, "training"), (5, 90, "teacher_training")):
+        config["training"]["checkpoint_minutes"] = training
+        config["teacher_training"] = {"checkpoint_minutes": teacher_training} if teacher_training else {}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+        assert kdlab_main(["check-config", str(tmp_path / "c.yaml")]) == 0
+        err = capsys.readouterr().err
+        assert (f"warning: config key '{named}.checkpoint_minutes': {training if named == 'training' else 90} is "
+                f"not under the first attempt's walltime ({60 if named == 'training' else 90} min" in err
+                if named else "checkpoint_minutes" not in err), err
+
+
 def test_a_pair_listed_under_both_names_of_one_network_is_a_warning(tmp_path, capsys):
     config = demo()
     config["pairs"] = [{"teacher": "ResNet110", "student": "ResNet8"}, {"teacher": "ResNet112", "student": "ResNet8"},

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from kdlab import teacher_cache
-from kdlab.config import resolve_grid, resolve_run
+from kdlab.config import RUNTIME_KEYS, resolve_grid, resolve_run
 from kdlab.data import ImageDataset, load_dataset
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS
@@ -331,9 +331,7 @@ def test_which_runs_read_the_cache():
     caches = [j for j in jobs if j.rule == "cache_teacher"]
     assert [j.outputs for j in caches] == [["experiments/Synthetic/teachers/ResNet14/0/teacher_cache.pth"]]
     assert caches[0].inputs == ["experiments/Synthetic/teachers/ResNet14/0/model.pth"]
-    assert caches[0].run["training"] == {k: v for k, v in caches[0].run["training"].items()
-                                         if k in ("num_workers", "device", "max_skipped_steps", "eval_batch_size",
-                                                  "channels_last", "compile", "teacher_cache", "checkpoint_minutes")}
+    assert set(caches[0].run["training"]) <= RUNTIME_KEYS["training"]
     for job in (j for j in jobs if j.rule == "distill"):
         reads_cache = getattr(METHODS[job.run["method"]], "TEACHER_OUTPUTS", None) == "logits+embedding"
         assert (caches[0].outputs[0] in job.inputs) == reads_cache, job.outputs

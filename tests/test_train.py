@@ -1,10 +1,12 @@
 """The training loop: learning, determinism, checkpoints, resume after SIGKILL, the guard."""
 
+import itertools
 import json
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -108,10 +110,33 @@ def test_checkpoint_minutes_spaces_the_checkpoints_and_changes_nothing_else(tmp_
     saved.clear()
     spaced = train(tiny_run(training={"epochs": 3, "milestones": [2], "checkpoint_minutes": 1440}), tmp_path / "spaced")
     assert saved == [3]  # only the finished run's: the last epoch's is always written
+    # A clock that reads 40 s later at every look: with 1 minute, epochs 2 and 4 are due (counted
+    # from the last checkpoint, not the start), and the last.
+    saved.clear()
+    clock = itertools.count(0, 40)
+    monkeypatch.setattr(kdlab.train, "time", types.SimpleNamespace(monotonic=lambda: next(clock),
+                                                                   perf_counter=time.perf_counter))
+    train(tiny_run(training={"epochs": 5, "milestones": [4], "checkpoint_minutes": 1}), tmp_path / "clocked")
+    assert saved == [2, 4, 5]
     # A runtime key: the same fingerprint, history and weights.
     assert spaced["provenance"]["fingerprint"] == every["provenance"]["fingerprint"]
     assert comparable(spaced)["history"] == comparable(every)["history"]
     assert (tmp_path / "spaced" / "model.pth").read_bytes() == (tmp_path / "every" / "model.pth").read_bytes()
+
+
+def test_a_resumed_run_says_running_before_its_next_checkpoint(tmp_path, monkeypatch):
+    run = tiny_run(training={"epochs": 3, "milestones": [2]})
+    interrupt_after_checkpoints(kdlab.train, 2, train, run, tmp_path)  # progress.json is epoch 1's
+    kdlab.train.mark_interrupted(tmp_path, "Ctrl-C")
+    assert read_json(tmp_path / "progress.json")["status"] == "interrupted"
+    real_evaluate, seen = kdlab.train.evaluate, []
+
+    def evaluate(*args):  # a look at progress.json in the resumed process's first epoch
+        seen.append(read_json(tmp_path / "progress.json")["status"])
+        return real_evaluate(*args)
+    monkeypatch.setattr(kdlab.train, "evaluate", evaluate)
+    train(tiny_run(training={"epochs": 3, "milestones": [2], "checkpoint_minutes": 1440}), tmp_path)
+    assert seen[0] == "running"  # not the last process's "interrupted", for up to checkpoint_minutes
 
 
 def test_the_fingerprint_is_what_a_run_computes():

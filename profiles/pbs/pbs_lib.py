@@ -472,9 +472,9 @@ def register_job(jobid):
         pass
 
 
-def still_active_job(settings, ledger, name, output=""):
+def still_active_job(settings, ledger, name, output):
     """The PBS id of the last job submitted under `name` for `output` (the first of its
-    output files) from this workflow directory if PBS still has it queued/running/held, else None.
+    output files in sorted order) from this workflow directory if PBS still has it queued/running/held, else None.
     The name alone is rule and wildcards: two configs run from one directory (another
     experiments_dir) have jobs of one name and other outputs, which are not the same job."""
     last = None
