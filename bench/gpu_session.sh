@@ -10,7 +10,7 @@
 # is measured, so a run cut short keeps what it measured), then tests/test_cuda.py; both logs
 # also go to $OUT.
 set -o pipefail
-WHEELS="jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1"
+WHEELS="attrs==26.1.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1"
 if [ "$1" = wheels ]; then
     exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
