@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 import types
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def trained_teacher(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("teacher")
     metrics = train(tiny_run(training={"epochs": 4, "milestones": [3]}), run_dir)
     return run_dir, metrics
+
+
+def teacher_with_cache(trained_teacher, directory, run):
+    """A copy of the trained teacher's weights in `directory`, its teacher cache for `run` (its
+    data and device) beside it."""
+    from kdlab.teacher_cache import build, cache_path
+    weights = directory / "model.pth"
+    shutil.copy(trained_teacher[0] / "model.pth", weights)
+    build(run, weights, cache_path(weights), log=lambda message: None)
+    return weights
 
 
 class PoisonLoss(MethodLoss):

@@ -1,15 +1,13 @@
 """What needs a CUDA GPU: skipped without one (CI never has one). Where the device tool lends
 a GPU, run `python -m pytest -q -n 0 tests/test_cuda.py` there (a few minutes, most of it
 torch.compile's)."""
-import shutil
 import sys
 import warnings
 
 import pytest
 import torch
 
-from conftest import interrupt_after_checkpoints, tiny_run, tiny_student
-from kdlab.teacher_cache import build, cache_path
+from conftest import interrupt_after_checkpoints, teacher_with_cache, tiny_run, tiny_student
 from kdlab.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,10 +18,7 @@ GPU = {"device": "cuda"}
 @pytest.fixture(scope="module")
 def cached_teacher(trained_teacher, tmp_path_factory):
     """The CPU-trained teacher's weights with its cache, built on the GPU, beside them."""
-    weights = tmp_path_factory.mktemp("gpu_teacher") / "model.pth"
-    shutil.copy(trained_teacher[0] / "model.pth", weights)
-    build(tiny_run(training=GPU), weights, cache_path(weights), log=lambda message: None)
-    return weights
+    return teacher_with_cache(trained_teacher, tmp_path_factory.mktemp("gpu_teacher"), tiny_run(training=GPU))
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

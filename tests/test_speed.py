@@ -23,7 +23,7 @@ from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, bui
                                  why_not_cached)
 from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
 
-from conftest import REPO, interrupt_after_checkpoints, read_json, tiny_run
+from conftest import REPO, interrupt_after_checkpoints, read_json, teacher_with_cache, tiny_run
 
 CHANCE = 100 / 5
 CACHE_DATA = {"dataset": "Synthetic", "synthetic": {"num_classes": 5, "train_size": 64, "test_size": 100, "seed": 0}}
@@ -73,10 +73,7 @@ def test_the_compiled_student_detaches_only_the_outputs_its_loss_does_not_read()
 @pytest.fixture(scope="module")
 def cached_teacher(trained_teacher, tmp_path_factory):
     """A copy of the trained teacher's weights with its cache for CACHE_DATA beside it."""
-    weights = tmp_path_factory.mktemp("cached_teacher") / "model.pth"
-    shutil.copy(trained_teacher[0] / "model.pth", weights)
-    build(tiny_run(data=CACHE_DATA), weights, cache_path(weights), log=lambda message: None)
-    return weights
+    return teacher_with_cache(trained_teacher, tmp_path_factory.mktemp("cached_teacher"), tiny_run(data=CACHE_DATA))
 
 
 def test_cached_teacher_outputs_equal_live_ones_for_random_views(cached_teacher):
