@@ -8,8 +8,9 @@ For every training run of the grid it builds the student and its method's state 
 then adds up: checkpoint bytes over all epochs (an upper bound for runs with
 ``training.checkpoint_minutes``, which the config alone cannot turn into epochs), the
 final files that stay, the teacher caches (built once: their parts, then the file) and
-the cache reads of the runs that use them. It also times ``save_checkpoint`` (content SHA-256, temporary file, fsync, rename,
-hard link of the previous) for the grid's largest checkpoint on the disk of ``--dir``.
+the cache reads of the runs that use them. It also times ``save_checkpoint`` (content
+SHA-256, temporary file, fsync, rename, hard link of the previous) for the grid's largest
+checkpoint on the disk of ``--dir``.
 Not counted: progress.json (a few KB per epoch), the FT paraphrasers' stage 1 (under 1 MB
 per epoch), logs.
 """

@@ -296,7 +296,8 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
               "such. A method without runs shows –; a best setting with fewer seeds than the "
-              "method's other settings says how many; ⚠ marks a mean over runs of different recipes (see *All runs*)."]
+              "method's other settings says how many; ⚠ marks a mean over runs of different "
+              "recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
     lines += ["", "## All runs", "",
