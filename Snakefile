@@ -2,6 +2,7 @@
 #   snakemake --cores all                          # config/config.yaml
 #   snakemake --cores all --configfile config/demo.yaml
 # Rules are thin: each calls one `kdlab` command. See README.md and config/README.md.
+import hashlib
 import json
 import os
 import shlex

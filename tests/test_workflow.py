@@ -91,13 +91,25 @@ def test_a_config_file_with_a_key_given_twice_stops_the_workflow_naming_it(tmp_p
 
 def test_another_experiments_dir_keeps_its_logs_apart(tmp_path):
     """config.yaml and crd.yaml run from one directory have runs of the same names (the teachers): the logs of
-    experiments_crd/ go to logs/experiments_crd/, not over those of experiments/ in logs/."""
-    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump({**OVERLAY, "experiments_dir": "./runs/crd/"}))
-    output = snakemake(tmp_path, "-n").output
-    assert "log: logs/runs_crd/train_teacher/Synthetic/ResNet8/0.log" in output
+    experiments_crd/ go to logs/experiments_crd/, not over those of experiments/ in logs/. A path that is not a
+    plain name gets a hash in its name, so that runs/crd and runs_crd do not share logs either."""
+    def logs_of(experiments_dir):
+        (tmp_path / "overlay.yaml").write_text(yaml.safe_dump({**OVERLAY, "experiments_dir": experiments_dir}))
+        output = snakemake(tmp_path, "-n").output
+        logs = {line.split()[1].split("/train_teacher/")[0] for line in output.splitlines()
+                if line.strip().startswith("log: ") and "/train_teacher/" in line}
+        assert len(logs) == 1, output
+        return logs.pop(), output
+
+    plain, output = logs_of("./runs_crd/")
+    assert plain == "logs/runs_crd"
     assert "log: logs/runs_crd/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log" in output
     assert "benchmark: logs/runs_crd/benchmarks/train_student/Synthetic/ResNet8/0.tsv" in output
     assert "log: logs/runs_crd/aggregate.log" in output and "log: logs/train" not in output
+    nested, _ = logs_of("runs/crd")
+    assert re.fullmatch(r"logs/runs_crd-[0-9a-f]{8}", nested), nested
+    parent, _ = logs_of("../runs_crd")
+    assert len({plain, nested, parent}) == 3
 
 
 def test_crd_recipe_plans_every_method_in_its_additive_form(tmp_path):
