@@ -205,7 +205,7 @@ def resolve_run(run):
         run["training"] = {**run["training"], "label_smoothing": 0.0}  # hard labels for every distilled student
     run["method_settings"] = method_settings(run["method"], run["method_settings"], "method_settings")
     check_models(run["model"], run["teacher"], "")
-    check_method(run["model"], run["teacher"], run["method"], run["method_settings"])
+    check_method(run["method"], run["method_settings"], "method_settings")
     if get_method(run["method"]).NEEDS_TEACHER and not (run["teacher"] and run["teacher_weights"]):
         raise ConfigError(f"config key 'teacher_weights': method {run['method']!r} needs a teacher and its weights")
     if run["paraphraser"] and run["method"] != "ft":
@@ -220,11 +220,13 @@ def check_models(student, teacher, where):
                               f"known models: {', '.join(BLOCKS_PER_STAGE)}")
 
 
-def check_method(student, teacher, method, settings):
+def check_method(method, settings, key):
+    check = getattr(get_method(method), "check", None)
     try:
-        get_method(method).check(settings, student, teacher)
+        if check:
+            check(settings)
     except ValueError as e:
-        raise ConfigError(f"config key 'methods.{method}': {e}") from None
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def resolve_grid(config):
@@ -268,8 +270,8 @@ def resolve_grid(config):
                               f"additive_ce<ce_weight>_kd<kd_weight> (kd_temperature is not part of the name: "
                               f"two recipes may not differ in it alone)")
         if method == "kd" and any(r["ce_weight"] + r["kd_weight"] == 0 for r in block["additive"]):
-            raise ConfigError(f"config key 'methods.kd.additive': a recipe with ce_weight and kd_weight both 0 "
-                              f"trains on a loss of exactly 0")
+            raise ConfigError("config key 'methods.kd.additive': a recipe with ce_weight and kd_weight both 0 "
+                              "trains on a loss of exactly 0")
     first_seen = {}
     for i, pair in enumerate(grid["pairs"]):
         key = (pair["teacher"], pair["student"])
@@ -278,8 +280,8 @@ def resolve_grid(config):
                               f"pairs[{first_seen[key]}]; every pair must be listed once")
         first_seen[key] = i
         check_models(pair["student"], pair["teacher"], f"pairs[{i}].")
-        for name, block in grid["methods"].items():
-            check_method(pair["student"], pair["teacher"], name, settings_of(block))
+    for name, block in grid["methods"].items():
+        check_method(name, settings_of(block), f"methods.{name}")
     return grid
 
 

@@ -12,7 +12,7 @@ import torch
 from kdlab.config import method_settings, resolve_run
 from kdlab.data import load_dataset
 from kdlab.methods import METHODS, ft
-from kdlab.methods.base import MethodLoss, no_check
+from kdlab.methods.base import MethodLoss
 from kdlab.runio import atomic_torch_save
 
 torch.set_num_threads(1)  # tests run next to each other's subprocesses on 2 cores
@@ -122,7 +122,7 @@ class PoisonLoss(MethodLoss):
 def poison_method(monkeypatch):
     """Registers method "poison" (PoisonLoss); call the fixture's value with `poisoned` and `size`."""
     monkeypatch.setitem(METHODS, "poison", types.SimpleNamespace(
-        NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, check=no_check, Loss=PoisonLoss))
+        NAME="poison", VERSION=1, NEEDS_TEACHER=False, SETTINGS={}, Loss=PoisonLoss))
     monkeypatch.setattr(PoisonLoss, "calls", 0)
 
     def set_poison(poisoned, size=0.0):

@@ -64,7 +64,7 @@ def test_fitnets_connector_and_loss_match_reference(guided, hint, kind):
 
 
 def test_fitnets_rejects_unmappable_layers_at_start_up():
-    with pytest.raises(ConfigError, match=r"config key 'methods.fitnets': .*guided_layer 0 \(32x32\) cannot be "
+    with pytest.raises(ConfigError, match=r"config key 'method_settings': .*guided_layer 0 \(32x32\) cannot be "
                                           r"mapped onto hint_layer 2 \(8x8\)"):
         resolve_run(tiny_run(kind="distill", method="fitnets", teacher="ResNet8", teacher_weights="x",
                              alpha=0.5, method_settings={"guided_layer": 0, "hint_layer": 2}))

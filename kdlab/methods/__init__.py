@@ -13,7 +13,7 @@ A method is one module with:
                      method's loss (tests/test_methods.py)
   SETTINGS           JSON-schema fragments of its config keys, each with a default and
                      a description that says where the default comes from
-  check(settings, student, teacher)   raise ValueError for an unsupported combination
+  check(settings)    optional: raise ValueError for settings it cannot train with
   Loss(settings, run)                 a MethodLoss; `run` is the resolved run config plus
                                       "train_labels" (the training set's labels, added by
                                       kdlab/loss.py build_loss)

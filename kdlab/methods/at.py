@@ -11,7 +11,7 @@ the same value and gradient, and f^p can neither overflow nor underflow in float
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, scale_free, stages_setting
+from .base import MethodLoss, scale_free, stages_setting
 
 NAME = "at"
 VERSION = 1
@@ -24,7 +24,6 @@ SETTINGS = {
           "description": "Power p of the attention map mean_c f^p: 2 as the authors and RepDistiller."},
     "stages": stages_setting([0, 1, 2], "All three, as RepDistiller and the CRD paper."),
 }
-check = no_check
 
 
 def attention_map(f, p):

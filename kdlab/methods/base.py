@@ -45,7 +45,3 @@ def stages_setting(default, source):
             "default": default,
             "description": "Stages distilled, each student stage onto the same teacher stage (0: 16x32x32, "
                            f"1: 32x16x16, 2: 64x8x8); the terms are summed. {source}"}
-
-
-def no_check(settings, student, teacher):
-    """For methods that work with any student/teacher pair."""

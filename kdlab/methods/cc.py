@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import EMBEDDING_DIM
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "cc"
 VERSION = 1
@@ -27,7 +27,6 @@ SETTINGS = {
                   "description": "L2-normalise the embeddings: false as RepDistiller's code (LinearEmbed, no "
                                  "normalisation); true is the reading of ../shared/reference/methods.md."},
 }
-check = no_check
 
 
 class Loss(MethodLoss):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import EMBEDDING_DIM
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "crd"
 VERSION = 1
@@ -48,7 +48,6 @@ SETTINGS = {
              "description": "'exact' (RepDistiller's default, used for its tables): the positive is the sample "
                             "itself; 'relax': a random training sample of the same class."},
 }
-check = no_check
 EPS = 1e-7  # RepDistiller's epsilon in the NCE ratios
 
 

@@ -9,7 +9,7 @@ is the cosine of the mean-centred vectors, (a . b) / (|a| |b| + 1e-8) as the aut
 
 import torch
 
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "dist"
 VERSION = 1
@@ -32,7 +32,6 @@ SETTINGS = {
                     "description": "Softmax temperature tau (the loss is scaled by tau^2): 4 as the authors' "
                                    "CIFAR-100 config (kd: dist_t4; their code's default 1 is the ImageNet setting)."},
 }
-check = no_check
 EPS = 1e-8  # the authors'
 
 

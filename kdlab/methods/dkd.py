@@ -15,7 +15,7 @@ set by start_epoch, so it resumes exactly.
 import torch
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "dkd"
 VERSION = 1
@@ -37,7 +37,6 @@ SETTINGS = {
                       "description": "The weight ramps linearly to its full value over this many epochs "
                                      "(epoch e of 1..n gets min(e / warmup, 1)): 20 as mdistiller. 0: no ramp."},
 }
-check = no_check
 
 
 def binary_log_probs(z, target_mask):

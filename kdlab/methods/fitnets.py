@@ -37,7 +37,7 @@ def connector_kind(student_size, teacher_size):
     return None
 
 
-def check(settings, student, teacher):
+def check(settings):
     s_size, t_size = STAGE_SIZES[settings["guided_layer"]], STAGE_SIZES[settings["hint_layer"]]
     if connector_kind(s_size, t_size) is None:
         raise ValueError(
@@ -58,7 +58,7 @@ def make_connector(in_channels, out_channels, kind):
 class Loss(MethodLoss):
     def __init__(self, settings, run):
         super().__init__()
-        check(settings, None, None)
+        check(settings)
         self.guided, self.hint, self.weight = settings["guided_layer"], settings["hint_layer"], settings["weight"]
         kind = connector_kind(STAGE_SIZES[self.guided], STAGE_SIZES[self.hint])
         self.connector = make_connector(STAGE_CHANNELS[self.guided], STAGE_CHANNELS[self.hint], kind)

@@ -10,13 +10,12 @@ channel-averaged factor is the setting factor: channel_mean_sq).
 
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models import STAGE_CHANNELS
 from ..runio import UnreadableFile, file_sha256, load_checked
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "ft"
 VERSION = 1
@@ -40,7 +39,6 @@ SETTINGS = {
     "paraphraser_lr": {"type": "number", "exclusiveMinimum": 0, "default": 0.1,
                        "description": "Stage-1 SGD learning rate: 0.1 as the authors (RepDistiller: 0.01)."},
 }
-check = no_check
 PARAPHRASER_KEYS = ("rate", "paraphraser_loss", "paraphraser_epochs", "paraphraser_lr")
 
 

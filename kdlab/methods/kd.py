@@ -2,7 +2,7 @@
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "kd"
 VERSION = 1
@@ -15,7 +15,6 @@ SETTINGS = {
                                    "would switch the KD term off (Hinton et al. 2015). "
                                    "4 as in the CRD/RepDistiller CIFAR recipe."},
 }
-check = no_check
 
 
 class Loss(MethodLoss):

@@ -12,7 +12,7 @@ The MMD compares two sets of channel vectors: it needs the same number of positi
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, scale_free, stages_setting
+from .base import MethodLoss, scale_free, stages_setting
 
 NAME = "nst"
 VERSION = 1
@@ -22,7 +22,6 @@ SETTINGS = {
                "description": "Weight of the summed stage losses: 50 as RepDistiller/CRD (CE 1 + 50 NST)."},
     "stages": stages_setting([0, 1, 2], "All three, as RepDistiller and the CRD paper."),
 }
-check = no_check
 
 
 def channel_maps(f):

@@ -9,7 +9,7 @@ largest magnitude first), so all-zero or tiny embeddings keep finite gradients.
 
 import torch
 
-from .base import MethodLoss, no_check
+from .base import MethodLoss
 
 NAME = "pkt"
 VERSION = 1
@@ -20,7 +20,6 @@ SETTINGS = {
     "weight": {"type": "number", "minimum": 0, "default": 30000.0,
                "description": "Weight of the PKT loss: 30000 as RepDistiller/CRD (CE 1 + 30000 PKT)."},
 }
-check = no_check
 EPS = 1e-7  # the authors'
 TINY = 1e-30
 

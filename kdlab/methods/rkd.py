@@ -11,7 +11,7 @@ losses are zero (with a graph, so backward still works), not NaN.
 import torch
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, scale_free
+from .base import MethodLoss, scale_free
 
 NAME = "rkd"
 VERSION = 2  # 1: the earlier toolbox's pairwise-cosine "angle" and weights 25/50
@@ -28,7 +28,6 @@ SETTINGS = {
               "description": "'triplet' is the paper's angle (cosine at i between e_j - e_i and e_k - e_i, "
                              "B^3 values); 'pairwise_cosine' is a cheaper B^2 variant that is NOT the paper's."},
 }
-check = no_check
 EPS = 1e-12
 
 

@@ -8,7 +8,7 @@ the same value and gradient, and no overflow of F F^T in float32.
 
 import torch.nn.functional as F
 
-from .base import MethodLoss, no_check, scale_free, stages_setting
+from .base import MethodLoss, scale_free, stages_setting
 
 NAME = "sp"
 VERSION = 1
@@ -18,7 +18,6 @@ SETTINGS = {
                "description": "Weight of the SP loss: 3000 as RepDistiller/CRD (CE 1 + 3000 SP)."},
     "stages": stages_setting([2], "The last stage (64x8x8), as RepDistiller and the CRD paper."),
 }
-check = no_check
 
 
 def similarity(f):

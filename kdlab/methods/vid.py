@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import STAGE_CHANNELS
-from .base import MethodLoss, no_check, stages_setting
+from .base import MethodLoss, stages_setting
 
 NAME = "vid"
 VERSION = 1
@@ -28,7 +28,6 @@ SETTINGS = {
                       "description": "Initial per-channel variance: 5 as the authors' code and RepDistiller."},
     "stages": stages_setting([0, 1, 2], "All three, as RepDistiller and the CRD paper."),
 }
-check = no_check
 VARIANCE_FLOOR = 1e-5  # the authors' eps
 
 
