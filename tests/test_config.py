@@ -102,6 +102,33 @@ def test_readme_documents_every_key_with_its_default():
     assert not wrong, "stale defaults in config/README.md:\n" + "\n".join(wrong)
 
 
+ALL_METHODS = set(METHODS) - {"none"}
+SERVED_FROM_CACHE = {n for n, m in METHODS.items() if getattr(m, "TEACHER_OUTPUTS", None) == "logits+embedding"}
+LIVE_FEATURES = {n for n, m in METHODS.items() if m.NEEDS_TEACHER} - SERVED_FROM_CACHE
+COMPILED_DETACHED = {n for n, m in METHODS.items() if getattr(m, "STUDENT_OUTPUTS", None) == "logits+embedding"}
+METHOD_LISTS = [  # (file, text before the list, text after it, the methods it must name)
+    ("README.md", "distils students with every method (", ")", ALL_METHODS),
+    ("README.md", "per method in `kdlab/methods/` (", ";", ALL_METHODS),
+    ("README.md", '`TEACHER_OUTPUTS = "logits+embedding"` (', ")", SERVED_FROM_CACHE),
+    ("README.md", "of running the teacher; ", " need intermediate features", LIVE_FEATURES),
+    ("README.md", '`STUDENT_OUTPUTS = "logits+embedding"`: ', " and plain", COMPILED_DETACHED - {"none"}),
+    ("config/README.md", "the methods to run: any of ", " (below)", ALL_METHODS),
+    ("config/README.md", "also decides whether the runs of ", " read the cache", SERVED_FROM_CACHE),
+    ("config/README.md", "logits and embedding read them (", ": each module", SERVED_FROM_CACHE),
+]
+
+
+@pytest.mark.parametrize("where", range(len(METHOD_LISTS)))
+def test_docs_list_the_registered_methods(where):
+    """The method lists written out in the docs name exactly the registered methods of their kind."""
+    file, before, after, expected = METHOD_LISTS[where]
+    text = (REPO / file).read_text()
+    assert text.count(before) == 1, before
+    listed = text.split(before)[1].split(after)[0]
+    names = {word.lower() for word in re.findall(r"[A-Za-z]+", listed)} - {"and", "the", "baselines"}
+    assert names == expected
+
+
 def test_readme_names_the_runtime_keys():
     from kdlab.config import RUNTIME_KEYS
     text = README.read_text()
