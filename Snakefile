@@ -2,7 +2,6 @@
 #   snakemake --cores all                          # config/config.yaml
 #   snakemake --cores all --configfile config/demo.yaml
 # Rules are thin: each calls one `kdlab` command. See README.md and config/README.md.
-import hashlib
 import json
 import os
 import shlex
@@ -11,7 +10,7 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 from kdlab.config import ConfigError, check_data_files, grid_warnings, read_yaml, resolve_grid, split_runtime
-from kdlab.grid import expand_grid
+from kdlab.grid import expand_grid, logs_dir
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
 from kdlab import teacher_cache

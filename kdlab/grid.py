@@ -6,6 +6,8 @@ changing it reruns exactly that run), `runtime` is how it runs (workers, device)
 which may change without rerunning anything.
 """
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 
 from .config import RUNTIME_KEYS, recipe_name, settings_of
@@ -32,6 +34,21 @@ def student_dir(grid, student, seed):
 def distill_dir(grid, method, recipe, teacher, student, seed):
     """`recipe` is recipe_name(...): alpha_<alpha> or additive_ce<ce>_kd<kd>."""
     return f"{grid['experiments_dir']}/{grid['data']['dataset']}/{method}/{recipe}/{teacher}_to_{student}/{seed}"
+
+
+def logs_dir(experiments_dir):
+    """Where the workflow puts the job logs and timings of the runs in experiments_dir: logs/ for
+    experiments/, logs/<name>/ for another, so that two configs run from one directory (config.yaml,
+    crd.yaml) do not overwrite each other's logs of same-named runs. A plain directory name is kept
+    (logs/experiments_crd); any other path's name ends in a hash of it, so that a/b and a_b, or ../x
+    and x, get logs of their own."""
+    path = os.path.normpath(experiments_dir)
+    if path == "experiments":
+        return "logs"
+    if os.sep not in path and path not in (".", ".."):
+        return f"logs/{path}"
+    name = "_".join(part for part in path.split(os.sep) if part not in ("", ".", ".."))
+    return f"logs/{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
 
 
 def recipes(grid, method):

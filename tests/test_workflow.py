@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kdlab.config import load_grid
-from kdlab.grid import expand_grid
+from kdlab.grid import expand_grid, logs_dir
 from kdlab.train import train
 
 from conftest import REPO, comparable, read_json
@@ -81,25 +81,22 @@ def test_a_config_file_with_a_key_given_twice_stops_the_workflow_naming_it(tmp_p
 
 def test_another_experiments_dir_keeps_its_logs_apart(tmp_path):
     """config.yaml and crd.yaml run from one directory have runs of the same names (the teachers): the logs of
-    experiments_crd/ go to logs/experiments_crd/, not over those of experiments/ in logs/. A path that is not a
-    plain name gets a hash in its name, so that runs/crd and runs_crd do not share logs either."""
-    def logs_of(experiments_dir):
-        (tmp_path / "overlay.yaml").write_text(yaml.safe_dump({**OVERLAY, "experiments_dir": experiments_dir}))
-        output = snakemake(tmp_path, "-n").output
-        logs = {line.split()[1].split("/train_teacher/")[0] for line in output.splitlines()
-                if line.strip().startswith("log: ") and "/train_teacher/" in line}
-        assert len(logs) == 1, output
-        return logs.pop(), output
-
-    plain, output = logs_of("./runs_crd/")
-    assert plain == "logs/runs_crd"
+    experiments_crd/ go to logs/experiments_crd/, not over those of experiments/ in logs/."""
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump({**OVERLAY, "experiments_dir": "./runs_crd/"}))
+    output = snakemake(tmp_path, "-n").output
+    assert "log: logs/runs_crd/train_teacher/Synthetic/ResNet8/0.log" in output
     assert "log: logs/runs_crd/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log" in output
     assert "benchmark: logs/runs_crd/benchmarks/train_student/Synthetic/ResNet8/0.tsv" in output
     assert "log: logs/runs_crd/aggregate.log" in output and "log: logs/train" not in output
-    nested, _ = logs_of("runs/crd")
-    assert re.fullmatch(r"logs/runs_crd-[0-9a-f]{8}", nested), nested
-    parent, _ = logs_of("../runs_crd")
-    assert len({plain, nested, parent}) == 3
+
+
+def test_every_experiments_dir_gets_logs_of_its_own():
+    assert logs_dir("experiments") == logs_dir("./experiments/") == "logs"
+    assert logs_dir("experiments_crd") == logs_dir("experiments_crd/") == "logs/experiments_crd"
+    assert re.fullmatch(r"logs/scratch_me_kd-[0-9a-f]{8}", logs_dir("/scratch/me/kd"))
+    paths = ["a_b", "a/b", "a/b/..", "a", "../a", "../../a", "/a", ".", "..", "experiments/x", "x/experiments"]
+    names = {logs_dir(p) for p in paths}
+    assert len(names) == len(paths) - 1 and "logs" not in names  # a/b/.. is a
 
 
 def test_crd_recipe_plans_every_method_in_its_additive_form(tmp_path):

@@ -8,23 +8,7 @@ TEACHER = f"{EXP}/{{dataset}}/teachers/{{teacher}}/{{seed}}"
 STUDENT = f"{EXP}/{{dataset}}/none/{{student}}/{{seed}}"
 DISTILL = f"{EXP}/{{dataset}}/{{method}}/{{recipe}}/{{teacher}}_to_{{student}}/{{seed}}"
 PARAPHRASER = f"{TEACHER}/paraphraser_{{setting}}/paraphraser.pth"
-# Job logs and timings: logs/ for experiments/, logs/<name>/ for another experiments_dir, so that two configs
-# run from one directory (config.yaml, crd.yaml) do not overwrite each other's logs of same-named runs. A plain
-# directory name is kept (logs/experiments_crd/); any other path's name ends in a hash of it, so that a/b and
-# a_b, or ../x and x, get logs of their own.
-
-
-def logs_dir(experiments_dir):
-    path = os.path.normpath(experiments_dir)
-    if path == "experiments":
-        return "logs"
-    if os.sep not in path and path not in (".", ".."):
-        return f"logs/{path}"
-    name = "_".join(part for part in path.split(os.sep) if part not in ("", ".", ".."))
-    return f"logs/{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
-
-
-LOGS = logs_dir(EXP)
+LOGS = logs_dir(EXP)  # job logs and timings: logs/ for experiments/, else logs/<a name for it>/
 ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefile's .venv is the default
 # `kdlab` in a rule's shell command is this shell function: the package run by the
 # interpreter that runs Snakemake (locally and in cluster jobs, which Snakemake starts
