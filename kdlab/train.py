@@ -214,6 +214,39 @@ def gradient_share(method_grads, params):
     return method_norm / (method_norm + ce_norm)
 
 
+def backward_with_share(scaler, loss, method_loss, student_params):
+    """The step's backward, and the method term's share of the student's gradient
+    (gradient_share): the term's gradient alone comes first, before backward() frees the graph."""
+    method_grads = torch.autograd.grad(scaler.scale(method_loss), student_params, retain_graph=True,
+                                       allow_unused=True)
+    scaler.scale(loss).backward()
+    return gradient_share(method_grads, student_params)
+
+
+def step_figures(terms, loss, logits, labels, params, scaler, optimizer):
+    """The step's figures, kept on the device: (loss terms..., loss, correct, gradient norm).
+    Without a GradScaler a non-finite one skips the step on the device (fused SGD reads
+    found_inf), so a non-finite step never reaches the weights."""
+    grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
+        [p.grad for p in params if p.grad is not None])
+    figures = torch.stack([*(t.detach().float() for t in terms.values()), loss.detach().float(),
+                           (logits.argmax(1) == labels).sum().float(), grad_norm.float()])
+    if not scaler.is_enabled():
+        optimizer.found_inf = (~torch.isfinite(figures).all()).float()
+    return figures
+
+
+def restore(ckpt, model, loss_fn, optimizer, scaler):
+    model.load_state_dict(ckpt["model"])
+    loss_fn.load_state_dict(ckpt["method"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # a checkpoint from before kdlab fused SGD says fused: None
+        group["fused"] = True
+    match_momentum_layouts(optimizer)
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+
+
 def new_history():
     keys = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
             "skipped_steps", "nonfinite_losses", "grad_share"]
@@ -329,14 +362,7 @@ def train(run, run_dir, force_restart=False):
     student = student_forward(model, method)
     forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        loss_fn.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # a checkpoint from before kdlab fused SGD says fused: None
-            group["fused"] = True
-        match_momentum_layouts(optimizer)
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
+        restore(ckpt, model, loss_fn, optimizer, scaler)
         state = ckpt["state"]
         if not finished:
             state["resumed_at_epochs"].append(ckpt["epoch"])
@@ -362,7 +388,6 @@ def train(run, run_dir, force_restart=False):
         f"on {run['data']['dataset']} ({len(arrays.train_x)} train / {len(arrays.test_x)} test images, "
         f"{arrays.num_classes} classes), device {here['device']}, amp {tr['amp']}, fingerprint {run_fingerprint}")
     show_bar = sys.stderr.isatty()
-    sync_every, no_scaler = SYNC_EVERY.get(device.type, 1), torch.ones(1, device=device)
     saved_at = time.monotonic()
 
     for epoch in range(start_epoch, tr["epochs"]):
@@ -374,7 +399,8 @@ def train(run, run_dir, force_restart=False):
         model.train()
         loss_fn.train()
         loss_fn.start_epoch(epoch)
-        tally, share, pending, sizes = StepTally(scaler, tr["amp"], tr["max_skipped_steps"], state), None, [], []
+        tally = StepTally(scaler, tr["amp"], tr["max_skipped_steps"], state, SYNC_EVERY.get(device.type, 1))
+        share = None
         for step, (images, labels, views) in enumerate(train_loader):
             x, y = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
             views = views.to(device, non_blocking=True)  # (dataset index, dy, dx, flip): for CRD and the cache
@@ -390,31 +416,17 @@ def train(run, run_dir, force_restart=False):
                 method_loss = method_weight * sum(v for k, v in terms.items() if k != "ce")
                 loss = ce_weight * ce + method_loss
             optimizer.zero_grad(set_to_none=True)
-            if measure_share:  # the method term's gradient alone, before backward() frees the graph
-                method_grads = torch.autograd.grad(scaler.scale(method_loss), student_params, retain_graph=True,
-                                                   allow_unused=True)
-            scaler.scale(loss).backward()
             if measure_share:
-                share = gradient_share(method_grads, student_params)
-                del method_grads  # parameter-sized: not kept through the epoch
-            grad_norm = loss.new_zeros(()) if scaler.is_enabled() else torch.nn.utils.get_total_norm(
-                [p.grad for p in params if p.grad is not None])
-            figures = torch.stack([*(t.detach().float() for t in terms.values()), loss.detach().float(),
-                                   (student_out[-1].argmax(1) == y).sum().float(), grad_norm.float()])
-            if not scaler.is_enabled():  # a non-finite step never reaches the weights
-                optimizer.found_inf = (~torch.isfinite(figures).all()).float()
+                share = backward_with_share(scaler, loss, method_loss, student_params)
+            else:
+                scaler.scale(loss).backward()
+            figures = step_figures(terms, loss, student_out[-1], y, params, scaler, optimizer)  # sets found_inf
             scaler.step(optimizer)
             scaler.update()
-            # The scale after update(): it drops exactly when the GradScaler skipped the step.
-            pending.append(torch.cat([figures, scaler._scale.reshape(1) if scaler.is_enabled() else no_scaler]))
-            sizes.append(len(y))
-            if len(pending) < sync_every and step + 1 < len(train_loader):
-                continue
-            problem = tally.read(list(terms), torch.stack(pending).tolist(), sizes, step + 1 - len(pending))  # a sync
+            problem = tally.add(step, list(terms), figures, len(y), last=step + 1 == len(train_loader))
             if problem:
                 stop(record, run_dir, f"{guard_where(run, epoch, problem[0])}: {problem[1]}"
                                       f"{share_note(share, run['method'])} The last good checkpoint is kept.")
-            pending, sizes = [], []
             if show_bar:
                 print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {tally.last_loss:.4f}",
                       end="", file=sys.stderr, flush=True)
@@ -426,15 +438,8 @@ def train(run, run_dir, force_restart=False):
                  f"skipped {tally.skipped} of {len(train_loader)} optimizer steps.{share_note(share, run['method'])} "
                  f"The last good checkpoint is kept.")
         test_loss, test_acc = evaluate(forward, test_loader, normalize, device, autocast)
-        sums, seen = tally.sums, max(tally.seen, 1)
-        for name in terms:
-            history["terms"].setdefault(name, []).append(sums.get(name, float("nan")) / seen)
-        for key, value in (("train_loss", sums.get("loss", float("nan")) / seen),
-                           ("train_acc", 100.0 * sums.get("correct", 0.0) / seen),
-                           ("test_loss", test_loss), ("test_acc", test_acc), ("lr", lr),
-                           ("epoch_seconds", time.perf_counter() - t0), ("skipped_steps", tally.skipped),
-                           ("nonfinite_losses", tally.nonfinite), ("grad_share", share)):
-            history[key].append(value)
+        tally.add_epoch_to(history, test_loss=test_loss, test_acc=test_acc, lr=lr,
+                           epoch_seconds=time.perf_counter() - t0, grad_share=share)
         log(epoch_line(epoch, tr["epochs"], history, run["method"]))
         check_weights_and_test_loss(record, run_dir, run, epoch, test_loss, model, loss_fn)
         # A CRD checkpoint is 55 MB: with short epochs, writing one every epoch loads a shared file
@@ -503,16 +508,42 @@ def teacher_source(run, teacher, teacher_sha256, arrays, device, compile_teacher
 
 
 class StepTally:
-    """One epoch's step figures as they are read back to the host: the sums behind the
-    epoch's averages, and the health guard's verdict on each step, in order."""
+    """One epoch's step figures, kept on the device and read back to the host every
+    `sync_every` steps: the sums behind the epoch's averages, and the health guard's verdict
+    on each step, in order."""
 
-    def __init__(self, scaler, amp, max_skipped, state):
+    def __init__(self, scaler, amp, max_skipped, state, sync_every=1):
         # The scale as the last step left it (1.0 when the scaler is off; it changes only in
         # update()); a step's row holds the scale after it, which drops exactly when the
         # GradScaler skipped that step.
-        self.scaled, self.loss_scale = scaler.is_enabled(), scaler.get_scale()
-        self.amp, self.max_skipped, self.state = amp, max_skipped, state
+        self.scaler, self.scaled, self.loss_scale = scaler, scaler.is_enabled(), scaler.get_scale()
+        self.amp, self.max_skipped, self.state, self.sync_every = amp, max_skipped, state, sync_every
         self.sums, self.seen, self.skipped, self.nonfinite, self.last_loss = {}, 0, 0, 0, float("nan")
+        self.names, self.pending, self.sizes, self.unscaled = [], [], [], None
+
+    def add(self, step, names, figures, batch, last):
+        """Keep a step's figures (step_figures) with the loss scale after its update(); at every
+        `sync_every`-th step and the epoch's last, read the kept ones (one sync) and return
+        (step, what went wrong) for the first step at which the run must stop, else None."""
+        if self.unscaled is None:
+            self.unscaled = figures.new_ones(1)
+        self.names = names
+        self.pending.append(torch.cat([figures, self.scaler._scale.reshape(1) if self.scaled else self.unscaled]))
+        self.sizes.append(batch)
+        if len(self.pending) < self.sync_every and not last:
+            return None
+        rows, sizes, self.pending, self.sizes = torch.stack(self.pending).tolist(), self.sizes, [], []
+        return self.read(names, rows, sizes, step + 1 - len(rows))
+
+    def add_epoch_to(self, history, **figures):
+        """Append the epoch's averages and guard counts, and `figures`, to the run's history."""
+        seen = max(self.seen, 1)
+        for name in self.names:
+            history["terms"].setdefault(name, []).append(self.sums.get(name, float("nan")) / seen)
+        for key, value in {"train_loss": self.sums.get("loss", float("nan")) / seen,
+                           "train_acc": 100.0 * self.sums.get("correct", 0.0) / seen, **figures,
+                           "skipped_steps": self.skipped, "nonfinite_losses": self.nonfinite}.items():
+            history[key].append(value)
 
     def read(self, names, rows, sizes, first_step):
         """Tally rows of (loss terms..., loss, correct, gradient norm, loss scale) of steps
