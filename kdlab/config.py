@@ -14,6 +14,7 @@ import jsonschema
 import yaml
 
 from .data import DEFAULT_AUGMENTATION
+from .layout import format_alpha, recipe_name
 from .methods import METHODS, get_method
 from .models import BLOCKS_PER_STAGE
 
@@ -383,10 +384,6 @@ def load_grid(path):
     return resolve_grid(read_yaml(path) or {})
 
 
-def format_alpha(alpha):
-    return format(float(alpha), "g")
-
-
 def plain_decimal(x):
     """Whether x prints as itself in a run directory's name (alpha_0.5, additive_ce1_kd0.9)."""
     name = format_alpha(x)
@@ -398,12 +395,6 @@ def settings_of(method_block):
     return {k: v for k, v in method_block.items() if k not in ("alphas", "additive")}
 
 
-def recipe_name(alpha=None, additive=None):
-    """The run-directory level that says how CE and the method combine: alpha_0.5 (convex)
-    or additive_ce1_kd0.9 (ce_weight * CE + kd_weight * KD + L_method)."""
-    if additive is not None:
-        return f"additive_ce{format_alpha(additive['ce_weight'])}_kd{format_alpha(additive['kd_weight'])}"
-    return f"alpha_{format_alpha(alpha)}"
 
 
 def split_runtime(run):

@@ -10,7 +10,8 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 
-from .config import RUNTIME_KEYS, recipe_name, settings_of
+from .config import RUNTIME_KEYS, settings_of
+from .layout import recipe_name, run_dir_parts
 from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
 from .teacher_cache import cache_path, why_not_cached
 
@@ -23,17 +24,22 @@ class Job:
     inputs: list = field(default_factory=list)
 
 
+def run_dir(grid, kind, method=None, recipe=None, teacher=None, student=None, seed=None):
+    return "/".join([grid["experiments_dir"], *map(str, run_dir_parts(kind, grid["data"]["dataset"], method, recipe,
+                                                                        teacher, student, seed))])
+
+
 def teacher_dir(grid, teacher, seed):
-    return f"{grid['experiments_dir']}/{grid['data']['dataset']}/teachers/{teacher}/{seed}"
+    return run_dir(grid, "teacher", teacher=teacher, seed=seed)
 
 
 def student_dir(grid, student, seed):
-    return f"{grid['experiments_dir']}/{grid['data']['dataset']}/none/{student}/{seed}"
+    return run_dir(grid, "student", student=student, seed=seed)
 
 
 def distill_dir(grid, method, recipe, teacher, student, seed):
     """`recipe` is recipe_name(...): alpha_<alpha> or additive_ce<ce>_kd<kd>."""
-    return f"{grid['experiments_dir']}/{grid['data']['dataset']}/{method}/{recipe}/{teacher}_to_{student}/{seed}"
+    return run_dir(grid, "distill", method, recipe, teacher, student, seed)
 
 
 def logs_dir(experiments_dir):

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, fingerprint, recipe_name, resolve_run, split_runtime
+from .config import ConfigError, fingerprint, resolve_run, split_runtime
 from .data import load_dataset, make_loaders
+from .layout import recipe_name
 from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model

@@ -796,8 +796,8 @@ def test_other_layouts_are_not_flagged(tmp_path):
 
 
 def test_run_block_names_the_directory_the_grid_gives_it():
-    """runs.claimed_dir repeats kdlab.grid's path formula without torch: the run block that
-    train.py records for every job of a grid names that job's directory."""
+    """The run block that train.py records for every job of a grid names (runs.claimed_dir)
+    that job's directory."""
     from kdlab.config import resolve_grid, resolve_run
     from kdlab.grid import expand_grid
     from kdlab.train import run_record

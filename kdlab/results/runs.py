@@ -12,6 +12,8 @@ import os
 import re
 from typing import Any
 
+from ..layout import run_dir_parts
+
 # Fallback when a run does not record num_classes (lower-cased dataset name).
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10,
                "svhn": 10, "stl10": 10, "tinyimagenet": 200, "imagenet": 1000}
@@ -128,7 +130,7 @@ def seed_text(seed: Any) -> str | None:
 
 
 def recorded_recipe(run: dict) -> str | None:
-    """The recipe level a run block names (kdlab.config.recipe_name), or None if it does not
+    """The recipe level a run block names (kdlab.layout.recipe_name), or None if it does not
     say: its ``recipe``; for older files its alpha, or its additive weights."""
     if isinstance(run.get("recipe"), str) and run["recipe"]:
         return run["recipe"]
@@ -153,20 +155,8 @@ def claimed_dir(run: dict) -> list[str | None] | None:
     teacher, student = text(run.get("teacher")), text(run.get("student"))
     if kind == "teacher":  # "student" names the model trained; older writers used "teacher"
         teacher = student or teacher
-    return layout_dir(kind, text(run.get("dataset")), text(run.get("method")), recorded_recipe(run), teacher,
+    return run_dir_parts(kind, text(run.get("dataset")), text(run.get("method")), recorded_recipe(run), teacher,
                       student, seed_text(run.get("seed")))
-
-
-def layout_dir(kind: str, dataset, method, recipe, teacher, student, seed) -> list[str | None]:
-    """A run's directory in the grid's layout, as components (None for what is not known);
-    a teacher run's model is `teacher`. The formula of kdlab.grid's teacher_dir, student_dir and
-    distill_dir, written again here because importing kdlab.grid imports torch (a test compares
-    the two)."""
-    if kind == "teacher":
-        return [dataset, "teachers", teacher, seed]
-    if kind == "student":
-        return [dataset, "none", student, seed]
-    return [dataset, method, recipe, f"{teacher}_to_{student}" if teacher and student else None, seed]
 
 
 def show_dir(parts: list[str | None]) -> str:
@@ -218,7 +208,7 @@ def check_placement(summaries: list[dict]) -> None:
     for key, group in groups.items():
         if len(group) > 1:
             matching = [s["rel"] for s in group if s["rel"] in placed]
-            entry = {"kind": key[0], "claims": show_dir(layout_dir(*key)), "runs": [s["rel"] for s in group],
+            entry = {"kind": key[0], "claims": show_dir(run_dir_parts(*key)), "runs": [s["rel"] for s in group],
                      "used": matching[0] if len(matching) == 1 else None}
             for s in group:
                 s["duplicates"] = entry
