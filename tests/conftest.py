@@ -23,6 +23,18 @@ TINY_TRAINING = {"epochs": 3, "batch_size": 32, "lr": 0.05, "milestones": [2], "
                  "device": "cpu", "amp": "off"}
 
 
+def model_outputs(batch, seed, classes, scale=1.0, dtype=torch.float32):
+    """Random (stage1, stage2, stage3, embedding, logits) as a CIFAR ResNet returns them (post-ReLU stages)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64,), (classes,)]
+    return tuple(((torch.randn(batch, *s, generator=g) * scale).relu() if len(s) == 3 else
+                  torch.randn(batch, *s, generator=g) * scale).to(dtype) for s in shapes)
+
+
+def default_settings(name, **overrides):
+    return {**{key: spec["default"] for key, spec in METHODS[name].SETTINGS.items()}, **overrides}
+
+
 def tiny_run(**overrides):
     run = {"kind": "teacher", "model": "ResNet8", "seed": 0, "method": "none",
            "data": copy.deepcopy(TINY_DATA), "training": dict(TINY_TRAINING)}

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from kdlab.methods import METHODS, at, cc, crd, dist, dkd, fitnets, ft, kd, nst, pkt, rkd, sp, vid
+from kdlab.methods import at, cc, crd, dist, dkd, fitnets, ft, kd, nst, pkt, rkd, sp, vid
 from kdlab.models import BLOCKS_PER_STAGE, build_model
 from kdlab.teachers import convert, repdistiller_key
+
+from conftest import default_settings
 
 REPO = Path(__file__).resolve().parent.parent
 B, CLASSES = 64, 100
@@ -37,10 +39,6 @@ def outputs(seed):
 
 S, T = outputs(1), outputs(2)
 LABELS = torch.randint(0, CLASSES, (B,), generator=torch.Generator().manual_seed(3))
-
-
-def settings(name, **overrides):
-    return {**{key: spec["default"] for key, spec in METHODS[name].SETTINGS.items()}, **overrides}
 
 
 def assert_same_value_and_gradient(ours, theirs, position):
@@ -112,19 +110,19 @@ def test_kd_at_sp_pkt_nst_rkd_compute_what_repdistiller_computes():
         log_p_s, p_t = F.log_softmax(s[4] / temperature, 1), F.softmax(t[4] / temperature, 1)
         return F.kl_div(log_p_s, p_t, reduction="sum") * temperature ** 2 / B
 
-    assert_same_value_and_gradient(total(kd.Loss(settings("kd"), {})), lambda s: distill_kl(s, T), 4)
+    assert_same_value_and_gradient(total(kd.Loss(default_settings("kd"), {})), lambda s: distill_kl(s, T), 4)
     for stage in (0, 2):
-        assert_same_value_and_gradient(total(at.Loss(settings("at"), {})), lambda s: 1000 * zoo_at(s, T), stage)
-    assert_same_value_and_gradient(total(sp.Loss(settings("sp"), {})), lambda s: 3000 * zoo_sp(s, T), 2)
-    assert_same_value_and_gradient(total(pkt.Loss(settings("pkt"), {})), lambda s: 30000 * zoo_pkt(s, T), 3)
-    assert_same_value_and_gradient(total(nst.Loss(settings("nst"), {})), lambda s: 50 * zoo_nst(s, T), 1)
-    rkd_paper = rkd.Loss(settings("rkd", distance_weight=25.0, angle_weight=50.0), {})
+        assert_same_value_and_gradient(total(at.Loss(default_settings("at"), {})), lambda s: 1000 * zoo_at(s, T), stage)
+    assert_same_value_and_gradient(total(sp.Loss(default_settings("sp"), {})), lambda s: 3000 * zoo_sp(s, T), 2)
+    assert_same_value_and_gradient(total(pkt.Loss(default_settings("pkt"), {})), lambda s: 30000 * zoo_pkt(s, T), 3)
+    assert_same_value_and_gradient(total(nst.Loss(default_settings("nst"), {})), lambda s: 50 * zoo_nst(s, T), 1)
+    rkd_paper = rkd.Loss(default_settings("rkd", distance_weight=25.0, angle_weight=50.0), {})
     assert_same_value_and_gradient(total(rkd_paper), lambda s: zoo_rkd(s, T), 3)
 
 
 def test_cc_vid_fitnet_compute_what_repdistiller_computes():
     torch.manual_seed(0)
-    cc_loss = cc.Loss(settings("cc"), {}).double()
+    cc_loss = cc.Loss(default_settings("cc"), {}).double()
 
     def correlation(s):  # LinearEmbed (no normalisation) on both sides, then Correlation
         e_s = F.linear(s[3], cc_loss.embed_s.weight, cc_loss.embed_s.bias)
@@ -134,7 +132,7 @@ def test_cc_vid_fitnet_compute_what_repdistiller_computes():
     assert cc_loss.embed_s.weight.shape == (128, 64)
     assert_same_value_and_gradient(total(cc_loss), correlation, 3)
 
-    vid_loss = vid.Loss(settings("vid"), {}).double()
+    vid_loss = vid.Loss(default_settings("vid"), {}).double()
     for part in vid_loss.vid.values():  # VIDLoss(s, t, t) starts every variance at 5
         assert torch.allclose(part.raw_variance, torch.full_like(part.raw_variance, math.log(math.exp(5 - 1e-5) - 1)))
         part.raw_variance.data += torch.linspace(-1, 1, len(part.raw_variance), dtype=DOUBLE)
@@ -154,7 +152,7 @@ def test_cc_vid_fitnet_compute_what_repdistiller_computes():
     # ConvReg + HintLoss, RepDistiller's hint_layer 2 (stage 2 onto stage 2) and our default 1 -> 2:
     # the regressor's conv has a bias there, which its BatchNorm (train mode) cancels exactly.
     for guided, hint in ((1, 1), (0, 1), (1, 0)):
-        loss = fitnets.Loss(settings("fitnets", guided_layer=guided, hint_layer=hint), {}).double().train()
+        loss = fitnets.Loss(default_settings("fitnets", guided_layer=guided, hint_layer=hint), {}).double().train()
         conv, bn = loss.connector[0], loss.connector[1]
         bias = torch.randn(conv.out_channels, dtype=DOUBLE)
 
@@ -182,7 +180,7 @@ def test_dkd_and_dist_compute_what_their_authors_code_computes():
         return alpha * tckd + beta * nckd
 
     for beta in (8.0, 2.0):  # mdistiller's default and its configs for res56->res20, res110->res32
-        loss = dkd.Loss(settings("dkd", nckd_weight=beta), {})
+        loss = dkd.Loss(default_settings("dkd", nckd_weight=beta), {})
         for epoch in (0, 7, 19, 239):  # ours 0-based; mdistiller's min(epoch / WARMUP, 1) counts from 1
             loss.start_epoch(epoch)
             assert_same_value_and_gradient(
@@ -195,7 +193,7 @@ def test_dkd_and_dist_compute_what_their_authors_code_computes():
         y_s, y_t = (s[4] / tau).softmax(1), (T[4] / tau).softmax(1)
         return tau ** 2 * (beta * relation(y_s, y_t) + gamma * relation(y_s.t(), y_t.t()))
     # The authors' CIFAR-100 recipe: CE + kd_loss_weight 2 * DIST(1, 1, tau 4)
-    assert_same_value_and_gradient(total(dist.Loss(settings("dist"), {})), lambda s: 2 * dist_kd(s), 4)
+    assert_same_value_and_gradient(total(dist.Loss(default_settings("dist"), {})), lambda s: 2 * dist_kd(s), 4)
 
 
 @pytest.mark.parametrize("factor", ["flatten", "channel_mean_sq"])
@@ -205,7 +203,7 @@ def test_ft_computes_what_its_authors_and_repdistiller_compute(factor, tmp_path)
     # utils.FT and L1Loss, beta 500. channel_mean_sq: RepDistiller's FactorTransfer(p1 2, p2 1)
     # with its BN translator, -b 200.
     authors = factor == "flatten"
-    chosen = settings("ft", factor=factor, translator_bn=not authors, weight=500.0 if authors else 200.0)
+    chosen = default_settings("ft", factor=factor, translator_bn=not authors, weight=500.0 if authors else 200.0)
     torch.manual_seed(0)
     paraphraser = ft.Paraphraser(chosen["rate"])
     path = tmp_path / "paraphraser.pth"
@@ -244,7 +242,7 @@ def test_ft_computes_what_its_authors_and_repdistiller_compute(factor, tmp_path)
 def test_crd_computes_what_repdistiller_computes_over_two_steps():
     n, k = 2000, 1024  # a CIFAR-100-like label set (20 per class), small enough for gathered bank rows
     train_labels = torch.arange(n) % CLASSES
-    loss = crd.Loss(settings("crd", nce_k=k), {"seed": 0, "train_labels": train_labels}).double().train()
+    loss = crd.Loss(default_settings("crd", nce_k=k), {"seed": 0, "train_labels": train_labels}).double().train()
     stdv = 1 / math.sqrt(128 / 3)  # ContrastMemory's initial banks: uniform in +-stdv
     assert loss.memory_s.abs().max() <= stdv and loss.memory_s.abs().max() > 0.99 * stdv
     bank_s, bank_t = loss.memory_s.clone(), loss.memory_t.clone()  # memory_v1, memory_v2
@@ -317,7 +315,7 @@ AUTHORS_DEFAULTS = {  # RepDistiller's train_student.py / run_cifar_distill.sh, 
 
 def test_defaults_are_the_authors_hyper_parameters():
     for name, expected in AUTHORS_DEFAULTS.items():
-        assert {key: settings(name)[key] for key in expected} == expected, name
+        assert {key: default_settings(name)[key] for key in expected} == expected, name
 
 
 def test_crd_config_is_repdistillers_recipe():
@@ -343,7 +341,7 @@ def test_crd_config_is_repdistillers_recipe():
     }
     for name, (recipes, keys) in expected.items():
         assert methods[name]["additive"] == recipes, name
-        assert {key: methods[name].get(key, settings(name)[key]) for key in keys} == keys, name
+        assert {key: methods[name].get(key, default_settings(name)[key]) for key in keys} == keys, name
     training = config["training"]
     assert (training["epochs"], training["batch_size"], training["lr"], training["momentum"],
             training["weight_decay"], training["milestones"], training["lr_decay"], training["label_smoothing"]) == \

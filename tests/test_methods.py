@@ -13,17 +13,14 @@ from kdlab.data import load_dataset
 from kdlab.methods import METHODS, fitnets, ft, kd, rkd
 from kdlab.runio import atomic_torch_save
 
-from conftest import every_method_loss, tiny_run
+from conftest import every_method_loss, model_outputs, tiny_run
 
 FT_SETTINGS = {"rate": 0.5, "weight": 500.0, "factor": "flatten", "translator_bn": False,
                "paraphraser_loss": "l1", "paraphraser_epochs": 1, "paraphraser_lr": 0.1}
 
 
 def features(batch, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64,), (10,)]
-    return tuple((torch.randn(batch, *s, generator=g) * scale).relu() if len(s) == 3 else
-                 torch.randn(batch, *s, generator=g) * scale for s in shapes)
+    return model_outputs(batch, seed, 10, scale)
 
 
 def huber(x):

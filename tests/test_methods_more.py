@@ -11,28 +11,21 @@ import torch
 from kdlab.config import resolve_run
 from kdlab.methods import METHODS, at, cc, dist, dkd, nst, pkt, sp, vid
 
-from conftest import every_method_loss, tiny_run
+from conftest import default_settings, every_method_loss, model_outputs, tiny_run
 
 BASELINES = ["at", "sp", "pkt", "cc", "nst", "vid", "dkd", "dist"]
 # The other methods' float64 reference tests: a method registered without one fails below.
 REFERENCED_ELSEWHERE = {"kd": "test_methods.py", "fitnets": "test_methods.py", "rkd": "test_methods.py",
                         "ft": "test_methods.py", "crd": "test_crd.py"}
-SHAPES = [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64,), (5,)]
+CLASSES = 5
 
 
 def features(batch, seed, scale=1.0, dtype=torch.float64):
-    """Stage outputs (post-ReLU), embedding and logits, as a model returns them."""
-    g = torch.Generator().manual_seed(seed)
-    return tuple(((torch.randn(batch, *s, generator=g) * scale).relu() if len(s) == 3 else
-                  torch.randn(batch, *s, generator=g) * scale).to(dtype) for s in SHAPES)
+    return model_outputs(batch, seed, CLASSES, scale, dtype)
 
 
 def labels_for(batch):
-    return torch.arange(batch) % SHAPES[-1][0]
-
-
-def default_settings(name):
-    return {k: spec["default"] for k, spec in METHODS[name].SETTINGS.items()}
+    return torch.arange(batch) % CLASSES
 
 
 def rel_err(value, reference):
