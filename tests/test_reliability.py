@@ -318,6 +318,24 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
+def test_compile_warns_when_its_cache_directory_is_short_of_space(tmp_path, monkeypatch, capsys):
+    """torch.compile fills TORCHINDUCTOR_CACHE_DIR (default: $TMPDIR or /tmp, often small on a compute
+    node) with a 150 MB precompiled header on the CPU; full, the first step fails with "cannot write
+    PCH file" and nothing says the disk is full. (The compile itself is left out: torch.compile is the
+    identity here.)"""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=40 << 20))
+    train(tiny_run(data=RUN["data"], training={"epochs": 1, "milestones": [1], "compile": True}), tmp_path / "run")
+    assert (f"WARNING: torch.compile's cache directory {tmp_path / 'inductor'} has 40 MB free, and compiling needs "
+            f"up to 512 MB" in capsys.readouterr().out)
+    (tmp_path / "inductor").rmdir()
+    (tmp_path / "inductor").write_text("")  # not a directory: cannot be created
+    train(tiny_run(data=RUN["data"], training={"epochs": 1, "milestones": [1], "compile": True}), tmp_path / "run2")
+    assert "WARNING: torch.compile's cache directory cannot be used" in capsys.readouterr().out
+
+
 def test_a_kill_between_linking_and_saving_leaves_no_temporary_link(interrupted, tmp_path):
     """A kill after checkpoint.prev.pth became a link of checkpoint.pth, before the new one
     replaced it: the next save must not leave its temporary link behind (rename() between
