@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -316,6 +317,35 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monke
     with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*progress.json'"):
         atomic_write_json(tmp_path / "progress.json", {})
     assert not list(tmp_path.iterdir())
+
+
+def posix_acl(*entries):
+    """A minimal POSIX ACL as Linux stores it in system.posix_acl_*: (tag, permission bits) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+
+
+@pytest.mark.parametrize("default_acl", [False, True], ids=["umask", "default-acl"])
+def test_files_get_the_mode_a_plain_open_gives_them(tmp_path, default_acl):
+    """A group's shared directory with a default ACL (d:g::rwx) gives new files group access whatever the
+    umask; atomic writes (mkstemp's 0600, then chmod to 0666 & ~umask) made them 0600 there under
+    umask 077, so the group could not read the teachers and metrics it shares."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if default_acl:
+        try:
+            os.setxattr(shared, "system.posix_acl_default", posix_acl((0x01, 7), (0x04, 7), (0x20, 0)))
+        except (AttributeError, OSError) as e:
+            pytest.skip(f"no POSIX ACLs here ({e})")
+    umask = os.umask(0o077 if default_acl else 0o027)
+    try:
+        (shared / "plain.json").write_text("{}")
+        atomic_write_json(shared / "metrics.json", {})
+        save_weights(shared / "model.pth", {"w": torch.zeros(1)})
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in shared.iterdir()}
+    assert modes == dict.fromkeys(["plain.json", "metrics.json", "model.pth", "model.pth.sha256"],
+                                  "0o660" if default_acl else "0o640")
 
 
 def test_compile_warns_when_its_cache_directory_is_short_of_space(tmp_path, monkeypatch, capsys):
