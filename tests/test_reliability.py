@@ -319,6 +319,30 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
+def test_a_full_disk_stops_the_run_marked_with_the_error_and_running_it_again_resumes(tmp_path, monkeypatch, capsys):
+    """A checkpoint that cannot be written (disk full, quota exceeded, a Lustre I/O error) stops the job;
+    progress.json, which still said "running", says why, for kdlab results' health list."""
+    import kdlab.train
+    real_save, saves = kdlab.train.save_checkpoint, []
+
+    def full_on_the_second(path, obj):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        real_save(path, obj)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", full_on_the_second)
+    run_dir, args = tmp_path / "run", ["train", "--config", json.dumps(RUN)]
+    assert kdlab_main([*args, "--run-dir", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == f"kdlab train: error: [Errno 28] No space left on device: '{run_dir}/checkpoint.pth'\n"
+    progress = read_json(run_dir / "progress.json")
+    assert (progress["status"], progress["error"]) == ("interrupted", (
+        f"interrupted by [Errno 28] No space left on device: '{run_dir}/checkpoint.pth'; running it again resumes "
+        f"from its checkpoint at epoch 1"))
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
+    assert kdlab_main([*args, "--run-dir", str(run_dir)]) == 0
+    assert read_json(run_dir / "metrics.json")["resumed_at_epochs"] == [1]
+
+
 def posix_acl(*entries):
     """A minimal POSIX ACL as Linux stores it in system.posix_acl_*: (tag, permission bits) entries."""
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
