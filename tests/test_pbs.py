@@ -1034,10 +1034,11 @@ def test_jobs_run_where_home_is_not_writable(tmp_path, pbs_env):
     pbs_env.pop("XDG_CACHE_HOME", None)
     site(pbs_env, env_setup='. "{repo}/.venv/bin/activate"\n    export HOME=%s/home' % not_a_directory)
     wd = tmp_path / "wd"
-    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=2", "seeds=0")
+    teacher = "experiments/Synthetic/teachers/T1/0/model.json"
+    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=2", "--", teacher)
     job_logs = "".join(p.read_text() for p in (wd / "logs" / "pbs").glob("*.log"))
     assert rc == 0, out + job_logs
-    assert (wd / "results" / "summary.txt").exists()
+    assert (wd / teacher).exists()
     own = re.findall(r"%s/home/.cache/snakemake cannot be written here: XDG_CACHE_HOME=(\S+)" % not_a_directory,
                      job_logs)
-    assert len(own) == 2 and all("/kdlab-cache." in d and not os.path.exists(d) for d in own), job_logs
+    assert len(own) == 1 and "/kdlab-cache." in own[0] and not os.path.exists(own[0]), job_logs
