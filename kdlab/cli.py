@@ -83,6 +83,12 @@ def cmd_train(args):
         mark_interrupted(args.run_dir, "SIGTERM (walltime or memory kill, qdel, or Snakemake stopping)"
                          if isinstance(e, Terminated) else "Ctrl-C")
         raise
+    except OSError as e:  # a full disk or quota, an I/O error: said in progress.json, so kdlab results shows it
+        try:
+            mark_interrupted(args.run_dir, str(e))
+        except OSError:
+            pass  # on a full disk, its write may fail too: the job's log still names the file
+        raise
     return 0
 
 

@@ -14,22 +14,15 @@ import json
 import math
 import os
 import platform
+import secrets
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 from . import __version__
-
-
-def file_mode():
-    """The mode a plain open() would give (mkstemp's 0600 would hide results from the group)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def atomic_write_bytes(path, data):
@@ -40,22 +33,37 @@ def atomic_write(path, write):
     """write(f) to a temporary file in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = create_temporary(path)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         # A full disk says "[Errno 28] No space left on device" without naming the file, and
         # torch's zip writer reports it as a RuntimeError raised while handling the OSError.
         cause = e if isinstance(e, OSError) else e.__context__
         if isinstance(cause, OSError):
             raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from e
         raise
+
+
+def create_temporary(path):
+    """(fd, path) of a new file .NAME.XXXXXXXX.tmp beside `path`, with the mode a plain open() gives
+    it: 0666 through the umask, or through the directory's default ACL where it has one (a group's
+    shared directory). mkstemp's 0600, even chmod-ed to 0666 & ~umask afterwards, hid the results
+    from the group there."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
 def remove_temporaries(directory, name=None, min_age_s=0):

@@ -26,7 +26,7 @@ from .data import load_dataset, make_loaders
 from .methods import get_method
 from .models import build_model
 from .runio import (UnreadableFile, atomic_write_json, file_sha256, now, provenance, remove_completion_marks,
-                    save_weights, torch_load)
+                    remove_temporaries, save_weights, torch_load)
 from .train import Normalize, evaluate, log, pick_device
 
 # layerN.i.<part>.<param> -> stages.(N-1).i.<our part>.<param>
@@ -113,6 +113,7 @@ def import_teacher(run, run_dir):
         raise ConfigError(f"config key 'teacher_checkpoints.{run['model']}': {path} "
                           f"{'is not a file' if path.exists() else 'does not exist'}")
     remove_completion_marks(run_dir)
+    remove_temporaries(run_dir)  # from writes that a kill interrupted
     started = now()
     arrays = load_dataset(run["data"])
     try:  # weights_only refuses arbitrary pickles; a damaged file fails here too

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from itertools import chain, count
@@ -37,6 +38,7 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # stops the run at the next read, naming the step, before any checkpoint is written.
 SYNC_EVERY = {"cuda": 50}
 MIN_LOSS_SCALE = 2.0 ** -14  # below this, fp16-scaled gradients underflow to zero
+COMPILE_CACHE_BYTES = 512 << 20  # a CPU compile writes a 150 MB precompiled header, then its kernels
 # What a resume's record (provenance.resumes) leaves out of its process's provenance: what
 # belongs to the run's start, or must equal the start's for the checkpoint to be resumed.
 START_ONLY_KEYS = ("started", "finished", "data_sha256", "fingerprint", "inputs_sha256")
@@ -78,6 +80,24 @@ def why_no_cuda():
     except Exception as e:  # the driver's or the build's own words
         return (str(e).splitlines() or [type(e).__name__])[0]
     return "no CUDA device is visible"
+
+
+def check_compile_cache():
+    """torch.compile writes its kernels under TORCHINDUCTOR_CACHE_DIR, by default in $TMPDIR or /tmp,
+    which is often small or full on a compute node; there, the first step fails with a C++ or
+    Triton compile error ("cannot write PCH file") that does not say the disk is full."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    try:
+        path = cache_dir()  # created here, as torch would
+        free = shutil.disk_usage(path).free
+    except OSError as e:
+        log(f"WARNING: torch.compile's cache directory cannot be used ({e}): set TORCHINDUCTOR_CACHE_DIR to a "
+            f"writable directory with {COMPILE_CACHE_BYTES >> 20} MB free, or training.compile to false")
+        return
+    if free < COMPILE_CACHE_BYTES:
+        log(f"WARNING: torch.compile's cache directory {path} has {free >> 20} MB free, and compiling needs up to "
+            f"{COMPILE_CACHE_BYTES >> 20} MB (a full disk fails the first step with a compile error): set "
+            f"TORCHINDUCTOR_CACHE_DIR to a directory with space")
 
 
 def seed_everything(seed, deterministic):
@@ -360,6 +380,8 @@ def train(run, run_dir, force_restart=False):
     finished = bool(ckpt and ckpt.get("finished"))
     teacher_outputs, teacher_from = (None, None) if finished else teacher_source(
         run, teacher, inputs.get("teacher_weights"), arrays, device, tr["compile"])
+    if tr["compile"] and not finished:
+        check_compile_cache()
     student = student_forward(model, method)
     forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
     if ckpt:

@@ -1023,3 +1023,22 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
         assert (wd / target.replace("/kd/", "/%s/" % method)).exists()
     assert len(req["pretrain_paraphraser.Synthetic.%s.0.%s" % (pair["teacher"], "k0.5_l1_2ep_lr0.1")]) == 1
     assert (wd / "results" / "results.md").exists() and "aggregate" not in "".join(req)
+
+
+def test_jobs_run_where_home_is_not_writable(tmp_path, pbs_env):
+    """Compute nodes where $HOME is read-only, full, or not mounted at all: the Snakemake inside
+    every job creates ~/.cache/snakemake at start, and failed there (OSError), so every job failed.
+    The job then gets a cache directory of its own, removed at its end."""
+    not_a_directory = tmp_path / "home-is-a-file"
+    not_a_directory.write_text("")
+    pbs_env.pop("XDG_CACHE_HOME", None)
+    site(pbs_env, env_setup='. "{repo}/.venv/bin/activate"\n    export HOME=%s/home' % not_a_directory)
+    wd = tmp_path / "wd"
+    teacher = "experiments/Synthetic/teachers/T1/0/model.json"
+    rc, out = run_snakemake(pbs_env, wd, "--config", "steps=2", "--", teacher)
+    job_logs = "".join(p.read_text() for p in (wd / "logs" / "pbs").glob("*.log"))
+    assert rc == 0, out + job_logs
+    assert (wd / teacher).exists()
+    own = re.findall(r"%s/home/.cache/snakemake cannot be written here: XDG_CACHE_HOME=(\S+)" % not_a_directory,
+                     job_logs)
+    assert len(own) == 1 and "/kdlab-cache." in own[0] and not os.path.exists(own[0]), job_logs

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -316,6 +317,77 @@ def test_a_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monke
     with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: '.*progress.json'"):
         atomic_write_json(tmp_path / "progress.json", {})
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_stops_the_run_marked_with_the_error_and_running_it_again_resumes(tmp_path, monkeypatch, capsys):
+    """A checkpoint that cannot be written (disk full, quota exceeded, a Lustre I/O error) stops the job;
+    progress.json, which still said "running", says why, for kdlab results' health list."""
+    import kdlab.train
+    real_save, saves = kdlab.train.save_checkpoint, []
+
+    def full_on_the_second(path, obj):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        real_save(path, obj)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", full_on_the_second)
+    run_dir, args = tmp_path / "run", ["train", "--config", json.dumps(RUN)]
+    assert kdlab_main([*args, "--run-dir", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == f"kdlab train: error: [Errno 28] No space left on device: '{run_dir}/checkpoint.pth'\n"
+    progress = read_json(run_dir / "progress.json")
+    assert (progress["status"], progress["error"]) == ("interrupted", (
+        f"interrupted by [Errno 28] No space left on device: '{run_dir}/checkpoint.pth'; running it again resumes "
+        f"from its checkpoint at epoch 1"))
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
+    assert kdlab_main([*args, "--run-dir", str(run_dir)]) == 0
+    assert read_json(run_dir / "metrics.json")["resumed_at_epochs"] == [1]
+
+
+def posix_acl(*entries):
+    """A minimal POSIX ACL as Linux stores it in system.posix_acl_*: (tag, permission bits) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
+
+
+@pytest.mark.parametrize("default_acl", [False, True], ids=["umask", "default-acl"])
+def test_files_get_the_mode_a_plain_open_gives_them(tmp_path, default_acl):
+    """A group's shared directory with a default ACL (d:g::rwx) gives new files group access whatever the
+    umask; atomic writes (mkstemp's 0600, then chmod to 0666 & ~umask) made them 0600 there under
+    umask 077, so the group could not read the teachers and metrics it shares."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if default_acl:
+        try:
+            os.setxattr(shared, "system.posix_acl_default", posix_acl((0x01, 7), (0x04, 7), (0x20, 0)))
+        except (AttributeError, OSError) as e:
+            pytest.skip(f"no POSIX ACLs here ({e})")
+    umask = os.umask(0o077 if default_acl else 0o027)
+    try:
+        (shared / "plain.json").write_text("{}")
+        atomic_write_json(shared / "metrics.json", {})
+        save_weights(shared / "model.pth", {"w": torch.zeros(1)})
+    finally:
+        os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in shared.iterdir()}
+    assert modes == dict.fromkeys(["plain.json", "metrics.json", "model.pth", "model.pth.sha256"],
+                                  "0o660" if default_acl else "0o640")
+
+
+def test_compile_warns_when_its_cache_directory_is_short_of_space(tmp_path, monkeypatch, capsys):
+    """torch.compile fills TORCHINDUCTOR_CACHE_DIR (default: $TMPDIR or /tmp, often small on a compute
+    node) with a 150 MB precompiled header on the CPU; full, the first step fails with "cannot write
+    PCH file" and nothing says the disk is full. (The compile itself is left out: torch.compile is the
+    identity here.)"""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=40 << 20))
+    train(tiny_run(data=RUN["data"], training={"epochs": 1, "milestones": [1], "compile": True}), tmp_path / "run")
+    assert (f"WARNING: torch.compile's cache directory {tmp_path / 'inductor'} has 40 MB free, and compiling needs "
+            f"up to 512 MB" in capsys.readouterr().out)
+    (tmp_path / "inductor").rmdir()
+    (tmp_path / "inductor").write_text("")  # not a directory: cannot be created
+    train(tiny_run(data=RUN["data"], training={"epochs": 1, "milestones": [1], "compile": True}), tmp_path / "run2")
+    assert "WARNING: torch.compile's cache directory cannot be used" in capsys.readouterr().out
 
 
 def test_a_kill_between_linking_and_saving_leaves_no_temporary_link(interrupted, tmp_path):

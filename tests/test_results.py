@@ -450,6 +450,24 @@ def test_quiet_still_names_a_figure_that_could_not_be_drawn(tmp_path, capsys):
     assert err.count("\n") == 1 and f"could not draw {R.CURVES_DIR}/{R.curve_name(rel)}: IsADirectoryError" in err
 
 
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_earlier_outputs(tmp_path, capsys, monkeypatch):
+    """Disk full or quota exceeded in --out (ENOSPC, EDQUOT; here at fsync, where NFS and Lustre report
+    a quota): exit 1 with one line naming the file, as kdlab's other commands do (it was a traceback), the
+    earlier outputs as they were, and no temporary file."""
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    write_run(exp, "teacher", student="A", best=70.0, last=69.0)
+    assert cli(exp, "--out", out, "--no-curves", "--quiet") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_run(exp, "teacher", student="A", seed=1, best=60.0, last=59.0)
+
+    def full(fd):
+        raise OSError(122, "Disk quota exceeded")
+    monkeypatch.setattr(os, "fsync", full)
+    assert cli(exp, "--out", out, "--no-curves", "--quiet") == 1
+    assert capsys.readouterr().err == f"kdlab results: error: [Errno 122] Disk quota exceeded: '{out / R.TABLE_CSV}'\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_runs_while_a_run_is_in_progress(tmp_path, capsys):
     exp, out = tmp_path / "experiments", tmp_path / "results"
     rel = write_run(exp, "distill", method="kd", alpha=0.5, teacher="A", student="B",

@@ -148,7 +148,10 @@ def test_import_teacher_job_writes_a_complete_teacher_run(tmp_path):
     assert distill.run["teacher_weights"] == imp.outputs[1]      # distillation is unchanged
 
     run_dir = tmp_path / "experiments/Synthetic/teachers/ResNet14/0"
+    run_dir.mkdir(parents=True)
+    (run_dir / ".model.pth.k1ll3d.tmp").write_bytes(b"\0" * 100)  # an earlier import killed while writing
     assert kdlab_main(["import-teacher", "--config", json.dumps(imp.run), "--run-dir", str(run_dir)]) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.json", "model.pth", "model.pth.sha256"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["status"], metrics["run"]["kind"], metrics["run"]["student"]) == \
         ("complete", "teacher", "ResNet14")

@@ -303,10 +303,14 @@ def main(args: argparse.Namespace) -> int:
         except (OSError, SyntaxError, RegistryUnreadable) as exc:
             log(f"kdlab results: cannot read the method registry ({exc}); outdated runs are "
                 f"not checked")
-    report = run_results(args.experiments, args.out, chance_margin=args.chance_margin,
-                         method_versions=versions, curves=not args.no_curves, jobs=args.jobs,
-                         dpi=args.dpi, curve_dpi=args.curve_dpi, metric=args.metric,
-                         force=args.force, include_outdated=args.include_outdated, log=log)
+    try:
+        report = run_results(args.experiments, args.out, chance_margin=args.chance_margin,
+                             method_versions=versions, curves=not args.no_curves, jobs=args.jobs,
+                             dpi=args.dpi, curve_dpi=args.curve_dpi, metric=args.metric,
+                             force=args.force, include_outdated=args.include_outdated, log=log)
+    except OSError as exc:  # a full disk or quota, a read-only mount: one line naming the file, as kdlab's others
+        print(f"kdlab results: error: {exc}", file=sys.stderr)
+        return 1
     for error in report["errors"]:  # also under --quiet: a cron log must say why it exits 1
         print(f"kdlab results: could not draw {error}", file=sys.stderr)
     return 1 if report["errors"] else 0

@@ -378,7 +378,9 @@ printf '%s %s\n' "$(date '+%F %T')" "$(hostname)" > "$_kd_startfile.tmp.$$" && m
 exec >>"$KDLAB_PBS_LOGDIR/$KDLAB_PBS_NAME.$_kd_id.log" 2>&1
 _kd_exitfile="$KDLAB_PBS_LOGDIR/exit/$_kd_id"
 _kd_child=""
+_kd_own_cache=""
 _kd_finish() {  # record the exit code for pbs-status (PBS may forget the job)
+    if [ -n "$_kd_own_cache" ]; then rm -rf "$_kd_own_cache"; fi
     printf '%s %s\n' "$1" "$2" > "$_kd_exitfile.tmp.$$" && mv -f "$_kd_exitfile.tmp.$$" "$_kd_exitfile"
     echo "[pbs-job] $(date '+%F %T') end of job $_kd_id: exit code $1 $2"
 }
@@ -409,6 +411,13 @@ _kd_env_setup() {
 @ENV_SETUP@
 }
 _kd_env_setup || echo "[pbs-job] WARNING: env_setup from profiles/pbs/site.cfg failed"
+# Snakemake creates ~/.cache/snakemake when it starts: where $HOME is read-only, full or not
+# mounted on the compute nodes, every job would fail there. Then this job has a cache of its own.
+_kd_cache="${XDG_CACHE_HOME:-$HOME/.cache}"
+if ! mkdir -p "$_kd_cache/snakemake" 2>/dev/null || [ ! -w "$_kd_cache/snakemake" ]; then
+    _kd_own_cache="$(mktemp -d "${TMPDIR:-/tmp}/kdlab-cache.XXXXXX")" && export XDG_CACHE_HOME="$_kd_own_cache"
+    echo "[pbs-job] $_kd_cache/snakemake cannot be written here: XDG_CACHE_HOME=${_kd_own_cache:-unset} for this job"
+fi
 echo "[pbs-job] python on PATH: $(command -v python || echo none)"
 # ---- the Snakemake job ----
 (
