@@ -86,7 +86,10 @@ def check_compile_cache():
     """torch.compile writes its kernels under TORCHINDUCTOR_CACHE_DIR, by default in $TMPDIR or /tmp,
     which is often small or full on a compute node; there, the first step fails with a C++ or
     Triton compile error ("cannot write PCH file") that does not say the disk is full."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir  # torch's own rule for where it is
+    except ImportError:  # another torch: nothing to check, compiling still works
+        return
     try:
         path = cache_dir()  # created here, as torch would
         free = shutil.disk_usage(path).free
