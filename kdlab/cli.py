@@ -191,7 +191,7 @@ def main(argv=None):
     from .runio import UnreadableFile
     from .teachers import ConversionError
     from .teacher_cache import TeacherCacheError
-    from .train import GuardError
+    from .guard import GuardError
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return args.func(args)

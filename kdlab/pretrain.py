@@ -10,8 +10,8 @@ from .data import load_dataset, make_loaders
 from .methods.ft import Paraphraser
 from .runio import (code_sha256, file_sha256, on_cpu, previous_path, remove_temporaries, save_checked,
                     save_checkpoint)
-from .train import (GuardError, Normalize, load_frozen_teacher, load_resume_state, log, nonfinite_tensors, pick_device,
-                    seed_everything, some)
+from .guard import GuardError, nonfinite_tensors, some
+from .train import Normalize, load_frozen_teacher, load_resume_state, log, pick_device, seed_everything
 
 
 def pretrain_paraphraser(run, out_path, force_restart=False):

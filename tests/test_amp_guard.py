@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
+import kdlab.guard
 import kdlab.train
 from kdlab.config import method_settings
 from kdlab.methods import METHODS, crd
-from kdlab.train import GuardError, train
+from kdlab.guard import GuardError
+from kdlab.train import train
 
 from conftest import every_method_loss, tiny_run
 
@@ -132,7 +134,7 @@ def test_a_loss_sum_that_overflows_from_finite_terms_stops_the_run_without_a_sca
     """Two finite terms can sum to inf (with a finite gradient norm): the fused SGD skips that
     step on the device (found_inf), so the guard must stop the run rather than not count it."""
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tally = kdlab.train.StepTally(scaler, "off", 5, {"consecutive_skipped": 0})
+    tally = kdlab.guard.StepTally(scaler, "off", 5, {"consecutive_skipped": 0})
     finite = [1.0, 2.0, 3.0, 30.0, 1.0, 1.0]
     overflowed = [2e38, 2e38, float("inf"), 40.0, 1.0, 1.0]  # ce, kd, loss, correct, grad norm, scale
     step, message = tally.read(["ce", "kd"], [finite, overflowed], [64, 64], 10)

@@ -22,7 +22,8 @@ from kdlab.config import fingerprint, resolve_run, split_runtime
 from kdlab.models import build_model
 from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, load_checked, save_checkpoint,
                          save_weights, verify_weights)
-from kdlab.train import GuardError, train
+from kdlab.guard import GuardError
+from kdlab.train import train
 
 from conftest import REPO, comparable, interrupt_after_checkpoints, read_json, tiny_run
 from test_config import BAD, bad_config, demo, tree

@@ -21,7 +21,8 @@ from kdlab.models import build_model
 from kdlab.runio import file_sha256, save_weights
 from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path,
                                  why_not_cached)
-from kdlab.train import GuardError, Normalize, load_frozen_teacher, student_forward, train
+from kdlab.guard import GuardError
+from kdlab.train import Normalize, load_frozen_teacher, student_forward, train
 
 from conftest import REPO, interrupt_after_checkpoints, read_json, teacher_with_cache, tiny_run
 

@@ -14,7 +14,8 @@ import torch
 import kdlab.train
 from kdlab.data import load_dataset
 from kdlab.runio import code_sha256, torch_load, verify_weights
-from kdlab.train import GuardError, train
+from kdlab.guard import GuardError
+from kdlab.train import train
 
 from conftest import REPO, comparable, interrupt_after_checkpoints, read_json, tiny_run
 
@@ -267,7 +268,7 @@ def test_guard_stops_when_most_of_an_epochs_fp16_steps_are_skipped(poison_method
 
 def test_guard_stops_when_the_fp16_loss_scale_collapses(poison_method, trained_teacher, tmp_path, monkeypatch):
     # Stand-in for many scattered overflows: one skipped step halves the scale below the floor.
-    monkeypatch.setattr("kdlab.train.MIN_LOSS_SCALE", 2.0 ** 16)
+    monkeypatch.setattr("kdlab.guard.MIN_LOSS_SCALE", 2.0 ** 16)
     poison_method(lambda call: call == 1)
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",
                    teacher_weights=str(trained_teacher[0] / "model.pth"),
