@@ -74,42 +74,57 @@ def set_threads(args):
         torch.set_num_threads(args.threads)
 
 
+# Each command that writes holds the lock of its run directory or output file (runio.exclusive)
+# from before it touches anything there until it ends.
+
 def cmd_train(args):
+    from .runio import exclusive
     from .train import mark_interrupted, train
     set_threads(args)
-    try:
-        train(full_run_config(args), args.run_dir, force_restart=args.force_restart)
-    except KeyboardInterrupt as e:
-        mark_interrupted(args.run_dir, "SIGTERM (walltime or memory kill, qdel, or Snakemake stopping)"
-                         if isinstance(e, Terminated) else "Ctrl-C")
-        raise
-    except OSError as e:  # a full disk or quota, an I/O error: said in progress.json, so kdlab results shows it
+    run = full_run_config(args)
+    with exclusive(args.run_dir):  # taken first: a refused job marks nothing of the holder's run
         try:
-            mark_interrupted(args.run_dir, str(e))
-        except OSError:
-            pass  # on a full disk, its write may fail too: the job's log still names the file
-        raise
+            train(run, args.run_dir, force_restart=args.force_restart)
+        except KeyboardInterrupt as e:
+            mark_interrupted(args.run_dir, "SIGTERM (walltime or memory kill, qdel, or Snakemake stopping)"
+                             if isinstance(e, Terminated) else "Ctrl-C")
+            raise
+        except OSError as e:  # a full disk or quota, an I/O error: said in progress.json, so kdlab results shows it
+            try:
+                mark_interrupted(args.run_dir, str(e))
+            except OSError:
+                pass  # on a full disk, its write may fail too: the job's log still names the file
+            raise
     return 0
 
 
 def cmd_pretrain(args):
     from .pretrain import pretrain_paraphraser
+    from .runio import exclusive
     set_threads(args)
-    pretrain_paraphraser(full_run_config(args), args.out, force_restart=args.force_restart)
+    run = full_run_config(args)
+    with exclusive(args.out):
+        pretrain_paraphraser(run, args.out, force_restart=args.force_restart)
     return 0
 
 
 def cmd_import_teacher(args):
+    from .runio import exclusive
     from .teachers import import_teacher
     set_threads(args)
-    import_teacher(full_run_config(args), args.run_dir)
+    run = full_run_config(args)
+    with exclusive(args.run_dir):  # the same lock as training that teacher: both write its run directory
+        import_teacher(run, args.run_dir)
     return 0
 
 
 def cmd_cache_teacher(args):
+    from .runio import exclusive
     from .teacher_cache import build
     set_threads(args)
-    build(full_run_config(args), args.weights, args.out)
+    run = full_run_config(args)
+    with exclusive(args.out):
+        build(run, args.weights, args.out)
     return 0
 
 
@@ -188,7 +203,7 @@ def main(argv=None):
     from .config import ConfigError
     from .data import DataError
     from .methods.ft import ParaphraserError
-    from .runio import UnreadableFile
+    from .runio import Busy, UnreadableFile
     from .teachers import ConversionError
     from .teacher_cache import TeacherCacheError
     from .guard import GuardError
@@ -196,7 +211,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except (ConfigError, ConversionError, DataError, ParaphraserError, UnreadableFile, GuardError,
-            TeacherCacheError, OSError) as e:
+            TeacherCacheError, Busy, OSError) as e:
         print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt as e:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log

@@ -4,9 +4,11 @@ torch is imported only by the functions that need it, so that the results tool c
 use the atomic writes without loading torch.
 """
 
+import contextlib
 import copy
 import datetime
 import errno
+import fcntl
 import functools
 import glob
 import hashlib
@@ -18,11 +20,58 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
 
 from . import __version__
+
+
+class Busy(Exception):
+    """Another process holds the lock of the run or file that a command would work on."""
+
+
+@contextlib.contextmanager
+def exclusive(target):
+    """Hold the lock of `target` (a run directory or an output file) while working on it. A
+    second process that would work on the same files (a job left running by an earlier
+    workflow, or two workflows, say two checkouts, that share an experiments_dir) stops at
+    once with Busy, naming the holder, and touches nothing. The lock is flock()'s, on the file
+    .NAME.lock beside `target` (which stays): the kernel, or the file system's lock server
+    (Lustre mounted with flock, NFS), drops it when its process ends however it ends, so a
+    killed job leaves no stale lock. Without flock (Lustre mounted noflock, NFS without lockd)
+    the work goes on unlocked, after a warning."""
+    target = Path(os.path.abspath(target))  # `--run-dir .` has a name too
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.with_name(f".{target.name}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:  # another user's lock file in a group's directory: locking needs no write
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "which, its lock file does not say"
+            raise Busy(f"{target} is in use by another process ({holder}), and is left as it is: a job of an earlier "
+                       f"workflow still running, or two workflows (two checkouts or --directory values) sharing "
+                       f"this experiments_dir; run this again once that one has ended") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise
+            print(f"kdlab: warning: {path}: the file system does not lock files ({e.strerror}); working without "
+                  f"the lock that keeps a second process off the same files", file=sys.stderr)
+        else:
+            job = os.environ.get("PBS_JOBID")
+            holder = f"host {socket.gethostname()} pid {os.getpid()}{f' PBS job {job}' if job else ''} since {now()}"
+            with contextlib.suppress(OSError):  # only says who holds it (a read-only lock file stays silent)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode() + b"\n", 0)
+                os.fsync(fd)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path, data):

@@ -1,6 +1,7 @@
 """Reliability (issue 10): no bad value, damaged file or non-finite weight gets through."""
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -11,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +22,9 @@ import yaml
 from kdlab.cli import main as kdlab_main
 from kdlab.config import fingerprint, resolve_run, split_runtime
 from kdlab.models import build_model
-from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, load_checked, save_checkpoint,
-                         save_weights, verify_weights)
+import kdlab.runio
+from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, exclusive, load_checked,
+                         save_checkpoint, save_weights, verify_weights)
 from kdlab.guard import GuardError
 from kdlab.train import train
 
@@ -675,3 +678,63 @@ def test_ctrl_c_in_a_job_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_pa
     assert kdlab_main(["train", "--config", "{}", "--run-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err == ("kdlab train: interrupted; what it saved is kept, and running it again "
                                        "resumes from there\n")
+
+
+# --- two processes on one run ---------------------------------------------------------------
+
+def hold_lock_elsewhere(target, tmp_path):
+    """Another process that holds target's lock (runio.exclusive) until it is killed."""
+    ready = tmp_path / "holds"
+    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\nfrom kdlab.runio import exclusive\n"
+                               "with exclusive(sys.argv[1]):\n    pathlib.Path(sys.argv[2]).touch()\n    time.sleep(600)",
+                               str(target), str(ready)], env={**os.environ, "PYTHONPATH": str(REPO)})
+    for _ in range(600):
+        if ready.exists() or holder.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert ready.exists(), "the holder did not take the lock"
+    return holder
+
+
+def test_a_second_job_on_a_run_in_use_stops_and_touches_nothing_and_a_killed_holder_leaves_no_lock(tmp_path,
+                                                                                                    capsys):
+    """Two workflows sharing an experiments_dir (or a job an earlier workflow left running) would train one
+    run in one directory at once: the second removed the first's temporary files and both wrote its files."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    theirs = {".checkpoint.pth.0a1b2c3d.tmp": "being written", "progress.json": '{"status": "running"}'}
+    for name, text in theirs.items():
+        (run_dir / name).write_text(text)
+    holder = hold_lock_elsewhere(run_dir, tmp_path)
+    command = ["train", "--config", json.dumps(RUN), "--run-dir", str(run_dir)]
+    try:
+        assert kdlab_main(command) == 1
+        error = capsys.readouterr().err
+        assert f"{run_dir} is in use by another process (host " in error and f" pid {holder.pid} " in error
+        assert {p.name: p.read_text() for p in run_dir.iterdir()} == theirs
+    finally:
+        holder.kill()  # SIGKILL: it releases nothing itself
+        holder.wait()
+    assert kdlab_main(command) == 0
+    assert read_json(run_dir / "metrics.json")["status"] == "complete"
+
+
+@pytest.mark.parametrize("command,target", [("train", "--run-dir"), ("import-teacher", "--run-dir"),
+                                            ("pretrain-paraphraser", "--out"), ("cache-teacher", "--out")])
+def test_every_command_that_writes_takes_its_lock_first(command, target, tmp_path, capsys):
+    path = tmp_path / ("run" if target == "--run-dir" else "out.pth")
+    weights = ["--weights", str(tmp_path / "model.pth")] if command == "cache-teacher" else []
+    with exclusive(path):
+        assert kdlab_main([command, "--config", "{}", target, str(path), *weights]) == 1
+    assert f"kdlab {command}: error: {path} is in use by another process (host " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{path.name}.lock"]
+
+
+def test_without_flock_the_work_goes_on_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Lustre mounted noflock answers flock() with ENOSYS."""
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+    monkeypatch.setattr(kdlab.runio.fcntl, "flock", no_flock)
+    with exclusive(tmp_path / "run"):
+        pass
+    assert "the file system does not lock files (Function not implemented)" in capsys.readouterr().err
