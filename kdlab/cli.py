@@ -89,9 +89,12 @@ def cmd_train(args):
             mark_interrupted(args.run_dir, "SIGTERM (walltime or memory kill, qdel, or Snakemake stopping)"
                              if isinstance(e, Terminated) else "Ctrl-C")
             raise
-        except OSError as e:  # a full disk or quota, an I/O error: said in progress.json, so kdlab results shows it
+        except Exception as e:  # a full disk or quota, an I/O error, CUDA out of memory, a bug: said in
+            # progress.json (a retry's log replaces this one's), so kdlab results shows why the run stopped
+            message = (str(e).splitlines() or [""])[0][:300]
+            cause = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {message}"
             try:
-                mark_interrupted(args.run_dir, str(e))
+                mark_interrupted(args.run_dir, cause)
             except OSError:
                 pass  # on a full disk, its write may fail too: the job's log still names the file
             raise

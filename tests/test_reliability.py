@@ -347,6 +347,30 @@ def test_a_full_disk_stops_the_run_marked_with_the_error_and_running_it_again_re
     assert read_json(run_dir / "metrics.json")["resumed_at_epochs"] == [1]
 
 
+def test_a_crash_says_why_in_progress_json_and_running_it_again_resumes(tmp_path, monkeypatch):
+    """CUDA out of memory, or a bug: the traceback is in the job's log, which the retry's log replaces, and
+    progress.json said "running" for good; now it keeps the reason for kdlab results' health list."""
+    import kdlab.train
+    real_save, saves = kdlab.train.save_checkpoint, []
+
+    def out_of_memory_on_the_second(path, obj):
+        saves.append(path)
+        if len(saves) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB.\nSee the documentation.")
+        real_save(path, obj)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", out_of_memory_on_the_second)
+    run_dir, args = tmp_path / "run", ["train", "--config", json.dumps(RUN), "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        kdlab_main(args)
+    progress = read_json(run_dir / "progress.json")
+    assert (progress["status"], progress["error"]) == ("interrupted", (
+        "interrupted by RuntimeError: CUDA out of memory. Tried to allocate 20.00 MiB.; running it again resumes "
+        "from its checkpoint at epoch 1"))
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
+    assert kdlab_main(args) == 0
+    assert read_json(run_dir / "metrics.json")["resumed_at_epochs"] == [1]
+
+
 def posix_acl(*entries):
     """A minimal POSIX ACL as Linux stores it in system.posix_acl_*: (tag, permission bits) entries."""
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)
