@@ -74,8 +74,8 @@ def set_threads(args):
         torch.set_num_threads(args.threads)
 
 
-# Each command that writes holds the lock of its run directory or output file (runio.exclusive)
-# from before it touches anything there until it ends.
+# Each command that writes a run holds the lock of its run directory (the paraphraser: of its
+# output file) from before it touches anything there until it ends (runio.exclusive).
 
 def cmd_train(args):
     from .runio import exclusive
@@ -126,7 +126,9 @@ def cmd_cache_teacher(args):
     from .teacher_cache import build
     set_threads(args)
     run = full_run_config(args)
-    with exclusive(args.out):
+    # The lock of the teacher's run directory, where the cache lies: training or importing that
+    # teacher removes every temporary file there, the cache's too.
+    with exclusive(args.out.parent):
         build(run, args.weights, args.out)
     return 0
 

@@ -40,15 +40,20 @@ def exclusive(target):
     once with Busy, naming the holder, and touches nothing. The lock is flock()'s, on the file
     .NAME.lock beside `target` (which stays): the kernel, or the file system's lock server
     (Lustre mounted with flock, NFS), drops it when its process ends however it ends, so a
-    killed job leaves no stale lock. Without flock (Lustre mounted noflock, NFS without lockd)
-    the work goes on unlocked, after a warning."""
+    killed job leaves no stale lock. Where it cannot be taken (Lustre mounted noflock, NFS
+    without lockd, a lock file or directory this user may not write) the work goes on
+    unlocked, after a warning."""
     target = Path(os.path.abspath(target))  # `--run-dir .` has a name too
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.with_name(f".{target.name}.lock")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except PermissionError:  # another user's lock file in a group's directory: locking needs no write
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # NFS locks only what it may write
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        warn_unlocked(path, e)
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -60,18 +65,22 @@ def exclusive(target):
         except OSError as e:
             if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
                 raise
-            print(f"kdlab: warning: {path}: the file system does not lock files ({e.strerror}); working without "
-                  f"the lock that keeps a second process off the same files", file=sys.stderr)
+            warn_unlocked(path, e)
         else:
             job = os.environ.get("PBS_JOBID")
             holder = f"host {socket.gethostname()} pid {os.getpid()}{f' PBS job {job}' if job else ''} since {now()}"
-            with contextlib.suppress(OSError):  # only says who holds it (a read-only lock file stays silent)
+            with contextlib.suppress(OSError):  # it only says who holds the lock
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, holder.encode() + b"\n", 0)
                 os.fsync(fd)
         yield
     finally:
         os.close(fd)
+
+
+def warn_unlocked(path, error):
+    print(f"kdlab: warning: cannot lock {path} ({error.strerror}); working without the lock that keeps a second "
+          f"process off the same files", file=sys.stderr)
 
 
 def atomic_write_bytes(path, data):

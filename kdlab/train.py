@@ -365,7 +365,7 @@ def train(run, run_dir, force_restart=False):
     scaler = torch.amp.GradScaler(device.type, enabled=tr["amp"] == "fp16")
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
 
-    # Made only now that the inputs have loaded: a run refused for a missing input leaves no empty directory.
+    # Made only now that the inputs have loaded: a run refused for a missing input leaves no empty run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporaries(run_dir)  # from writes that a kill interrupted
 
@@ -449,7 +449,7 @@ def train(run, run_dir, force_restart=False):
             if problem:
                 stop(record, run_dir, f"{guard_where(run, epoch, problem[0])}: {problem[1]}"
                                       f"{share_note(share, run['method'])} The last good checkpoint is kept.")
-            if show_bar:
+            if show_bar and not tally.pending:  # after each read
                 print(f"\r  epoch {epoch + 1} step {step + 1}/{len(train_loader)} loss {tally.last_loss:.4f}",
                       end="", file=sys.stderr, flush=True)
         if show_bar:

@@ -743,15 +743,19 @@ def test_a_second_job_on_a_run_in_use_stops_and_touches_nothing_and_a_killed_hol
     assert read_json(run_dir / "metrics.json")["status"] == "complete"
 
 
-@pytest.mark.parametrize("command,target", [("train", "--run-dir"), ("import-teacher", "--run-dir"),
-                                            ("pretrain-paraphraser", "--out"), ("cache-teacher", "--out")])
-def test_every_command_that_writes_takes_its_lock_first(command, target, tmp_path, capsys):
-    path = tmp_path / ("run" if target == "--run-dir" else "out.pth")
-    weights = ["--weights", str(tmp_path / "model.pth")] if command == "cache-teacher" else []
-    with exclusive(path):
-        assert kdlab_main([command, "--config", "{}", target, str(path), *weights]) == 1
-    assert f"kdlab {command}: error: {path} is in use by another process (host " in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{path.name}.lock"]
+@pytest.mark.parametrize("command,option,locked", [
+    ("train", "--run-dir", "run"), ("import-teacher", "--run-dir", "run"),
+    ("pretrain-paraphraser", "--out", "run/paraphraser_x/paraphraser.pth"),
+    ("cache-teacher", "--out", "run/teacher_cache.pth")])  # the teacher's run directory, which training cleans
+def test_every_command_that_writes_takes_its_lock_first(command, option, locked, tmp_path, capsys):
+    target = tmp_path / (locked if option == "--out" else "run")
+    held = tmp_path / "run" if command == "cache-teacher" else target
+    weights = ["--weights", str(tmp_path / "run/model.pth")] if command == "cache-teacher" else []
+    with exclusive(held):
+        assert kdlab_main([command, "--config", "{}", option, str(target), *weights]) == 1
+    assert f"kdlab {command}: error: {held} is in use by another process (host " in capsys.readouterr().err
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()] == [
+        held.relative_to(tmp_path).with_name(f".{held.name}.lock")]
 
 
 def test_without_flock_the_work_goes_on_with_a_warning(tmp_path, monkeypatch, capsys):
@@ -761,4 +765,20 @@ def test_without_flock_the_work_goes_on_with_a_warning(tmp_path, monkeypatch, ca
     monkeypatch.setattr(kdlab.runio.fcntl, "flock", no_flock)
     with exclusive(tmp_path / "run"):
         pass
-    assert "the file system does not lock files (Function not implemented)" in capsys.readouterr().err
+    assert f"cannot lock {tmp_path / '.run.lock'} (Function not implemented); working without" in \
+        capsys.readouterr().err
+
+
+def test_a_lock_that_cannot_be_made_is_a_warning_not_a_failure(tmp_path, monkeypatch, capsys):
+    """A run directory in a directory this user may only read (another user's, a read-only mount): the run
+    itself may still be work that needs no write there (a finished run's outputs); only the lock is given up."""
+    real_open = os.open
+
+    def refused(path, flags, *mode):
+        if str(path).endswith(".run.lock"):  # as the kernel answers a non-root user without write permission
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *mode)
+    monkeypatch.setattr(os, "open", refused)
+    with exclusive(tmp_path / "run"):
+        pass
+    assert f"cannot lock {tmp_path / '.run.lock'} (Permission denied); working without" in capsys.readouterr().err

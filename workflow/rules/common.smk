@@ -4,9 +4,10 @@
 # nothing), which reach `kdlab` through the environment variables set below, so that
 # they are neither params nor part of the shell command's text.
 
-TEACHER = f"{EXP}/{{dataset}}/teachers/{{teacher}}/{{seed}}"
-STUDENT = f"{EXP}/{{dataset}}/none/{{student}}/{{seed}}"
-DISTILL = f"{EXP}/{{dataset}}/{{method}}/{{recipe}}/{{teacher}}_to_{{student}}/{{seed}}"
+TEACHER = "/".join([EXP, *run_dir_parts("teacher", "{dataset}", None, None, "{teacher}", None, "{seed}")])
+STUDENT = "/".join([EXP, *run_dir_parts("student", "{dataset}", None, None, None, "{student}", "{seed}")])
+DISTILL = "/".join([EXP, *run_dir_parts("distill", "{dataset}", "{method}", "{recipe}", "{teacher}", "{student}",
+                                        "{seed}")])
 PARAPHRASER = f"{TEACHER}/paraphraser_{{setting}}/paraphraser.pth"
 LOGS = logs_dir(EXP)  # job logs and timings: logs/ for experiments/, else logs/<a name for it>/
 ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefile's .venv is the default
@@ -26,7 +27,7 @@ wildcard_constraints:
     teacher="|".join(BLOCKS_PER_STAGE),
     student="|".join(BLOCKS_PER_STAGE),
     method="|".join(name for name, m in METHODS.items() if m.NEEDS_TEACHER),
-    recipe=r"alpha_[0-9.]+|additive_ce[0-9.]+_kd[0-9.]+",  # kdlab.config.recipe_name
+    recipe=r"alpha_[0-9.]+|additive_ce[0-9.]+_kd[0-9.]+",  # kdlab.layout.recipe_name
     seed=r"[0-9]+",
     setting=r"[A-Za-z0-9._+-]+",
 
