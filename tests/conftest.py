@@ -32,7 +32,8 @@ def model_outputs(batch, seed, classes, scale=1.0, dtype=torch.float32):
 
 
 def default_settings(name, **overrides):
-    return {**{key: spec["default"] for key, spec in METHODS[name].SETTINGS.items()}, **overrides}
+    """The method's settings: its defaults, with `overrides` checked by the schema (a misspelt key fails)."""
+    return method_settings(name, overrides, f"methods.{name}")
 
 
 def tiny_run(**overrides):

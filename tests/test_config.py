@@ -147,8 +147,7 @@ def expected_counts(grid):
         counts["pretrain_paraphraser"] = len(teachers)
     if grid["plain_students"]:
         counts["train_student"] = len(students) * len(grid["seeds"])
-    if grid["training"]["teacher_cache"] and any(
-            getattr(METHODS[m], "TEACHER_OUTPUTS", None) == "logits+embedding" for m in grid["methods"]):
+    if grid["training"]["teacher_cache"] and any(m in SERVED_FROM_CACHE for m in grid["methods"]):
         counts["cache_teacher"] = len(teachers)
     distill = sum(len(block.get("alphas", [] if "additive" in block else grid["alphas"])) +
                   len(block.get("additive", [])) for block in grid["methods"].values())

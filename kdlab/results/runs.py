@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from ..layout import run_dir_parts
+from ..layout import format_alpha, recipe_name, run_dir_parts
 
 # Fallback when a run does not record num_classes (lower-cased dataset name).
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10,
@@ -47,7 +47,7 @@ def fmt_alpha(alpha: Any) -> str:
     if alpha is None or alpha == "":
         return ""
     try:
-        return format(float(alpha), "g")
+        return format_alpha(alpha)
     except (TypeError, ValueError):
         return str(alpha)
 
@@ -134,10 +134,13 @@ def recorded_recipe(run: dict) -> str | None:
     say: its ``recipe``; for older files its alpha, or its additive weights."""
     if isinstance(run.get("recipe"), str) and run["recipe"]:
         return run["recipe"]
-    if run.get("alpha") is not None:
-        return f"alpha_{fmt_alpha(run['alpha'])}"
-    if run.get("ce_weight") is not None and run.get("kd_weight") is not None:
-        return f"additive_ce{fmt_alpha(run['ce_weight'])}_kd{fmt_alpha(run['kd_weight'])}"
+    try:
+        if run.get("alpha") is not None:
+            return recipe_name(alpha=run["alpha"])
+        if run.get("ce_weight") is not None and run.get("kd_weight") is not None:
+            return recipe_name(additive=run)
+    except (TypeError, ValueError):  # not a number: the block names no directory of the grid
+        pass
     return None
 
 
