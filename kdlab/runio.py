@@ -32,6 +32,22 @@ class Busy(Exception):
     """Another process holds the lock of the run or file that a command would work on."""
 
 
+# The fds of the locks this process holds. A child it forks (a DataLoader worker) gets copies of them,
+# and flock() holds until the last copy is closed: the child closes its own, so that the lock ends with
+# the process that took it (a SIGKILLed job's workers linger for seconds, or as long as a hung file system keeps them).
+HELD_LOCKS = set()
+
+
+def close_held_locks():
+    for fd in HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=close_held_locks)
+
+
 @contextlib.contextmanager
 def exclusive(target):
     """Hold the lock of `target` (a run directory or an output file) while working on it. A
@@ -42,7 +58,7 @@ def exclusive(target):
     (Lustre mounted with flock, NFS), drops it when its process ends however it ends, so a
     killed job leaves no stale lock. Without flock (Lustre mounted noflock, NFS without lockd)
     the work goes on unlocked, after a warning."""
-    target = Path(os.path.abspath(target))  # `--run-dir .` has a name too
+    target = Path(os.path.realpath(target))  # `--run-dir .` has a name too; a symlinked run has its target's lock
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.with_name(f".{target.name}.lock")
     try:
@@ -69,8 +85,10 @@ def exclusive(target):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, holder.encode() + b"\n", 0)
                 os.fsync(fd)
+        HELD_LOCKS.add(fd)
         yield
     finally:
+        HELD_LOCKS.discard(fd)
         os.close(fd)
 
 
@@ -115,12 +133,15 @@ def create_temporary(path):
     raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
-def remove_temporaries(directory, name=None, min_age_s=0):
+def remove_temporaries(directory, name=None, min_age_s=0, others=()):
     """Remove the temporary files of atomic_write and save_checkpoint (of file `name`, or of
-    every file) that a kill left in `directory`, those at least `min_age_s` old (younger ones
-    may be a concurrent writer's); return them."""
+    every file but those named in `others`: files another command writes under a lock of their
+    own) that a kill left in `directory`, those at least `min_age_s` old (younger ones may be a
+    concurrent writer's); return them."""
     stale = []
     for path in Path(directory).glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"):
+        if any(path.name.startswith(f".{other}.") for other in others):
+            continue
         try:
             if time.time() - path.stat().st_mtime >= min_age_s:
                 path.unlink()

@@ -27,6 +27,7 @@ from .methods import get_method
 from .models import build_model
 from .runio import (UnreadableFile, atomic_write_json, file_sha256, now, provenance, remove_completion_marks,
                     remove_temporaries, save_weights, torch_load)
+from .teacher_cache import FILE_NAME as TEACHER_CACHE
 from .train import Normalize, evaluate, log, pick_device
 
 # layerN.i.<part>.<param> -> stages.(N-1).i.<our part>.<param>
@@ -113,7 +114,7 @@ def import_teacher(run, run_dir):
         raise ConfigError(f"config key 'teacher_checkpoints.{run['model']}': {path} "
                           f"{'is not a file' if path.exists() else 'does not exist'}")
     remove_completion_marks(run_dir)
-    remove_temporaries(run_dir)  # from writes that a kill interrupted
+    remove_temporaries(run_dir, others=(TEACHER_CACHE,))  # from writes that a kill interrupted, not the cache build's
     started = now()
     arrays = load_dataset(run["data"])
     try:  # weights_only refuses arbitrary pickles; a damaged file fails here too

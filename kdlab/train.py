@@ -30,7 +30,7 @@ from .models import build_model
 from .runio import (UnreadableFile, atomic_write_json, code_sha256, file_sha256, load_checked, load_weights, now,
                     previous_path, provenance, remove_completion_marks, remove_temporaries, save_checkpoint,
                     save_weights)
-from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
+from .teacher_cache import FILE_NAME as TEACHER_CACHE, TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Steps between reads of the step figures (loss terms, accuracy, guard state) to the
@@ -367,7 +367,8 @@ def train(run, run_dir, force_restart=False):
 
     # Made only now that the inputs have loaded: a run refused for a missing input leaves no empty directory.
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(run_dir)  # from writes that a kill interrupted
+    # from writes that a kill interrupted; a teacher's cache build, under its own lock, may be writing its file here
+    remove_temporaries(run_dir, others=(TEACHER_CACHE,))
 
     inputs = {k: file_sha256(run[k]) for k in ("teacher_weights", "paraphraser") if run[k]}
     run_fingerprint = fingerprint(run, inputs)
