@@ -61,10 +61,11 @@ def exclusive(target):
     target = Path(os.path.realpath(target))  # `--run-dir .` has a name too; a symlinked run has its target's lock
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.with_name(f".{target.name}.lock")
+    read_only = False
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except PermissionError:  # another user's lock file in a group's directory: locking needs no write
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd, read_only = os.open(path, os.O_RDONLY | os.O_CLOEXEC), True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,10 +75,15 @@ def exclusive(target):
                        f"workflow still running, or two workflows (two checkouts or --directory values) sharing "
                        f"this experiments_dir; run this again once that one has ended") from None
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            if read_only and e.errno == errno.EBADF:  # NFS locks with fcntl's byte-range locks: exclusive needs write
+                print(f"kdlab: warning: {path} is not writable by this user, and this file system (NFS) locks only "
+                      f"files it may write; working without the lock that keeps a second process off the same files "
+                      f"(make the file writable, or remove it, to have the lock)", file=sys.stderr)
+            elif e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
                 raise
-            print(f"kdlab: warning: {path}: the file system does not lock files ({e.strerror}); working without "
-                  f"the lock that keeps a second process off the same files", file=sys.stderr)
+            else:
+                print(f"kdlab: warning: {path}: the file system does not lock files ({e.strerror}); working without "
+                      f"the lock that keeps a second process off the same files", file=sys.stderr)
         else:
             job = os.environ.get("PBS_JOBID")
             holder = f"host {socket.gethostname()} pid {os.getpid()}{f' PBS job {job}' if job else ''} since {now()}"

@@ -785,3 +785,29 @@ def test_a_teacher_run_leaves_the_temporary_file_of_its_cache_build_alone(tmp_pa
     ours.write_text("left by a kill")
     train(RUN, run_dir)
     assert theirs.exists() and not ours.exists()
+
+
+def test_another_users_lock_file_on_nfs_warns_and_works_unlocked(tmp_path, monkeypatch, capsys):
+    """A lock file this user cannot write is opened read-only, which local flock() accepts; NFS emulates flock()
+    with byte-range locks, whose exclusive lock needs a file open for writing (flock(2)): EBADF, and every job on
+    that run failed with '[Errno 9] Bad file descriptor'."""
+    lock = tmp_path / ".run.lock"
+    lock.write_text("host n1 pid 4711 since 2026-01-01\n")
+    real_open, real_flock = os.open, kdlab.runio.fcntl.flock
+    def open_as_another_user(path, flags, *mode):
+        if str(path) == str(lock) and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *mode)
+    def nfs_flock(fd, operation):
+        if access_mode(fd) == os.O_RDONLY and operation & kdlab.runio.fcntl.LOCK_EX:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+    monkeypatch.setattr(kdlab.runio.os, "open", open_as_another_user)
+    monkeypatch.setattr(kdlab.runio.fcntl, "flock", nfs_flock)
+    with exclusive(tmp_path / "run"):
+        pass
+    assert f"{lock} is not writable by this user, and this file system (NFS) locks only" in capsys.readouterr().err
+
+
+def access_mode(fd):
+    return kdlab.runio.fcntl.fcntl(fd, kdlab.runio.fcntl.F_GETFL) & os.O_ACCMODE
