@@ -34,7 +34,8 @@ class Busy(Exception):
 
 # The fds of the locks this process holds. A child it forks (a DataLoader worker) gets copies of them,
 # and flock() holds until the last copy is closed: the child closes its own, so that the lock ends with
-# the process that took it (a SIGKILLed job's workers linger for seconds, or as long as a hung file system keeps them).
+# the process that took it (a SIGKILLed job's workers linger for seconds, or while a hung file system
+# keeps them).
 HELD_LOCKS = set()
 
 

@@ -745,7 +745,8 @@ def test_the_lock_ends_with_its_holder_not_with_the_children_it_forked(tmp_path)
     killer takes the trainer) held its run for 5 s more, or as long as a hung file system kept them, and the
     next job was refused in the name of a dead process."""
     run_dir, ready = tmp_path / "run", tmp_path / "holds"
-    holder = subprocess.Popen([sys.executable, "-c", "import os, pathlib, sys, time\nfrom kdlab.runio import exclusive\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import os, pathlib, sys, time\n"
+                               "from kdlab.runio import exclusive\n"
                                "with exclusive(sys.argv[1]):\n    if os.fork() == 0:\n        time.sleep(60)\n"
                                "        os._exit(0)\n    pathlib.Path(sys.argv[2]).touch()\n    time.sleep(600)",
                                str(run_dir), str(ready)], env={**os.environ, "PYTHONPATH": str(REPO)},
