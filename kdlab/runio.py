@@ -32,6 +32,23 @@ class Busy(Exception):
     """Another process holds the lock of the run or file that a command would work on."""
 
 
+# The fds of the locks this process holds. A child it forks (a DataLoader worker) gets copies of them,
+# and flock() holds until the last copy is closed: the child closes its own, so that the lock ends with
+# the process that took it (a SIGKILLed job's workers linger for seconds, or while a hung file system
+# keeps them).
+HELD_LOCKS = set()
+
+
+def close_held_locks():
+    for fd in HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=close_held_locks)
+
+
 @contextlib.contextmanager
 def exclusive(target):
     """Hold the lock of `target` (a run directory or an output file) while working on it. A
@@ -41,31 +58,36 @@ def exclusive(target):
     .NAME.lock beside `target` (which stays): the kernel, or the file system's lock server
     (Lustre mounted with flock, NFS), drops it when its process ends however it ends, so a
     killed job leaves no stale lock. Where it cannot be taken (Lustre mounted noflock, NFS
-    without lockd, a lock file or directory this user may not write) the work goes on
-    unlocked, after a warning."""
-    target = Path(os.path.abspath(target))  # `--run-dir .` has a name too
+    without lockd, a lock file this user may neither make nor, on NFS, write) the work goes
+    on unlocked, after a warning."""
+    target = Path(os.path.realpath(target))  # `--run-dir .` has a name too; a symlinked run has its target's lock
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.with_name(f".{target.name}.lock")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # NFS locks only what it may write
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        warn_unlocked(path, e)
-        yield
-        return
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666), True
+    except PermissionError as refused:  # another user's lock file: flock needs no write, except on NFS (below)
+        try:
+            fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        except OSError:  # none, and none may be made here (a directory this user may only read)
+            warn_unlocked(path, refused.strerror)
+            yield
+            return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "which, its lock file does not say"
+            if not writable:  # a holder that could not write it either left an earlier one's line
+                holder = f"as last written by one that could write the lock file: {holder}"
             raise Busy(f"{target} is in use by another process ({holder}), and is left as it is: a job of an earlier "
                        f"workflow still running, or two workflows (two checkouts or --directory values) sharing "
                        f"this experiments_dir; run this again once that one has ended") from None
         except OSError as e:
-            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+            # NFS emulates flock with byte-range locks, whose exclusive lock needs a file open for writing (EBADF).
+            if e.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK) and (writable or e.errno != errno.EBADF):
                 raise
-            warn_unlocked(path, e)
+            warn_unlocked(path, e.strerror if writable else "this user may not write it, and this file system "
+                                                           "(NFS) locks only files open for writing")
         else:
             job = os.environ.get("PBS_JOBID")
             holder = f"host {socket.gethostname()} pid {os.getpid()}{f' PBS job {job}' if job else ''} since {now()}"
@@ -73,13 +95,15 @@ def exclusive(target):
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, holder.encode() + b"\n", 0)
                 os.fsync(fd)
+        HELD_LOCKS.add(fd)
         yield
     finally:
+        HELD_LOCKS.discard(fd)
         os.close(fd)
 
 
-def warn_unlocked(path, error):
-    print(f"kdlab: warning: cannot lock {path} ({error.strerror}); working without the lock that keeps a second "
+def warn_unlocked(path, reason):
+    print(f"kdlab: warning: cannot lock {path} ({reason}); working without the lock that keeps a second "
           f"process off the same files", file=sys.stderr)
 
 

@@ -699,8 +699,9 @@ def hold_lock_elsewhere(target, tmp_path):
     """Another process that holds target's lock (runio.exclusive) until it is killed."""
     ready = tmp_path / "holds"
     holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\nfrom kdlab.runio import exclusive\n"
-                               "with exclusive(sys.argv[1]):\n    pathlib.Path(sys.argv[2]).touch()\n    time.sleep(600)",
-                               str(target), str(ready)], env={**os.environ, "PYTHONPATH": str(REPO)})
+                               "with exclusive(sys.argv[1]):\n    pathlib.Path(sys.argv[2]).touch()\n"
+                               "    time.sleep(600)", str(target), str(ready)],
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
     for _ in range(600):
         if ready.exists() or holder.poll() is not None:
             break
@@ -764,10 +765,91 @@ def test_a_lock_that_cannot_be_made_is_a_warning_not_a_failure(tmp_path, monkeyp
     real_open = os.open
 
     def refused(path, flags, *mode):
-        if str(path).endswith(".run.lock"):  # as the kernel answers a non-root user without write permission
+        if str(path).endswith(".run.lock") and flags & os.O_CREAT:  # as the kernel answers a non-root user
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real_open(path, flags, *mode)
     monkeypatch.setattr(os, "open", refused)
     with exclusive(tmp_path / "run"):
         pass
     assert f"cannot lock {tmp_path / '.run.lock'} (Permission denied); working without" in capsys.readouterr().err
+
+
+
+
+def test_the_lock_ends_with_its_holder_not_with_the_children_it_forked(tmp_path):
+    """DataLoader workers are forked, and a fork shares the parent's flock: a SIGKILLed job's workers (the OOM
+    killer takes the trainer) held its run for 5 s more, or as long as a hung file system kept them, and the
+    next job was refused in the name of a dead process."""
+    run_dir, ready = tmp_path / "run", tmp_path / "holds"
+    holder = subprocess.Popen([sys.executable, "-c", "import os, pathlib, sys, time\n"
+                               "from kdlab.runio import exclusive\n"
+                               "with exclusive(sys.argv[1]):\n    if os.fork() == 0:\n        time.sleep(60)\n"
+                               "        os._exit(0)\n    pathlib.Path(sys.argv[2]).touch()\n    time.sleep(600)",
+                               str(run_dir), str(ready)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                              start_new_session=True)
+    try:
+        for _ in range(600):
+            if ready.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert ready.exists(), "the holder did not take the lock"
+        holder.kill()
+        holder.wait()
+        with exclusive(run_dir):  # its child still runs
+            pass
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_a_run_reached_through_a_symlink_has_the_lock_of_the_run_itself(tmp_path):
+    """Two paths to one run directory, one of them a symlink to it, took two locks and both wrote the run."""
+    (tmp_path / "runs" / "0").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "runs" / "0")
+    with exclusive(tmp_path / "runs" / "0"):
+        with pytest.raises(kdlab.runio.Busy, match="is in use by another process"):
+            with exclusive(tmp_path / "link"):
+                pass
+
+
+def test_another_users_lock_file_on_nfs_warns_and_works_unlocked(tmp_path, monkeypatch, capsys):
+    """A lock file this user cannot write is opened read-only, which local flock() accepts; NFS emulates flock()
+    with byte-range locks, whose exclusive lock needs a file open for writing (flock(2)): EBADF, and every job on
+    that run failed with '[Errno 9] Bad file descriptor'."""
+    lock = tmp_path / ".run.lock"
+    lock.write_text("host n1 pid 4711 since 2026-01-01\n")
+    real_open, real_flock = os.open, kdlab.runio.fcntl.flock
+    def open_as_another_user(path, flags, *mode):
+        if str(path) == str(lock) and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *mode)
+    def nfs_flock(fd, operation):
+        if access_mode(fd) == os.O_RDONLY and operation & kdlab.runio.fcntl.LOCK_EX:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+    monkeypatch.setattr(kdlab.runio.os, "open", open_as_another_user)
+    monkeypatch.setattr(kdlab.runio.fcntl, "flock", nfs_flock)
+    with exclusive(tmp_path / "run"):
+        pass
+    assert f"cannot lock {lock} (this user may not write it, and this file system (NFS) locks only files open " \
+           f"for writing); working without" in capsys.readouterr().err
+
+
+def access_mode(fd):
+    return kdlab.runio.fcntl.fcntl(fd, kdlab.runio.fcntl.F_GETFL) & os.O_ACCMODE
+
+
+def test_another_users_lock_file_still_locks_where_it_cannot_be_written(tmp_path, monkeypatch):
+    """flock() needs no write (but on NFS): a lock file this user may only read still keeps it off a run in use;
+    it cannot write its own line there, so the refusal says the holder it names is the last that could."""
+    lock, real_open = tmp_path / ".run.lock", os.open
+
+    def read_only(path, flags, *mode):
+        if str(path) == str(lock) and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *mode)
+    with exclusive(tmp_path / "run"):
+        monkeypatch.setattr(os, "open", read_only)
+        with pytest.raises(kdlab.runio.Busy, match=r"in use by another process \(as last written by one that could "
+                                                   rf"write the lock file: host \S+ pid {os.getpid()} "):
+            with exclusive(tmp_path / "run"):
+                pass
