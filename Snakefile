@@ -11,7 +11,7 @@ from snakemake.settings.types import DeploymentMethod
 
 from kdlab.config import ConfigError, check_data_files, grid_warnings, read_yaml, resolve_grid, split_runtime
 from kdlab.grid import expand_grid, logs_dir
-from kdlab.layout import run_dir_parts
+from kdlab.layout import run_path
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
 from kdlab import teacher_cache

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from .config import RUNTIME_KEYS, settings_of
-from .layout import recipe_name, run_dir_parts
+from .layout import recipe_name, run_path
 from .methods.ft import PARAPHRASER_KEYS, paraphraser_setting
 from .teacher_cache import cache_path, why_not_cached
 
@@ -24,22 +24,17 @@ class Job:
     inputs: list = field(default_factory=list)
 
 
-def run_dir(grid, kind, method=None, recipe=None, teacher=None, student=None, seed=None):
-    return "/".join([grid["experiments_dir"], *map(str, run_dir_parts(kind, grid["data"]["dataset"], method, recipe,
-                                                                        teacher, student, seed))])
-
-
 def teacher_dir(grid, teacher, seed):
-    return run_dir(grid, "teacher", teacher=teacher, seed=seed)
+    return run_path(grid["experiments_dir"], "teacher", grid["data"]["dataset"], teacher=teacher, seed=seed)
 
 
 def student_dir(grid, student, seed):
-    return run_dir(grid, "student", student=student, seed=seed)
+    return run_path(grid["experiments_dir"], "student", grid["data"]["dataset"], student=student, seed=seed)
 
 
 def distill_dir(grid, method, recipe, teacher, student, seed):
     """`recipe` is recipe_name(...): alpha_<alpha> or additive_ce<ce>_kd<kd>."""
-    return run_dir(grid, "distill", method, recipe, teacher, student, seed)
+    return run_path(grid["experiments_dir"], "distill", grid["data"]["dataset"], method, recipe, teacher, student, seed)
 
 
 def logs_dir(experiments_dir):

@@ -15,6 +15,11 @@ def recipe_name(alpha=None, additive=None):
     return f"alpha_{format_alpha(alpha)}"
 
 
+def run_path(root, kind, dataset, method=None, recipe=None, teacher=None, student=None, seed=None):
+    """A run's directory below `root` (the experiments directory), as the workflow names it."""
+    return "/".join([str(root), *map(str, run_dir_parts(kind, dataset, method, recipe, teacher, student, seed))])
+
+
 def run_dir_parts(kind, dataset, method, recipe, teacher, student, seed):
     """A run's directory below the experiments directory, as components (None for what is not
     known): {dataset}/teachers/{teacher}/{seed}, {dataset}/none/{student}/{seed} or

@@ -4,10 +4,9 @@
 # nothing), which reach `kdlab` through the environment variables set below, so that
 # they are neither params nor part of the shell command's text.
 
-TEACHER = "/".join([EXP, *run_dir_parts("teacher", "{dataset}", None, None, "{teacher}", None, "{seed}")])
-STUDENT = "/".join([EXP, *run_dir_parts("student", "{dataset}", None, None, None, "{student}", "{seed}")])
-DISTILL = "/".join([EXP, *run_dir_parts("distill", "{dataset}", "{method}", "{recipe}", "{teacher}", "{student}",
-                                        "{seed}")])
+TEACHER = run_path(EXP, "teacher", "{dataset}", teacher="{teacher}", seed="{seed}")
+STUDENT = run_path(EXP, "student", "{dataset}", student="{student}", seed="{seed}")
+DISTILL = run_path(EXP, "distill", "{dataset}", "{method}", "{recipe}", "{teacher}", "{student}", "{seed}")
 PARAPHRASER = f"{TEACHER}/paraphraser_{{setting}}/paraphraser.pth"
 LOGS = logs_dir(EXP)  # job logs and timings: logs/ for experiments/, else logs/<a name for it>/
 ENV = "../envs/kdlab.yaml"  # for --software-deployment-method conda; the Makefile's .venv is the default
