@@ -63,15 +63,18 @@ def exclusive(target):
     target = Path(os.path.realpath(target))  # `--run-dir .` has a name too; a symlinked run has its target's lock
     target.parent.mkdir(parents=True, exist_ok=True)
     path = target.with_name(f".{target.name}.lock")
+    fd, writable = None, True
     try:
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666), True
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except PermissionError as refused:  # another user's lock file: flock needs no write, except on NFS (below)
-        try:
-            fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-        except OSError:  # none, and none may be made here (a directory this user may only read)
+        writable = False
+        with contextlib.suppress(OSError):  # none, and none may be made here (a directory this user may only read)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if fd is None:
             warn_unlocked(path, refused.strerror)
-            yield
-            return
+    if fd is None:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
