@@ -3,6 +3,7 @@
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,10 +56,19 @@ def planned(output):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The shrunk demo, run once per worker and shared by its tests, in whatever order xdist gives them:
+    a test that needs the runs as the demo's config leaves them calls up_to_date first (other tests
+    rerun runs under changed settings), and the first run's logs are kept in first_run_logs/."""
     workdir = tmp_path_factory.mktemp("workflow")
     (workdir / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
     proc = snakemake(workdir)
+    shutil.copytree(workdir / "logs", workdir / "first_run_logs")
     return workdir, proc.stdout + proc.stderr
+
+
+def up_to_date(workdir):
+    """The demo's runs as its own config makes them (earlier tests may have rerun some under other settings)."""
+    snakemake(workdir)
 
 
 def test_plan_of_the_group_grid_and_lint():
@@ -129,8 +139,10 @@ def test_demo_runs_end_to_end_and_a_second_run_does_nothing(demo):
     for name in ("results.csv", "results.md", "health.md", "health.json", "accuracy_vs_alpha.png",
                  "methods_at_best_alpha.png"):
         assert (workdir / "results" / name).stat().st_size > 0
-    assert (workdir / "logs/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text().count("epoch ") >= 2
-    assert (workdir / "logs/benchmarks/train_teacher/Synthetic/ResNet8/0.tsv").exists()
+    first_logs = workdir / "first_run_logs"
+    assert (first_logs / "distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text().count("epoch ") >= 2
+    assert (first_logs / "benchmarks/train_teacher/Synthetic/ResNet8/0.tsv").exists()
+    up_to_date(workdir)
     again = snakemake(workdir)
     assert "Nothing to be done" in again.output
 
@@ -139,6 +151,7 @@ def test_forcerun_distill_reruns_only_distillations_from_their_finished_checkpoi
     """The same code and config: each forced run's outputs come from its finished checkpoint
     (no epoch is trained again; other code retrains: test_train)."""
     workdir, _ = demo
+    up_to_date(workdir)
     teacher = workdir / "experiments/Synthetic/teachers/ResNet8/0/metrics.json"
     before = teacher.stat().st_mtime_ns
     methods = load_grid(REPO / "config" / "demo.yaml")["methods"]
@@ -155,6 +168,7 @@ def test_forcerun_distill_reruns_only_distillations_from_their_finished_checkpoi
 
 def test_deleted_metrics_or_changed_setting_reruns_exactly_those_runs(demo):
     workdir, _ = demo
+    up_to_date(workdir)
     (workdir / DISTILL.format("rkd") / "metrics.json").unlink()
     proc = snakemake(workdir, "-n")
     assert planned(proc.output) == collections.Counter({"distill": 1, "aggregate": 1})
@@ -171,6 +185,7 @@ def test_deleted_metrics_or_changed_setting_reruns_exactly_those_runs(demo):
 
 def test_a_method_version_bump_plans_exactly_that_methods_runs(demo):
     workdir, _ = demo
+    up_to_date(workdir)
     # What a developer does when fixing a loss: VERSION += 1 in its module. The version is a
     # param of the distill rule, so Snakemake's params trigger sees it.
     bump = ("import sys, kdlab.methods.rkd as m; m.VERSION += 1; from snakemake.cli import main; "
