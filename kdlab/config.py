@@ -395,8 +395,6 @@ def settings_of(method_block):
     return {k: v for k, v in method_block.items() if k not in ("alphas", "additive")}
 
 
-
-
 def split_runtime(run):
     """(what a run computes, how it runs): a run config without and with only RUNTIME_KEYS."""
     semantic, runtime = dict(run), {}
