@@ -774,8 +774,6 @@ def test_a_lock_that_cannot_be_made_is_a_warning_not_a_failure(tmp_path, monkeyp
     assert f"cannot lock {tmp_path / '.run.lock'} (Permission denied); working without" in capsys.readouterr().err
 
 
-
-
 def test_the_lock_ends_with_its_holder_not_with_the_children_it_forked(tmp_path):
     """DataLoader workers are forked, and a fork shares the parent's flock: a SIGKILLed job's workers (the OOM
     killer takes the trainer) held its run for 5 s more, or as long as a hung file system kept them, and the
