@@ -695,13 +695,16 @@ def test_ctrl_c_in_a_job_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_pa
 
 # --- two processes on one run ---------------------------------------------------------------
 
-def hold_lock_elsewhere(target, tmp_path):
-    """Another process that holds target's lock (runio.exclusive) until it is killed."""
+def hold_lock_elsewhere(target, tmp_path, forked_child=False):
+    """Another process (in a session of its own) that holds target's lock (runio.exclusive) until it is
+    killed; with forked_child, it forks a child (as a DataLoader does) once it holds it."""
     ready = tmp_path / "holds"
-    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\nfrom kdlab.runio import exclusive\n"
-                               "with exclusive(sys.argv[1]):\n    pathlib.Path(sys.argv[2]).touch()\n"
+    fork = "    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n" if forked_child else ""
+    holder = subprocess.Popen([sys.executable, "-c", "import os, pathlib, sys, time\n"
+                               "from kdlab.runio import exclusive\n"
+                               f"with exclusive(sys.argv[1]):\n{fork}    pathlib.Path(sys.argv[2]).touch()\n"
                                "    time.sleep(600)", str(target), str(ready)],
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
     for _ in range(600):
         if ready.exists() or holder.poll() is not None:
             break
@@ -778,22 +781,11 @@ def test_the_lock_ends_with_its_holder_not_with_the_children_it_forked(tmp_path)
     """DataLoader workers are forked, and a fork shares the parent's flock: a SIGKILLed job's workers (the OOM
     killer takes the trainer) held its run for 5 s more, or as long as a hung file system kept them, and the
     next job was refused in the name of a dead process."""
-    run_dir, ready = tmp_path / "run", tmp_path / "holds"
-    holder = subprocess.Popen([sys.executable, "-c", "import os, pathlib, sys, time\n"
-                               "from kdlab.runio import exclusive\n"
-                               "with exclusive(sys.argv[1]):\n    if os.fork() == 0:\n        time.sleep(60)\n"
-                               "        os._exit(0)\n    pathlib.Path(sys.argv[2]).touch()\n    time.sleep(600)",
-                               str(run_dir), str(ready)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                              start_new_session=True)
+    holder = hold_lock_elsewhere(tmp_path / "run", tmp_path, forked_child=True)
     try:
-        for _ in range(600):
-            if ready.exists() or holder.poll() is not None:
-                break
-            time.sleep(0.05)
-        assert ready.exists(), "the holder did not take the lock"
         holder.kill()
         holder.wait()
-        with exclusive(run_dir):  # its child still runs
+        with exclusive(tmp_path / "run"):  # its child still runs
             pass
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
