@@ -1,6 +1,7 @@
 """The `kdlab` command: one subcommand per workflow step."""
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -74,15 +75,21 @@ def set_threads(args):
         torch.set_num_threads(args.threads)
 
 
-# Each command that writes a run holds the lock of its run directory (the paraphraser: of its
-# output file) from before it touches anything there until it ends (runio.exclusive).
-
-def cmd_train(args):
+@contextlib.contextmanager
+def writing_run(args, target):
+    """The run config of a command that writes a run, with the lock of `target` held (runio.exclusive):
+    taken before anything there is touched, so a refused job marks, removes and writes nothing of the
+    holder's run."""
     from .runio import exclusive
-    from .train import mark_interrupted, train
     set_threads(args)
     run = full_run_config(args)
-    with exclusive(args.run_dir):  # taken first: a refused job marks nothing of the holder's run
+    with exclusive(target):
+        yield run
+
+
+def cmd_train(args):
+    from .train import mark_interrupted, train
+    with writing_run(args, args.run_dir) as run:
         try:
             train(run, args.run_dir, force_restart=args.force_restart)
         except KeyboardInterrupt as e:
@@ -103,32 +110,23 @@ def cmd_train(args):
 
 def cmd_pretrain(args):
     from .pretrain import pretrain_paraphraser
-    from .runio import exclusive
-    set_threads(args)
-    run = full_run_config(args)
-    with exclusive(args.out):
+    with writing_run(args, args.out) as run:
         pretrain_paraphraser(run, args.out, force_restart=args.force_restart)
     return 0
 
 
 def cmd_import_teacher(args):
-    from .runio import exclusive
     from .teachers import import_teacher
-    set_threads(args)
-    run = full_run_config(args)
-    with exclusive(args.run_dir):  # the same lock as training that teacher: both write its run directory
+    with writing_run(args, args.run_dir) as run:  # the same lock as training that teacher
         import_teacher(run, args.run_dir)
     return 0
 
 
 def cmd_cache_teacher(args):
-    from .runio import exclusive
     from .teacher_cache import build
-    set_threads(args)
-    run = full_run_config(args)
     # The lock of the teacher's run directory, where the cache lies: training or importing that
     # teacher removes every temporary file there, the cache's too.
-    with exclusive(args.out.parent):
+    with writing_run(args, args.out.parent) as run:
         build(run, args.weights, args.out)
     return 0
 
