@@ -383,12 +383,14 @@ def train(run, run_dir, force_restart=False):
         check_compile_cache()
     student = student_forward(model, method)
     forward = torch.compile(student) if tr["compile"] else student  # `model` keeps the state_dict's names
+    stopped_by = why_it_stopped(run_dir) if ckpt and not finished else None
     if ckpt:
         restore(ckpt, model, loss_fn, optimizer, scaler)
         state = ckpt["state"]
         if not finished:
             state["resumed_at_epochs"].append(ckpt["epoch"])
-            log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}")
+            log(f"resuming from the checkpoint at epoch {ckpt['epoch']}/{tr['epochs']}; the process before: "
+                f"{stopped_by or 'no record of how it stopped'}")
     else:
         remove_completion_marks(run_dir)
         teacher_acc = evaluate(teacher, test_loader, normalize, device, autocast)[1] if teacher else None
@@ -399,7 +401,7 @@ def train(run, run_dir, force_restart=False):
     here = {**provenance(device, state["started"], identity["data_sha256"]), "fingerprint": run_fingerprint,
             "inputs_sha256": inputs, "runtime": split_runtime(run)[1],
             "teacher_outputs": teacher_from}  # teacher_cache on says where it may apply, not that it did
-    prov = run_provenance(state, ckpt, here, run)
+    prov = run_provenance(state, ckpt, here, run, stopped_by)
     history, start_epoch = state["history"], len(state["history"]["test_acc"])
     record = lambda status, error=None: run_record(state.get("config", run), status, state, tr["epochs"],  # noqa: E731
                                                    prov, arrays.num_classes, error)
@@ -489,11 +491,12 @@ def train(run, run_dir, force_restart=False):
     return record("complete")
 
 
-def run_provenance(state, ckpt, here, run):
+def run_provenance(state, ckpt, here, run, stopped_by=None):
     """The provenance a run records, `here` being this process's. Each process that trained
     part of the run is on record: the one that started it, then every resume (another node,
     PBS job, thread count or runtime setting; even other code, which an unfinished checkpoint
-    does not refuse). A finished run whose outputs are rewritten keeps its training's."""
+    does not refuse), with how the process before it stopped. A finished run whose outputs are
+    rewritten keeps its training's."""
     if "provenance" in state:
         return {**state["provenance"], "outputs_rewritten": {"at": now(), **{
             k: here[k] for k in ("host", "git_commit", "pbs_job_id")}}}
@@ -507,7 +510,7 @@ def run_provenance(state, ckpt, here, run):
         if ckpt.get("code_sha256") != here["code_sha256"]:
             log(f"WARNING: the checkpoint was written by other code (kdlab or torch changed): its {ckpt['epoch']} "
                 f"epoch(s) and the rest of this run come from different code (provenance.resumes)")
-        state.setdefault("resumes", []).append({"epoch": ckpt["epoch"], "at": now(), **{
+        state.setdefault("resumes", []).append({"epoch": ckpt["epoch"], "at": now(), "after": stopped_by, **{
             k: v for k, v in here.items() if k not in START_ONLY_KEYS}})
     return {**state["provenance_at_start"], "resumes": state.get("resumes", [])}
 
@@ -549,6 +552,21 @@ def mark_interrupted(run_dir, cause):
         record.update(status="interrupted", error=f"interrupted by {cause}; running it again resumes from its "
                                                   f"checkpoint at epoch {record.get('epochs_done')}")
         atomic_write_json(path, record)
+
+
+def why_it_stopped(run_dir):
+    """How the process that wrote a run's progress.json stopped, read before a resume replaces it:
+    a retried job's log replaces the log of the attempt before, and a run's history should say
+    what cut it short. None where progress.json is missing or unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+    status = record.get("status") if isinstance(record, dict) else None
+    if status == "running":  # Ctrl-C, SIGTERM and errors mark the run interrupted
+        return "killed without a chance to say why (SIGKILL: the kernel's out-of-memory killer, PBS past its " \
+               "grace time after SIGTERM, a node failure)"
+    return record.get("error") if status in ("interrupted", "failed") else None
 
 
 def epoch_line(epoch, epochs, h, method):

@@ -356,7 +356,9 @@ def test_a_run_stopped_by_an_error_says_why_in_progress_json_and_running_it_agai
         "interrupted", f"interrupted by {cause}; running it again resumes from its checkpoint at epoch 1")
     monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
     assert kdlab_main(args) == 0
-    assert read_json(run_dir / "metrics.json")["resumed_at_epochs"] == [1]
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["resumed_at_epochs"] == [1] and metrics["provenance"]["resumes"][0]["after"] == progress["error"]
+    assert f"the process before: {progress['error']}" in capsys.readouterr().out
 
 
 def posix_acl(*entries):
@@ -678,6 +680,7 @@ def test_sigterm_marks_the_run_interrupted_and_running_it_again_resumes(tmp_path
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         metrics = train(run, run_dir)
     assert metrics["resumed_at_epochs"] == [2] and comparable(metrics) == comparable(reference)
+    assert metrics["provenance"]["resumes"][0]["after"] == progress["error"]  # the retry's log replaced the first's
     assert read_json(run_dir / "progress.json")["status"] == "complete"
 
 

@@ -221,6 +221,7 @@ def test_killed_run_resumes_to_identical_metrics(uninterrupted, tmp_path, worker
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)  # never corrupt
     metrics = train(run, tmp_path)
     assert metrics["resumed_at_epochs"] == [ckpt["epoch"]] and ckpt["epoch"] >= 1
+    assert metrics["provenance"]["resumes"][0]["after"].startswith("killed without a chance to say why")
     assert comparable(metrics) == reference
     assert not list(tmp_path.glob(".*.tmp"))
 

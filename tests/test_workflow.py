@@ -225,7 +225,8 @@ def test_killed_distillation_resumes_from_its_checkpoint(demo, monkeypatch):
     metrics = read_json(run / "metrics.json")
     assert metrics["resumed_at_epochs"] == [epoch_at_kill]
     log = (workdir / "logs/distill/Synthetic/kd/alpha_0.5/ResNet8_to_ResNet8/0.log").read_text()
-    assert f"resuming from the checkpoint at epoch {epoch_at_kill}/5" in log
+    assert f"resuming from the checkpoint at epoch {epoch_at_kill}/5; the process before: killed without" in log
+    assert metrics["provenance"]["resumes"][0]["after"].startswith("killed without a chance to say why (SIGKILL")
     # The same run, uninterrupted, gives the same metrics.
     monkeypatch.chdir(workdir)  # the run config's paths are relative to the workflow's directory
     reference = train(metrics["config"], workdir / "reference")
