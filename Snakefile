@@ -15,6 +15,7 @@ from kdlab.layout import run_path
 from kdlab.methods import METHODS, method_versions
 from kdlab.models import BLOCKS_PER_STAGE
 from kdlab import teacher_cache
+from kdlab.snakemake_exit import shut_down_executors_at_exit
 
 if not workflow.overwrite_configfiles:  # --configfile replaces the default, --config amends it
     configfile: "config/config.yaml"
@@ -38,6 +39,8 @@ onstart:
         check_data_files(GRID, download=True)
     except ConfigError as e:
         sys.exit(f"kdlab: {e}")
+if workflow.is_main_process:
+    shut_down_executors_at_exit()  # else the PBS profile never returns when there is nothing to do
 JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}
 EXP, RESULTS = GRID["experiments_dir"], GRID["results_dir"]
 RES = GRID["resources"]

@@ -1023,6 +1023,12 @@ def test_real_demo_through_profile(tmp_path, pbs_env):
         assert (wd / target.replace("/kd/", "/%s/" % method)).exists()
     assert len(req["pretrain_paraphraser.Synthetic.%s.0.%s" % (pair["teacher"], "k0.5_l1_2ep_lr0.1")]) == 1
     assert (wd / "results" / "results.md").exists() and "aggregate" not in "".join(req)
+    # Nothing left to do: Snakemake returns without shutting its executor down, and cluster-generic's
+    # sidecar threads (not daemons) waited for that shutdown for ever.
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                       timeout=60)
+    assert p.returncode == 0 and "Nothing to be done" in p.stdout, p.stdout
+    assert not list((wd / ".snakemake" / "pbs").glob("sidecar.*"))  # the sidecar stopped and cleaned up
 
 
 def test_jobs_run_where_home_is_not_writable(tmp_path, pbs_env):
