@@ -315,6 +315,26 @@ def test_submit_show_request_and_job_script(tmp_path, pbs_env):
     subprocess.run(["bash", "-n", script], check=True)
 
 
+def test_a_machine_without_pbs_is_named_in_one_line(tmp_path, pbs_env):
+    """`--profile profiles/pbs` on a laptop: the sidecar says so once, at the start, and every
+    submission fails with that line (not a bare "[Errno 2]" inside Snakemake's error blocks)."""
+    env = dict(pbs_env, PATH=os.path.dirname(sys.executable) + ":/usr/bin:/bin")  # no stand-in qsub, qstat
+    expected = ("qsub and qstat not found (PATH, or site.cfg): this machine has no PBS client, so no job can be "
+                "submitted. Run on the cluster's login node, or here without the profile: snakemake --cores all")
+    jobscript = tmp_path / "snakejob.distill.1.sh"
+    jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(single_props(1, runtime=5)))
+    p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], capture_output=True, text=True,
+                       cwd=str(tmp_path), env=env, timeout=30)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", "pbs-submit: %s\n" % expected)
+    sidecar = subprocess.Popen([str(PROFILE / "pbs-sidecar")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=str(tmp_path), env=env)
+    try:
+        assert json.loads(sidecar.stdout.readline())["pid"] == sidecar.pid  # it still serves Snakemake
+    finally:
+        sidecar.terminate()
+    assert sidecar.communicate(timeout=30)[1] == "kdlab PBS profile: %s (Ctrl-C stops Snakemake)\n" % expected
+
+
 def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pbs_env):
     """A restarted Snakemake that submits a job whose PBS job of an earlier run is still
     queued gets that job's id back (no second job training on the same checkpoint); once

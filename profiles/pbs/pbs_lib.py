@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,18 @@ def run_cmd(argv, timeout):
         return None, "", "%s: timed out after %ss" % (argv[0], timeout)
     except OSError as e:
         return None, "", "%s: %s" % (argv[0], e)
+
+
+def missing_pbs_client(settings):
+    """One line when this machine lacks the PBS commands site.cfg names (no PBS client: a laptop,
+    a node outside the cluster), else None; without it each job's three submissions failed with
+    the cause inside Snakemake's error blocks."""
+    missing = [settings.get(k, k) for k in ("qsub", "qstat") if not shutil.which(settings.get(k, k))]
+    if not missing:
+        return None
+    return ("%s not found (PATH, or site.cfg): this machine has no PBS client, so no job can be submitted. "
+            "Run on the cluster's login node, or here without the profile: snakemake --cores all"
+            % " and ".join(missing))
 
 
 JOBID_RE = re.compile(r"^[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9_.-]+)?$")
@@ -541,6 +554,10 @@ def submit_main(argv):
     if show_only:
         print(" ".join(shlex.quote(a) for a in qsub_argv))
         return 0
+    no_client = missing_pbs_client(settings)
+    if no_client:
+        sys.stderr.write("pbs-submit: %s\n" % no_client)
+        return 1
     if props.get("type") == "group" and summary["ngpus"] > 1:
         sys.stderr.write(
             "pbs-submit: group job %s asks for %d GPUs (gpu_share summed); the runs "
@@ -1196,6 +1213,9 @@ def sidecar_main(argv):
     of this workflow in one call every `status_poll_interval` seconds and
     keeps the answers in a cache file that pbs-status reads."""
     settings = load_settings()
+    no_client = missing_pbs_client(settings)
+    if no_client:  # said once, before the first job's submission fails with it
+        sys.stderr.write("kdlab PBS profile: %s (Ctrl-C stops Snakemake)\n" % no_client)
     interval = max(settings.num("status_poll_interval"), 0.2)
     parent = os.getppid()
     base = os.path.join(state_dir(), "sidecar.%d" % os.getpid())
