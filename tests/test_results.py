@@ -337,6 +337,17 @@ def test_published_numbers_beside_ours_on_the_source_metric(tmp_path):
     png_size(tmp_path / "last" / R.FIG_BEST)
 
 
+def test_every_registered_method_has_a_colour_of_its_own():
+    """CRD, 11th in the registry, was drawn in the plain student's grey: its bar and line looked
+    like the "Student (no KD)" reference."""
+    from kdlab.methods import METHODS
+    from kdlab.results.figures import STUDENT_COLOUR, TEACHER_COLOUR, MethodStyle
+    style = MethodStyle(list(METHODS))
+    colours = [style.colour(m).upper() for m in METHODS]
+    assert len(set(colours)) == len(colours)
+    assert not {STUDENT_COLOUR.upper(), TEACHER_COLOUR.upper()} & set(colours)
+
+
 # ----------------------------------------------------------------------- health
 
 def test_health_names_exactly_the_planted_runs(campaign):

@@ -18,13 +18,13 @@ from .table import method_order, method_sort_key, metric_words
 
 # Okabe-Ito (colour-blind safe) first, then more; with a marker each, so that prints
 # in grey still work. A method keeps its colour in every figure: it is chosen by the
-# method's place in the registry.
+# method's place in the registry. Neither the teacher's black nor the student's grey.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#8C564B",
-           "#9467BD", "#BCBD22", "#17BECF", "#7F7F7F", "#E377C2", "#F0E442", "#1F3A93",
+           "#9467BD", "#BCBD22", "#17BECF", "#B2182B", "#E377C2", "#F0E442", "#1F3A93",
            "#A6761D", "#66A61E"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "*", "p", "d", "H", "8", "1"]
 # Bump when the drawing code changes: every figure is then redrawn.
-STYLE_VERSION = 4
+STYLE_VERSION = 5
 TEACHER_COLOUR = "#000000"
 STUDENT_COLOUR = "#7F7F7F"
 
