@@ -39,5 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_classic.py
 	$(PY) bench/bench_io.py config/config.yaml config/crd.yaml
 
+# Only the demo's own files (its dataset is Synthetic): a grid in the same checkout keeps its runs,
+# logs, logs/pbs/jobs.tsv and Snakemake's records in .snakemake/.
 clean-demo:
-	rm -rf experiments/Synthetic results/curves/Synthetic__* logs/ .snakemake/
+	rm -rf experiments/Synthetic results/curves/Synthetic__* logs/*/Synthetic logs/benchmarks/*/Synthetic
