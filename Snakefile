@@ -17,12 +17,13 @@ from kdlab.models import BLOCKS_PER_STAGE
 from kdlab import teacher_cache
 from kdlab.snakemake_exit import shut_down_executors_at_exit
 
-if not workflow.overwrite_configfiles:  # --configfile replaces the default, --config amends it
-    configfile: "config/config.yaml"
-
 try:
+    # Before `configfile:`, whose message for a YAML syntax error names no line (Snakemake reads a
+    # --configfile before this file). Its loader also keeps the last of a key given twice; ours refuses it.
     for path in workflow.overwrite_configfiles or ["config/config.yaml"]:
-        read_yaml(path)  # Snakemake's YAML loader keeps the last of a key given twice; ours refuses it
+        read_yaml(path)
+    if not workflow.overwrite_configfiles:  # --configfile replaces the default, --config amends it
+        configfile: "config/config.yaml"
     GRID = resolve_grid(config)  # the whole config is validated before any job is planned
     if workflow.is_main_process:  # once, not again in every cluster job
         for warning in grid_warnings(GRID):

@@ -124,6 +124,8 @@ def yaml_hint(error):
     wanted = set(wanted) if isinstance(wanted, list) else {wanted}
     if isinstance(value, bool) and "string" in wanted:
         return " (YAML reads off/on/yes/no unquoted as booleans: quote the word, e.g. \"off\")"
+    if isinstance(value, str) and "boolean" in wanted and value.lower() in ("true", "false"):
+        return f" (snakemake --config reads only True and False as booleans: write {value.capitalize()})"
     if not (isinstance(value, str) and wanted & {"number", "integer", "array", "object"}):
         return ""
     if value and value[0] in "[{":

@@ -255,6 +255,8 @@ BAD = {  # name: (dotted key, value set in demo.yaml, the key the message must n
     "fitnets layers": ("methods.fitnets", {"guided_layer": 0, "hint_layer": 2}, "methods.fitnets",
                        "guided_layer 0"),
     "fitnets layer range": ("methods.fitnets.hint_layer", 3, "methods.fitnets.hint_layer", "3"),
+    "boolean in lower case from --config": ("plain_students", "false", "plain_students",
+                                            "snakemake --config reads only True and False as booleans: write False"),
     "zero epochs": ("training.epochs", 0, "training.epochs", "minimum"),
     "negative epochs": ("training.epochs", -5, "training.epochs", "minimum"),
     "negative teacher epochs": ("teacher_training.epochs", -1, "teacher_training.epochs", "minimum"),
@@ -527,3 +529,17 @@ def test_snakemake_rejects_bad_config_before_touching_anything(name, workflow_co
     assert f"config key '{key}'" in output and text in output, output
     assert "Traceback" not in output, output
     assert tree(tmp_path) == before, "snakemake -n with a bad config changed files"
+
+
+def test_snakemake_names_the_line_of_a_yaml_error_in_the_default_config(workflow_copy):
+    """Snakemake's own message ("Config file is not valid JSON or YAML") names no line."""
+    default = workflow_copy / "config" / "config.yaml"
+    default.write_text(default.read_text() + "seeds: [0, 1\nalphas: [0.5]\n")
+    lines = default.read_text().count("\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1"],
+                            cwd=workflow_copy, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert "kdlab: cannot read the config config/config.yaml" in output, output
+    assert f'in "config/config.yaml", line {lines}, column 7' in output, output
