@@ -930,6 +930,27 @@ def test_the_summary_says_when_a_best_setting_has_fewer_seeds(tmp_path):
     assert f"| 50.50 ± {statistics.stdev([50.0, 51.0]):.2f} (α 0.5) | 52.00 (α 0.5) |" in summary
 
 
+def test_the_summary_says_when_a_method_has_runs_not_complete(tmp_path):
+    """rkd's alpha 0.5 still running: its best setting is alpha 0.9's only for now."""
+    exp, out = tmp_path / "e", tmp_path / "out"
+    pair = dict(teacher="ResNet56", student="ResNet20")
+    write_run(exp, "distill", method="rkd", alpha=0.9, **pair, seed=0, best=17.67)
+    write_run(exp, "distill", method="rkd", alpha=0.5, **pair, seed=0, best=30.0, status="running",
+              progress_only=True, done=3)
+    write_run(exp, "distill", method="kd", alpha=0.5, **pair, seed=0, best=20.0)
+    write_run(exp, "distill", method="kd", alpha=0.5, **pair, seed=1, best=5.0, status="failed", error="guard")
+    write_run(exp, "distill", method="pkt", alpha=0.5, **pair, seed=0, best=9.0, status="interrupted",
+              progress_only=True, done=2)
+    R.run_results(str(exp), str(out), dpi=60, curves=False, log=lambda m: None)
+    summary = (out / R.TABLE_MD).read_text().split("## Summary")[1].split("## All runs")[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| Cifar100"))
+    cells = dict(zip([c.strip() for c in summary.splitlines()[2].split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["rkd"] == "17.67 (α 0.9; 1 run not complete)"
+    assert cells["kd"] == "20.00 (α 0.5; 1 run not complete)"  # its failed seed
+    assert cells["pkt"] == "– (1 run not complete)"
+    assert cells["at"] == "–"
+
+
 def test_a_bar_in_a_directory_name_stays_in_its_table_cell(tmp_path):
     exp = tmp_path / "e"
     write_run(exp, "distill", method="kd", teacher="ResNet56", student="ResNet20", setting="ce|kd", best=70.0)

@@ -15,7 +15,7 @@ from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, dr
 from .health import build_health, health_markdown
 from .registry import RegistryUnreadable, registry_versions
 from .runs import digest, left_out, load_runs
-from .table import build_table, registry_methods, shown_runs, table_csv, table_markdown
+from .table import build_table, not_complete_counts, registry_methods, shown_runs, table_csv, table_markdown
 
 # Bump STATE_VERSION when the cached summary layout changes (drops the cache).
 STATE_VERSION = 7
@@ -209,7 +209,8 @@ def run_results(experiments: str = "experiments", out: str = "results",
     if not_shown:  # a row's Seeds counts only what it averages: say what else there is
         notes.append(f"Not in the table (see health.md): {', '.join(not_shown)} run file(s).")
     atomic_write_text(os.path.join(out, TABLE_CSV), table_csv(rows))
-    atomic_write_text(os.path.join(out, TABLE_MD), table_markdown(rows, metric, notes, methods))
+    table = table_markdown(rows, metric, notes, methods, not_complete=not_complete_counts(summaries))
+    atomic_write_text(os.path.join(out, TABLE_MD), table)
     atomic_write_text(os.path.join(out, HEALTH_JSON),
                       json.dumps(health, indent=2, allow_nan=False, default=str) + "\n",
                       only_if_changed=False)

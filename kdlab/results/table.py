@@ -38,6 +38,9 @@ def method_sort_key(method: str, order: list[str]) -> tuple:
     return (order.index(method), "") if method in order else (len(order), method)
 
 
+NOT_COMPLETE = ("running", "interrupted", "finishing", "failed")
+
+
 def shown_runs(summaries: list[dict], method_versions: dict | None = None,
                include_outdated: bool = False) -> tuple[list[dict], int]:
     """(the runs the table shows, how many it leaves out as outdated): complete runs only, never
@@ -48,6 +51,18 @@ def shown_runs(summaries: list[dict], method_versions: dict | None = None,
         return complete, 0
     current = [s for s in complete if outdated_version(s, method_versions) is None]
     return current, len(complete) - len(current)
+
+
+def not_complete_counts(summaries: list[dict]) -> dict[tuple, int]:
+    """Per (dataset, teacher, student, method): its distillation runs that are on disk but not
+    complete (running, interrupted, finishing or failed): the summary's best setting is chosen
+    without them."""
+    counts: dict[tuple, int] = {}
+    for s in summaries:
+        if s.get("kind") == "distill" and s.get("state") in NOT_COMPLETE and not left_out(s):
+            key = (str(s.get("dataset") or ""), s.get("teacher") or "", s.get("student") or "", str(s.get("method")))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -253,7 +268,7 @@ def _mixed(row: dict) -> str:
 
 def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | None = None,
                    methods: list[str] | None = None,
-                   sources: tuple[dict, ...] | None = None) -> str:
+                   sources: tuple[dict, ...] | None = None, not_complete: dict[tuple, int] | None = None) -> str:
     order = registry_methods() if methods is None else methods
     sources = load_sources() if sources is None else sources
     lines = ["# Results", ""]
@@ -287,16 +302,21 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
             r = _role_row(rows, p, role)
             cells.append(fmt_pm(r[col[0]], r[col[1]]) + _mixed(r) if r else "–")
         for m in methods:
-            r = best.get((*p, m))
-            cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])}{seeds(r)}){_mixed(r)}"
-                         if r else "–")
+            r, n = best.get((*p, m)), (not_complete or {}).get((*p, m), 0)
+            pending = f"{n} run{'s' * (n != 1)} not complete" if n else ""
+            if r:
+                cells.append(f"{fmt_pm(r[col[0]], r[col[1]])} ({setting_label(r['setting'])}{seeds(r)}"
+                             f"{'; ' * bool(pending)}{pending}){_mixed(r)}")
+            else:
+                cells.append(f"– ({pending})" if pending else "–")
         body.append(cells)
     lines += ["", f"## Summary: each method at its best setting, {metric_words(metric)} test "
               f"accuracy (%)", "",
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
               "such. A method without runs shows –; a best setting with fewer seeds than the "
-              "method's other settings says how many; ⚠ marks a mean over runs of different "
+              "method's other settings says how many; a method with runs not complete (running, "
+              "interrupted or failed: health.md) says how many, as its best setting may still change; ⚠ marks a mean over runs of different "
               "recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
