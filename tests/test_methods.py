@@ -162,6 +162,21 @@ def test_every_method_declares_documented_settings():
             assert "default" in spec and len(spec.get("description", "")) > 20, (name, key)
 
 
+def test_a_method_module_missing_part_of_the_interface_is_named_with_what_it_misses():
+    """Such a module passed `kdlab check-config` and failed in its jobs (KeyError, AttributeError)."""
+    import types
+    from kdlab.methods import check_interfaces, interface_problems
+    assert all(not interface_problems(module) for module in METHODS.values())
+    mse = types.ModuleType("kdlab.methods.mse")
+    mse.NAME, mse.VERSION, mse.Loss = "mse", 1, kd.Loss
+    mse.SETTINGS = {"weight": {"type": "number", "description": "the weight of the squared logit error"}}
+    mse.TEACHER_OUTPUTS = "logits"
+    assert interface_problems(mse) == ["NEEDS_TEACHER (bool)", "TEACHER_OUTPUTS must be one of (None, "
+                                       "'logits+embedding')", "SETTINGS['weight'] needs a default and a description"]
+    with pytest.raises(TypeError, match=r"^kdlab/methods/mse.py: missing or wrong: NEEDS_TEACHER \(bool\); "):
+        check_interfaces([mse])
+
+
 def terms_of_every_method(name, tmp_path, student_out, teacher_out):
     """Method `name`'s loss terms on the tiny data's first 8 training images, with fixed seeds."""
     torch.manual_seed(0)
