@@ -167,7 +167,11 @@ def reference(name, s, t, settings, loss, labels):
 
 
 def test_every_registered_method_has_a_float64_reference_test():
-    assert sorted([*BASELINES, *REFERENCED_ELSEWHERE]) == sorted(set(METHODS) - {"none"})
+    missing = sorted(set(METHODS) - {"none"} - {*BASELINES, *REFERENCED_ELSEWHERE})
+    assert not missing, (f"no float64 reference test for {missing}: add the method to BASELINES, CASES and "
+                         f"reference() here, or to REFERENCED_ELSEWHERE with a test_<name>_..match..reference "
+                         f"in that file")
+    assert not {*BASELINES, *REFERENCED_ELSEWHERE} - set(METHODS), "a reference test for a method not registered"
     for name, test_file in REFERENCED_ELSEWHERE.items():
         assert re.search(rf"def test_{name}_\w*match\w*reference", (Path(__file__).parent / test_file).read_text()), name
 
