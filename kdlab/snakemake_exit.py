@@ -18,6 +18,6 @@ def shut_down_executors_at_exit():
         from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
         # type(), not isinstance(): some objects in a Snakemake process fake their __class__
         for executor in [obj for obj in gc.get_objects() if issubclass(type(obj), RemoteExecutor)]:
-            if executor.wait:
+            if getattr(executor, "wait", False):  # False too for one whose __init__ raised before setting it
                 executor.shutdown()  # stops its sidecar, whose threads then end
     threading.Thread(target=when_the_main_thread_ends, name="kdlab-shut-down-executors", daemon=True).start()

@@ -539,34 +539,40 @@ def checkpoint(run_fingerprint, identity, epoch, finished, model, loss_fn, optim
             "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "state": state}
 
 
-def mark_interrupted(run_dir, cause):
-    """progress.json of a run stopped from outside (Ctrl-C, SIGTERM) says so: it said
-    "running" since the run's last checkpoint (or its resume). Nothing to mark before the
-    first checkpoint's file or after the run finished or failed."""
-    path = Path(run_dir) / "progress.json"
+def read_progress(run_dir):
+    """progress.json as a dict, or None where it is missing or unreadable."""
     try:
-        record = json.loads(path.read_text())
+        record = json.loads((Path(run_dir) / "progress.json").read_text())
     except (OSError, ValueError):
-        return
-    if isinstance(record, dict) and record.get("status") == "running":
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def mark_interrupted(run_dir, cause):
+    """progress.json of a run stopped from outside (Ctrl-C, SIGTERM) or by an error says so: it said
+    "running" since the run's last checkpoint (or its resume), or still names what stopped the process
+    before, when this one stopped before it wrote "running". Nothing to mark before the first
+    checkpoint's file or after the run finished or failed."""
+    record = read_progress(run_dir)
+    if record and record.get("status") in ("running", "interrupted"):
         record.update(status="interrupted", error=f"interrupted by {cause}; running it again resumes from its "
                                                   f"checkpoint at epoch {record.get('epochs_done')}")
-        atomic_write_json(path, record)
+        atomic_write_json(Path(run_dir) / "progress.json", record)
 
 
 def why_it_stopped(run_dir):
     """How the process that wrote a run's progress.json stopped, read before a resume replaces it:
     a retried job's log replaces the log of the attempt before, and a run's history should say
     what cut it short. None where progress.json is missing or unreadable."""
-    try:
-        record = json.loads((Path(run_dir) / "progress.json").read_text())
-    except (OSError, ValueError):
-        return None
-    status = record.get("status") if isinstance(record, dict) else None
-    if status == "running":  # Ctrl-C, SIGTERM and errors mark the run interrupted
+    record = read_progress(run_dir) or {}
+    status = record.get("status")
+    if status in ("interrupted", "failed"):
+        return record.get("error")
+    if status in ("running", "complete"):  # Ctrl-C, SIGTERM and errors mark the run interrupted; "complete"
+        # comes just before the finished checkpoint, so a resume found it unwritten
         return "killed without a chance to say why (SIGKILL: the kernel's out-of-memory killer, PBS past its " \
                "grace time after SIGTERM, a node failure)"
-    return record.get("error") if status in ("interrupted", "failed") else None
+    return None
 
 
 def epoch_line(epoch, epochs, h, method):

@@ -361,6 +361,38 @@ def test_a_run_stopped_by_an_error_says_why_in_progress_json_and_running_it_agai
     assert f"the process before: {progress['error']}" in capsys.readouterr().out
 
 
+def test_a_resume_that_fails_before_it_trains_replaces_the_cause_before_it(tmp_path, monkeypatch):
+    """A Ctrl-C, then a resume that stops before it writes "running" (a teacher it cannot load, a
+    checkpoint it cannot restore): progress.json and the next resume name the second cause, not the first."""
+    import kdlab.train
+    run_dir = tmp_path / "run"
+    args = ["train", "--config", json.dumps(RUN), "--run-dir", str(run_dir)]
+    real_save, saves = kdlab.train.save_checkpoint, []
+
+    def ctrl_c_after_the_second(path, obj):  # after the first one's progress.json
+        real_save(path, obj)
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", ctrl_c_after_the_second)
+    assert kdlab_main(args) == 130
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
+    assert read_json(run_dir / "progress.json")["error"].startswith("interrupted by Ctrl-C")
+    real_restore = kdlab.train.restore
+
+    def cannot_restore(*a):
+        raise RuntimeError("Error(s) in loading state_dict")
+    monkeypatch.setattr(kdlab.train, "restore", cannot_restore)
+    with pytest.raises(RuntimeError):
+        kdlab_main(args)
+    progress = read_json(run_dir / "progress.json")
+    assert progress["status"] == "interrupted" and progress["error"].startswith(
+        "interrupted by RuntimeError: Error(s) in loading state_dict; running it again resumes")
+    monkeypatch.setattr(kdlab.train, "restore", real_restore)
+    assert kdlab_main(args) == 0
+    assert read_json(run_dir / "metrics.json")["provenance"]["resumes"][0]["after"] == progress["error"]
+
+
 def posix_acl(*entries):
     """A minimal POSIX ACL as Linux stores it in system.posix_acl_*: (tag, permission bits) entries."""
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries)

@@ -226,6 +226,21 @@ def test_killed_run_resumes_to_identical_metrics(uninterrupted, tmp_path, worker
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("progress,stopped_by", [
+    (None, None),
+    ({"status": "running"}, "killed without a chance to say why"),
+    ({"status": "complete"}, "killed without a chance to say why"),  # between progress.json and the last checkpoint
+    ({"status": "interrupted", "error": "interrupted by Ctrl-C; ..."}, "interrupted by Ctrl-C; ..."),
+    ({"status": "failed", "error": "the guard's message"}, "the guard's message"),
+])
+def test_a_resume_records_how_the_process_before_stopped(tmp_path, progress, stopped_by):
+    from kdlab.train import why_it_stopped
+    if progress is not None:
+        (tmp_path / "progress.json").write_text(json.dumps(progress))
+    assert (why_it_stopped(tmp_path) or "").startswith(stopped_by or "") and (why_it_stopped(tmp_path) is None) == (
+        stopped_by is None)
+
+
 def test_guard_stops_a_nonfinite_loss_outside_amp(poison_method, trained_teacher, tmp_path):
     poison_method(lambda call: call >= 13)  # 10 steps per epoch: epoch 2, step 3
     run = tiny_run(kind="distill", method="poison", alpha=0.5, teacher="ResNet8",

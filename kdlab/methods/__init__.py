@@ -22,8 +22,9 @@ The student's loss is (1 - alpha) * CE + alpha * sum(Loss(...) terms), or in the
 form ce_weight * CE + kd_weight * KD + sum(Loss(...) terms) (kdlab/loss.py).
 Adding a method: one module here, imported in the `from . import` line and named in the
 METHODS tuple below (keep that form: `kdlab results` reads the registry from this source
-without importing torch). A module that lacks part of the interface stops every kdlab command
-with the file and what is missing. The tests then ask for the rest, each naming what to add:
+without importing torch). A module that lacks part of the interface makes the import of this
+package raise a TypeError naming the file and what is missing (Snakemake and every kdlab command
+but `kdlab results` import it). The tests then ask for the rest, each naming what to add:
 a float64 reference test (tests/test_methods_more.py), a section for its settings in
 config/README.md, its name in the method lists of README.md and config/README.md, and in
 config/demo.yaml (the demo runs every method) with the job counts that config/README.md

@@ -38,9 +38,6 @@ def method_sort_key(method: str, order: list[str]) -> tuple:
     return (order.index(method), "") if method in order else (len(order), method)
 
 
-NOT_COMPLETE = ("running", "interrupted", "finishing", "failed")
-
-
 def shown_runs(summaries: list[dict], method_versions: dict | None = None,
                include_outdated: bool = False) -> tuple[list[dict], int]:
     """(the runs the table shows, how many it leaves out as outdated): complete runs only, never
@@ -59,7 +56,7 @@ def not_complete_counts(summaries: list[dict]) -> dict[tuple, int]:
     without them."""
     counts: dict[tuple, int] = {}
     for s in summaries:
-        if s.get("kind") == "distill" and s.get("state") in NOT_COMPLETE and not left_out(s):
+        if s.get("kind") == "distill" and s.get("state") not in ("complete", "unreadable") and not left_out(s):
             key = (str(s.get("dataset") or ""), s.get("teacher") or "", s.get("student") or "", str(s.get("method")))
             counts[key] = counts.get(key, 0) + 1
     return counts
@@ -315,8 +312,8 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
               *_table(["Dataset", "Teacher → Student", "Teacher", "Student", *methods], body, 2),
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
               "such. A method without runs shows –; a best setting with fewer seeds than the "
-              "method's other settings says how many; a method with runs not complete (running, "
-              "interrupted or failed: health.md) says how many, as its best setting may still change; ⚠ marks a mean over runs of different "
+              "method's other settings says how many; a method with runs not complete (unfinished "
+              "or failed: health.md) says how many, as its best setting may still change; ⚠ marks a mean over runs of different "
               "recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
