@@ -335,6 +335,42 @@ def test_a_machine_without_pbs_is_named_in_one_line(tmp_path, pbs_env):
     assert sidecar.communicate(timeout=30)[1] == "kdlab PBS profile: %s (Ctrl-C stops Snakemake)\n" % expected
 
 
+def test_the_sidecar_removes_the_state_of_sidecars_killed_with_sigkill(tmp_path, pbs_env):
+    """A new sidecar with a dead one's pid took over its list of jobs, and qdel'd them on Ctrl-C."""
+    state = tmp_path / ".snakemake" / "pbs"
+    dead, live = state / "sidecar.4194303", state / ("sidecar.%d" % os.getpid())  # above pid_max's default
+    for d in (dead, live):
+        (d / "active").mkdir(parents=True)
+        (d / "active" / "1065.server").write_text("")
+    sidecar = subprocess.Popen([str(PROFILE / "pbs-sidecar")], stdout=subprocess.PIPE, text=True,
+                               cwd=str(tmp_path), env=pbs_env)
+    try:
+        sidecar.stdout.readline()
+        assert not dead.exists() and (live / "active" / "1065.server").exists()
+    finally:
+        sidecar.terminate()
+        sidecar.communicate(timeout=30)
+
+
+def test_ctrl_c_during_a_status_call_does_not_kill_it(tmp_path, pbs_env):
+    """Ctrl-C reaches the whole process group, a status call too: killed, it left cluster-generic
+    without an answer ("cannot access local variable 'ret'") and Snakemake's cancel did not run."""
+    d = pbs_env["PBS_STANDIN_DIR"]
+    standin.fake_job(d, 900, state="R", substate=42)
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "qstat").write_text('#!/bin/sh\nsleep 1\nexec %s "$@"\n' % (STANDIN / "qstat"))
+    (slow / "qstat").chmod(0o755)
+    env = dict(pbs_env, PATH="%s:%s" % (slow, pbs_env["PATH"]))
+    p = subprocess.Popen([str(PROFILE / "pbs-status"), "900.server"], env=env, cwd=str(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out) == (0, "running\n"), err
+
+
 def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pbs_env):
     """A restarted Snakemake that submits a job whose PBS job of an earlier run is still
     queued gets that job's id back (no second job training on the same checkpoint); once
@@ -344,7 +380,7 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     def submit(rule, output="experiments/x/model.pth"):
         jobscript = tmp_path / ("snakejob.%s.1.sh" % rule)
         props = single_props(1, runtime=5)
-        props.update(rule=rule, output=[output, "other/metrics.json"])
+        props.update(rule=rule, output=[output, output.replace("model.pth", "metrics.json")])
         jobscript.write_text("#!/bin/sh\n# properties = %s\necho hello\n" % json.dumps(props))
         p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, universal_newlines=True, cwd=str(tmp_path),
@@ -356,7 +392,7 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     assert again == first and "watching it instead of submitting it again" in message
     assert len(read_log(pbs_env, "qsub")) == 1
     assert "re-attached to PBS job %s" % first in (tmp_path / "logs" / "pbs" / "status.log").read_text()
-    other, _ = submit("distill")
+    other, _ = submit("distill", output="experiments/y/model.pth")
     assert other != first and len(read_log(pbs_env, "qsub")) == 2
     # The same rule and wildcards (so the same name) in another config's experiments_dir,
     # run at the same time from this directory: another job, not the first config's.
@@ -369,6 +405,43 @@ def test_submit_reattaches_to_its_job_still_in_pbs_and_only_to_that(tmp_path, pb
     fresh, message = submit("train_teacher")
     assert fresh not in (first, other, crd) and "watching" not in message
     assert len(read_log(pbs_env, "qsub")) == 4
+
+
+def test_a_restart_with_other_packs_watches_or_waits_for_the_jobs_that_make_its_outputs(tmp_path, pbs_env):
+    """Packs (--groups) are named by their composition, which a restart changes (a member that
+    finished meanwhile, another --group-components): the look-up goes by outputs. A job whose
+    outputs an earlier job still makes is watched; one that shares only some waits for it
+    (qsub -W depend=afterany), instead of meeting its run lock and failing, after which Snakemake
+    removed the outputs the earlier job had written."""
+    set_control(pbs_env, queue_delay=60)  # the earlier jobs stay queued
+
+    def submit(runs, seeds):
+        props = {**single_props(1, runtime=5), "output": [f"exp/{r}/metrics.json" for r in runs]}
+        if len(runs) > 1:
+            props.update(type="group", groupid="pack", jobid="6943559e-04ab")
+        jobscript = tmp_path / "snakejob.pack.1.sh"
+        targets = " ".join(f"'distill:seed={seed}'" for seed in seeds)
+        jobscript.write_text("#!/bin/sh\n# properties = %s\ncd /w && python -m snakemake --target-jobs %s "
+                             "--allowed-rules distill --cores all --attempt 1\n" % (json.dumps(props), targets))
+        p = subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], capture_output=True, text=True,
+                           cwd=str(tmp_path), env=pbs_env, timeout=30)
+        return p.returncode, p.stdout.strip(), p.stderr
+
+    _, pack, _ = submit(["a", "b"], [0, 1])
+    _, again, message = submit(["b"], [1])  # a finished meanwhile: a pack of one, or a job of its own
+    assert again == pack and "watching it instead of submitting it again" in message
+    _, later, message = submit(["b", "c"], [1, 2])  # b with a run the earlier pack does not make
+    assert later != pack and "watching" not in message
+    qsubs = read_log(pbs_env, "qsub")
+    assert len(qsubs) == 2 and qsubs[-1]["argv"][:2] == ["-W", "depend=afterany:" + pack]
+    status_log = (tmp_path / "logs" / "pbs" / "status.log").read_text()
+    assert f"submitted to start after {pack} of an earlier run" in status_log
+    # qstat cannot say whether the earlier jobs still run: no second job, and why
+    set_control(pbs_env, queue_delay=60, qstat_fail_until=time.time() + 60)
+    rc, out, message = submit(["c"], [2])
+    assert (rc, out) == (1, "") and len(read_log(pbs_env, "qsub")) == 2
+    assert message.startswith("pbs-submit: qstat does not answer whether an earlier job for ") and \
+        f"{later} (" in message and "not submitting a second one" in message
 
 
 def test_submit_asks_qstat_only_about_an_earlier_job_that_has_not_ended(tmp_path, pbs_env):
@@ -660,7 +733,7 @@ def test_qstat_x_refused_by_server_without_history_says_nothing_about_jobs(tmp_p
     (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
     ledger = tmp_path / "logs" / "pbs" / "jobs.tsv"
     ledger.write_text("submitted\tjobid\tname\n2026-01-01 10:00:00\t900.server\ttrain_teacher.T1.0\n")
-    assert pbs.still_active_job(pbs.load_settings(), str(ledger), "train_teacher.T1.0", "") == "900.server"
+    assert pbs.earlier_jobs(pbs.load_settings(), str(ledger), "train_teacher.T1.0", ["o"]) == {"900.server": {"o"}}
     # the sidecar's first poll of a new session keeps watching both jobs
     (tmp_path / ".snakemake" / "pbs" / "job_history.json").unlink()
     active = tmp_path / "active"

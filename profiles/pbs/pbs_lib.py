@@ -24,6 +24,7 @@ Files (relative to the workflow directory, `log_dir` = logs/pbs by default):
 """
 
 import configparser
+import glob
 import hashlib
 import json
 import math
@@ -494,35 +495,52 @@ def register_job(jobid):
         pass
 
 
-def still_active_job(settings, ledger, name, output):
-    """The PBS id of the last job submitted under `name` for `output` (the first of its
-    output files in sorted order) from this workflow directory if PBS still has it queued/running/held, else None.
-    The name alone is rule and wildcards: two configs run from one directory (another
-    experiments_dir) have jobs of one name and other outputs, which are not the same job."""
-    last = None
+class QstatUnanswered(Exception):
+    pass
+
+
+def earlier_jobs(settings, ledger, name, outputs):
+    """The PBS jobs submitted from this workflow directory earlier (logs/pbs/jobs.tsv) that are still
+    queued, running or held and are the last to have been submitted for one of `outputs`:
+    {jobid: the outputs it was submitted for}. Keyed on outputs, not on the job's name: a pack
+    (--groups) restarted with another composition, or a job of one pack whose other members have
+    finished, has another name. A line of an older ledger, without the outputs column, is this
+    job's if it has its name and first output (or, older still, its name). QstatUnanswered when qstat does not answer
+    about one that has not written its exit code."""
+    last = {}  # output -> the last job submitted for it
+    covers = {}
     try:
         with open(ledger) as f:
             for line in f:
                 parts = line.rstrip("\n").split("\t")
-                if (len(parts) > 2 and parts[2] == name and valid_jobid(parts[1])
-                        and (len(parts) < 12 or parts[11] == output)):  # lines before the output column: by name
-                    last = parts[1]
+                if len(parts) < 3 or not valid_jobid(parts[1]):
+                    continue
+                try:
+                    listed = set(json.loads(parts[12])) if len(parts) > 12 else None
+                except ValueError:
+                    listed = None
+                if listed is None:  # the same name (and first output): the same job
+                    if parts[2] != name or (len(parts) > 11 and parts[11] != min(outputs)):
+                        continue
+                    listed = set(outputs)
+                for output in listed & set(outputs):
+                    last[output] = parts[1]
+                covers[parts[1]] = listed
     except OSError:
-        return None
-    if last is None or read_exit_file(settings, last) is not None:
-        # It wrote its exit code, so it has ended (a retry after a walltime kill, a
-        # restart after it finished): no qstat, which a restart would otherwise call
-        # once per job, up to 10 a second.
-        return None
+        return {}
+    # One that wrote its exit code has ended (a retry after a walltime kill, a restart after it
+    # finished): no qstat, which a restart would otherwise call once per job, up to 10 a second.
+    candidates = sorted({j for j in last.values() if read_exit_file(settings, j) is None})
+    if not candidates:
+        return {}
+    error = None
     for attempt in range(max(settings.int("qstat_retries"), 1)):
-        found, unknown, error = query_jobs(settings, [last])
+        found, unknown, error = query_jobs(settings, candidates)
         if error is None:
-            entry = found.get(last)
-            if entry and str(entry.get("job_state", "")).strip().upper()[:1] in ACTIVE_STATES:
-                return last
-            return None
+            return {j: covers[j] for j, entry in found.items()
+                    if j in covers and str(entry.get("job_state", "")).strip().upper()[:1] in ACTIVE_STATES}
         time.sleep(settings.num("qstat_retry_sleep"))
-    return None
+    raise QstatUnanswered("%s (%s)" % (" ".join(candidates), _one_line(error)))
 
 
 # qsub messages of a server that was not reached (restart, fail-over, network):
@@ -565,12 +583,23 @@ def submit_main(argv):
             % (name, summary["ngpus"])
         )
     ledger = os.path.join(logdir, "jobs.tsv")
-    output = min(props.get("output") or [""])  # the first in sorted order: a group lists its outputs in any order
-    previous = still_active_job(settings, ledger, name, output)
+    outputs = sorted(props.get("output") or [""])  # a group lists its outputs in any order
+    output = outputs[0]
+    try:
+        earlier = earlier_jobs(settings, ledger, name, outputs)
+    except QstatUnanswered as e:
+        # A second job would meet the first one's run lock and fail, and Snakemake would then
+        # remove the outputs that the first one wrote.
+        sys.stderr.write("pbs-submit: qstat does not answer whether an earlier job for %s is still queued or "
+                         "running: %s; not submitting a second one. Run again once qstat answers, or qdel "
+                         "it first.\n" % (name, e))
+        status_log(settings, "%s: not submitted: qstat does not answer about the earlier job(s) %s" % (name, e))
+        return 1
+    previous = next((j for j, covered in sorted(earlier.items()) if covered >= set(outputs)), None)
     if previous:
-        # Snakemake was restarted while this job's PBS job from the earlier run is
-        # still queued or running (Snakemake forgets it once the job has started).
-        # A second job would train on the same checkpoint: watch the old one.
+        # Snakemake was restarted while a PBS job of the earlier run that makes all of this
+        # job's outputs is still queued or running (Snakemake forgets it once the job has
+        # started). A second job would train on the same checkpoint: watch the old one.
         sys.stdout.write(previous + "\n")
         sys.stdout.flush()
         register_job(previous)
@@ -581,6 +610,11 @@ def submit_main(argv):
         )
         status_log(settings, "%s: re-attached to PBS job %s of an earlier run" % (name, previous))
         return 0
+    if earlier:  # they make some of its outputs: start only after they have ended
+        after = sorted(earlier)
+        qsub_argv[1:1] = ["-W", "depend=afterany:" + ":".join(after)]
+        status_log(settings, "%s: submitted to start after %s of an earlier run, which make(s) some of its "
+                             "outputs" % (name, " ".join(after)))
     script = make_job_script(props, text, name, workdir, logdir, settings, summary, now_iso())
     write_atomic(script_path, script)
     os.chmod(script_path, 0o755)
@@ -624,7 +658,7 @@ def submit_main(argv):
         )
     if not os.path.exists(ledger):
         append_line(ledger, "submitted\tjobid\tname\trule\tattempt\tncpus\tngpus\tmem_mb\twalltime\twildcards\tlog"
-                            "\toutput")
+                            "\toutput\toutputs")
     append_line(
         ledger,
         "\t".join(
@@ -633,6 +667,7 @@ def submit_main(argv):
                 now_iso(), jobid, name, what, details["attempt"] or "",
                 summary["ncpus"], summary["ngpus"], summary["mem_mb"], summary["walltime"] or "",
                 wildcards, os.path.join(settings["log_dir"], "%s.%s.log" % (name, jobid)), output,
+                json.dumps(outputs),
             )
         ),
     )
@@ -1218,6 +1253,9 @@ def sidecar_main(argv):
         sys.stderr.write("kdlab PBS profile: %s (Ctrl-C stops Snakemake)\n" % no_client)
     interval = max(settings.num("status_poll_interval"), 0.2)
     parent = os.getppid()
+    for stale in glob.glob(os.path.join(state_dir(), "sidecar.*")):  # of a sidecar killed with -9: a new one
+        if not _alive(stale.rsplit(".", 1)[1]):                     # with its pid would qdel its jobs on Ctrl-C
+            _rmtree(stale)
     base = os.path.join(state_dir(), "sidecar.%d" % os.getpid())
     active = os.path.join(base, "active")
     cache_path = os.path.join(base, "cache.json")
