@@ -313,8 +313,8 @@ def table_markdown(rows: list[dict], metric: str = "best", notes: list[str] | No
               "", "Choosing the setting by test accuracy flatters the methods; report it as "
               "such. A method without runs shows –; a best setting with fewer seeds than the "
               "method's other settings says how many; a method with runs not complete (unfinished "
-              "or failed: health.md) says how many, as its best setting may still change; ⚠ marks a mean over runs of different "
-              "recipes (see *All runs*)."]
+              "or failed: health.md) says how many, as its best setting may still change; ⚠ marks "
+              "a mean over runs of different recipes (see *All runs*)."]
     for source in sources:
         lines += _comparison(rows, methods, source)
     lines += ["", "## All runs", "",

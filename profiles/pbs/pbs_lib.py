@@ -505,8 +505,8 @@ def earlier_jobs(settings, ledger, name, outputs):
     {jobid: the outputs it was submitted for}. Keyed on outputs, not on the job's name: a pack
     (--groups) restarted with another composition, or a job of one pack whose other members have
     finished, has another name. A line of an older ledger, without the outputs column, is this
-    job's if it has its name and first output (or, older still, its name). QstatUnanswered when qstat does not answer
-    about one that has not written its exit code."""
+    job's if it has its name and first output (or, older still, its name). QstatUnanswered when
+    qstat does not answer about one that has not written its exit code."""
     last = {}  # output -> the last job submitted for it
     covers = {}
     try:
@@ -517,7 +517,7 @@ def earlier_jobs(settings, ledger, name, outputs):
                     continue
                 try:
                     listed = set(json.loads(parts[12])) if len(parts) > 12 else None
-                except ValueError:
+                except (TypeError, ValueError):  # not a list of names: a line damaged by hand
                     listed = None
                 if listed is None:  # the same name (and first output): the same job
                     if parts[2] != name or (len(parts) > 11 and parts[11] != min(outputs)):
