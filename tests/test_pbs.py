@@ -985,8 +985,10 @@ def test_cancel_program_also_deletes_jobs_registered_with_sidecar(tmp_path, pbs_
     (active / "41.server").write_text("")
     (active / "42.server").write_text("")
     env = dict(pbs_env, SNAKEMAKE_CLUSTER_SIDECAR_VARS=json.dumps({"active": str(active)}))
-    subprocess.run([str(PROFILE / "pbs-cancel"), "40.server"], env=env, cwd=str(tmp_path),
-                   check=True, timeout=10)
+    cancel = subprocess.run([str(PROFILE / "pbs-cancel"), "40.server"], env=env, cwd=str(tmp_path),
+                            check=True, timeout=10, capture_output=True, text=True)
+    assert cancel.stderr == ("pbs-cancel: qdel 40.server 41.server 42.server (their runs keep their checkpoints: "
+                             "the same command again resumes them)\n")  # above Snakemake's error for each
     wait_for(lambda: read_log(pbs_env, "qdel"), seconds=5, every=0.1)
     assert read_log(pbs_env, "qdel")[0]["argv"] == ["40.server", "41.server", "42.server"]
     marker = (tmp_path / "sidecar" / "cancel").read_text().split()

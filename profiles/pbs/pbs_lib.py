@@ -1419,6 +1419,9 @@ def cancel_main(argv):
         return 0
     logfile = os.path.join(log_dir(settings), "cancel.log")
     append_line(logfile, "%s qdel %s" % (now_iso(), " ".join(ids)))
+    # Snakemake then lists each of these jobs as an error: say what happened to them
+    sys.stderr.write("pbs-cancel: qdel %s (their runs keep their checkpoints: the same command again resumes "
+                     "them)\n" % " ".join(ids))
     try:
         os.makedirs(os.path.dirname(logfile), exist_ok=True)
         out = open(logfile, "a")
