@@ -444,6 +444,23 @@ def test_a_restart_with_other_packs_watches_or_waits_for_the_jobs_that_make_its_
         f"{later} (" in message and "not submitting a second one" in message
 
 
+def test_a_pack_too_large_for_snakemake_to_list_its_outputs_is_looked_up_by_name(tmp_path, pbs_env):
+    """Past 100 outputs Snakemake lists none: such packs must not all count as making the same files."""
+    set_control(pbs_env, queue_delay=60)
+
+    def submit(seed):
+        props = {**single_props(1, runtime=5), "type": "group", "groupid": "pack", "jobid": "%d-04ab" % seed,
+                 "output": None}
+        jobscript = tmp_path / "snakejob.pack.1.sh"
+        jobscript.write_text("#!/bin/sh\n# properties = %s\ncd /w && python -m snakemake --target-jobs "
+                             "'distill:seed=%d' --cores all\n" % (json.dumps(props), seed))
+        return subprocess.run([str(PROFILE / "pbs-submit"), str(jobscript)], capture_output=True, text=True,
+                              cwd=str(tmp_path), env=pbs_env, timeout=30, check=True).stdout.strip()
+
+    first = submit(1)
+    assert submit(2) != first and submit(1) == first and len(read_log(pbs_env, "qsub")) == 2
+
+
 def test_submit_asks_qstat_only_about_an_earlier_job_that_has_not_ended(tmp_path, pbs_env):
     """The look-up of the earlier job of the same name (above) costs a qstat per submission;
     a retry or a restart whose earlier job wrote its exit-code file needs none (a restart of

@@ -583,7 +583,8 @@ def submit_main(argv):
             % (name, summary["ngpus"])
         )
     ledger = os.path.join(logdir, "jobs.tsv")
-    outputs = sorted(props.get("output") or [""])  # a group lists its outputs in any order
+    # A group lists its outputs in any order; Snakemake lists none past 100 (a large pack): its name stands for them
+    outputs = sorted(props.get("output") or ["(outputs not listed) " + name])
     output = outputs[0]
     try:
         earlier = earlier_jobs(settings, ledger, name, outputs)
