@@ -436,10 +436,17 @@ def test_a_restart_with_other_packs_watches_or_waits_for_the_jobs_that_make_its_
     assert len(qsubs) == 2 and qsubs[-1]["argv"][:2] == ["-W", "depend=afterany:" + pack]
     status_log = (tmp_path / "logs" / "pbs" / "status.log").read_text()
     assert f"submitted to start after {pack} of an earlier run" in status_log
+    assert message.startswith(f"pbs-submit: pack.distill.x2.6943559e submitted to start after {pack} ")
+    # That waiting pack deleted (qdel, a Ctrl-C): it must not hide the earlier pack from the next restart
+    subprocess.run(["qdel", later], env=pbs_env, check=True, timeout=10)
+    wait_for(lambda: later not in [j["id"] for j in standin.all_jobs(pbs_env["PBS_STANDIN_DIR"])
+                                   if j["state"] in ("Q", "R", "H")], seconds=10, every=0.1)
+    _, later, _ = submit(["b", "c"], [1, 2])
+    assert read_log(pbs_env, "qsub")[-1]["argv"][:2] == ["-W", "depend=afterany:" + pack]
     # qstat cannot say whether the earlier jobs still run: no second job, and why
     set_control(pbs_env, queue_delay=60, qstat_fail_until=time.time() + 60)
     rc, out, message = submit(["c"], [2])
-    assert (rc, out) == (1, "") and len(read_log(pbs_env, "qsub")) == 2
+    assert (rc, out) == (1, "") and len(read_log(pbs_env, "qsub")) == 3
     assert message.startswith("pbs-submit: qstat does not answer whether an earlier job for ") and \
         f"{later} (" in message and "not submitting a second one" in message
 

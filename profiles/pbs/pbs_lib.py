@@ -500,15 +500,15 @@ class QstatUnanswered(Exception):
 
 
 def earlier_jobs(settings, ledger, name, outputs):
-    """The PBS jobs submitted from this workflow directory earlier (logs/pbs/jobs.tsv) that are still
-    queued, running or held and are the last to have been submitted for one of `outputs`:
-    {jobid: the outputs it was submitted for}. Keyed on outputs, not on the job's name: a pack
+    """The PBS jobs submitted from this workflow directory earlier (logs/pbs/jobs.tsv) for any of
+    `outputs` that are still queued, running or held: {jobid: the outputs it was submitted for}.
+    Every such job, not only the last: a restart's job that waited for an earlier one and was
+    deleted must not hide it. Keyed on outputs, not on the job's name: a pack
     (--groups) restarted with another composition, or a job of one pack whose other members have
     finished, has another name. A line of an older ledger, without the outputs column, is this
     job's if it has its name and first output (or, older still, its name). QstatUnanswered when
     qstat does not answer about one that has not written its exit code."""
-    last = {}  # output -> the last job submitted for it
-    covers = {}
+    covers = {}  # jobid -> the outputs it was submitted for, for the jobs that make some of `outputs`
     try:
         with open(ledger) as f:
             for line in f:
@@ -523,14 +523,13 @@ def earlier_jobs(settings, ledger, name, outputs):
                     if parts[2] != name or (len(parts) > 11 and parts[11] != min(outputs)):
                         continue
                     listed = set(outputs)
-                for output in listed & set(outputs):
-                    last[output] = parts[1]
-                covers[parts[1]] = listed
+                if listed & set(outputs):
+                    covers[parts[1]] = listed
     except OSError:
         return {}
     # One that wrote its exit code has ended (a retry after a walltime kill, a restart after it
     # finished): no qstat, which a restart would otherwise call once per job, up to 10 a second.
-    candidates = sorted({j for j in last.values() if read_exit_file(settings, j) is None})
+    candidates = sorted(j for j in covers if read_exit_file(settings, j) is None)
     if not candidates:
         return {}
     error = None
@@ -614,8 +613,9 @@ def submit_main(argv):
     if earlier:  # they make some of its outputs: start only after they have ended
         after = sorted(earlier)
         qsub_argv[1:1] = ["-W", "depend=afterany:" + ":".join(after)]
-        status_log(settings, "%s: submitted to start after %s of an earlier run, which make(s) some of its "
-                             "outputs" % (name, " ".join(after)))
+        said = "submitted to start after %s of an earlier run, which make(s) some of its outputs" % " ".join(after)
+        sys.stderr.write("pbs-submit: %s %s\n" % (name, said))
+        status_log(settings, "%s: %s" % (name, said))
     script = make_job_script(props, text, name, workdir, logdir, settings, summary, now_iso())
     write_atomic(script_path, script)
     os.chmod(script_path, 0o755)
