@@ -156,10 +156,11 @@ def test_ft_channel_mean_factor_matches_reference(tmp_path):
 
 
 def test_every_method_declares_documented_settings():
+    """Beyond the interface that importing kdlab.methods checks: versions from 1, descriptions that say something."""
     for name, module in METHODS.items():
-        assert isinstance(module.VERSION, int) and module.VERSION >= 1
+        assert module.VERSION >= 1
         for key, spec in module.SETTINGS.items():
-            assert "default" in spec and len(spec.get("description", "")) > 20, (name, key)
+            assert len(spec["description"]) > 20, (name, key)
 
 
 def test_a_method_module_missing_part_of_the_interface_is_named_with_what_it_misses():

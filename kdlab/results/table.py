@@ -50,6 +50,11 @@ def shown_runs(summaries: list[dict], method_versions: dict | None = None,
     return current, len(complete) - len(current)
 
 
+def pair_and_method(s: dict) -> tuple:
+    """(dataset, teacher, student, method) of a distilled run's summary: a column of a pair's row."""
+    return (str(s.get("dataset") or ""), s.get("teacher") or "", s.get("student") or "", str(s.get("method") or ""))
+
+
 def not_complete_counts(summaries: list[dict]) -> dict[tuple, int]:
     """Per (dataset, teacher, student, method): its distillation runs that are on disk but not
     complete (running, interrupted, finishing or failed): the summary's best setting is chosen
@@ -57,8 +62,7 @@ def not_complete_counts(summaries: list[dict]) -> dict[tuple, int]:
     counts: dict[tuple, int] = {}
     for s in summaries:
         if s.get("kind") == "distill" and s.get("state") not in ("complete", "unreadable") and not left_out(s):
-            key = (str(s.get("dataset") or ""), s.get("teacher") or "", s.get("student") or "", str(s.get("method")))
-            counts[key] = counts.get(key, 0) + 1
+            counts[pair_and_method(s)] = counts.get(pair_and_method(s), 0) + 1
     return counts
 
 
@@ -119,9 +123,7 @@ def build_table(summaries: list[dict], chance_margin: float = 5.0,
         elif s.get("kind") == "student":
             students.setdefault((ds, s.get("student") or ""), []).append(s)
         elif s.get("kind") == "distill":
-            key = (ds, s.get("teacher") or "", s.get("student") or "",
-                   str(s.get("method") or ""), s.get("setting") or "")
-            distill.setdefault(key, []).append(s)
+            distill.setdefault((*pair_and_method(s), s.get("setting") or ""), []).append(s)
     pairs = {(k[0], k[1], k[2]) for k in distill}
     used_t = {(d, t) for d, t, _ in pairs}
     used_s = {(d, st) for d, _, st in pairs}
