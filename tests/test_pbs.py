@@ -338,7 +338,7 @@ def test_a_machine_without_pbs_is_named_in_one_line(tmp_path, pbs_env):
 def test_the_sidecar_removes_the_state_of_sidecars_killed_with_sigkill(tmp_path, pbs_env):
     """A new sidecar with a dead one's pid took over its list of jobs, and qdel'd them on Ctrl-C."""
     state = tmp_path / ".snakemake" / "pbs"
-    dead, live = state / "sidecar.4194303", state / ("sidecar.%d" % os.getpid())  # above pid_max's default
+    dead, live = state / ("sidecar.%d" % (2**22 + 1)), state / ("sidecar.%d" % os.getpid())  # above pid_max's limit
     for d in (dead, live):
         (d / "active").mkdir(parents=True)
         (d / "active" / "1065.server").write_text("")

@@ -508,7 +508,7 @@ def earlier_jobs(settings, ledger, name, outputs):
     finished, has another name. A line of an older ledger, without the outputs column, is this
     job's if it has its name and first output (or, older still, its name). QstatUnanswered when
     qstat does not answer about one that has not written its exit code."""
-    covers = {}  # jobid -> the outputs it was submitted for, for the jobs that make some of `outputs`
+    covers, wanted = {}, set(outputs)  # covers: jobid -> the outputs it was submitted for, if it makes some wanted
     try:
         with open(ledger) as f:
             for line in f:
@@ -522,8 +522,8 @@ def earlier_jobs(settings, ledger, name, outputs):
                 if listed is None:  # the same name (and first output): the same job
                     if parts[2] != name or (len(parts) > 11 and parts[11] != min(outputs)):
                         continue
-                    listed = set(outputs)
-                if listed & set(outputs):
+                    listed = wanted
+                if listed & wanted:
                     covers[parts[1]] = listed
     except OSError:
         return {}
