@@ -40,9 +40,18 @@ onstart:
         check_data_files(GRID, download=True)
     except ConfigError as e:
         sys.exit(f"kdlab: {e}")
+JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}
 if workflow.is_main_process:
     shut_down_executors_at_exit()  # else the PBS profile never returns when there is nothing to do
-JOBS = {job.outputs[0]: job for job in expand_grid(GRID)}
+    # A file that jobs read (teacher weights, cache, paraphraser) that is a symlink to nothing (its target on a purged
+    # scratch, say) stops Snakemake with "Unable to obtain modification time ... a concurrent process has deleted it",
+    # which says neither what nor what to do. (Other outputs are merely missing to it: their jobs rerun.)
+    READ = {p for job in JOBS.values() for p in job.inputs}  # each once: a grid's jobs share their teachers' files
+    DANGLING = sorted(p for p in READ if os.path.islink(p) and not os.path.exists(p))
+    if DANGLING:
+        sys.exit("kdlab: " + "; ".join(f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+                                       for p in DANGLING)
+                 + ": remove the link (rm) and run snakemake again, which rebuilds the file")
 EXP, RESULTS = GRID["experiments_dir"], GRID["results_dir"]
 RES = GRID["resources"]
 

@@ -100,6 +100,21 @@ def test_another_experiments_dir_keeps_its_logs_apart(tmp_path):
     assert "log: logs/runs_crd/aggregate.log" in output and "log: logs/train" not in output
 
 
+def test_a_read_file_that_is_a_dangling_symlink_is_named_with_what_to_do(tmp_path):
+    """Teacher weights (or cache, paraphraser) that are a symlink to a file gone (a purged scratch) stopped
+    Snakemake with 'Unable to obtain modification time ... a concurrent process has deleted it'."""
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(OVERLAY))
+    weights = tmp_path / "experiments/Synthetic/teachers/ResNet8/0/model.pth"
+    weights.parent.mkdir(parents=True)
+    weights.symlink_to("/scratch/purged/model.pth")
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "concurrent process" not in proc.output, proc.output[-2000:]
+    assert ("kdlab: experiments/Synthetic/teachers/ResNet8/0/model.pth is a symbolic link to /scratch/purged/"
+            "model.pth, which does not exist: remove the link (rm) and run snakemake again") in proc.output
+    weights.unlink()
+    assert "train_teacher" in planned(snakemake(tmp_path, "-n").output)
+
+
 def test_every_experiments_dir_gets_logs_of_its_own():
     assert logs_dir("experiments") == logs_dir("./experiments/") == "logs"
     assert logs_dir("experiments_crd") == logs_dir("experiments_crd/") == "logs/experiments_crd"
