@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kdlab import results as R  # noqa: E402
+from kdlab.runio import atomic_write_json  # noqa: E402
 
 PAIRS = [("ResNet56", "ResNet20"), ("ResNet110", "ResNet20"), ("ResNet110", "ResNet32"),
          ("ResNet110", "ResNet56")]
@@ -96,10 +97,9 @@ def fabricate(root: Path, n_runs: int, epochs: int, seed: int = 0) -> int:
                 "provenance": {"git_commit": "0" * 40, "git_dirty": False}}
         d = root / rel
         d.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(data)
-        (d / "metrics.json").write_text(text)
-        (d / "progress.json").write_text(text)
-        total += len(text)
+        for name in ("metrics.json", "progress.json"):  # as kdlab writes them, with their checksum
+            atomic_write_json(d / name, data)
+        total += (d / "metrics.json").stat().st_size
     return total
 
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         one = exp / "Cifar100/kd/alpha_0.1/ResNet56_to_ResNet20/0/metrics.json"  # the first distilled run
         data = json.loads(one.read_text())
         data["best_acc"] += 0.5
-        one.write_text(json.dumps(data))
+        atomic_write_json(one, data)
         t_one, rep1 = best_of(1, R.run_results, str(exp), str(out), curves=False, **quiet)
         assert rep1["parsed"] == 1 and len(rep1["drawn"]) == 2
 

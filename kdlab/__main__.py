@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C in a job's first instant, before main() can catch it (see cli.main)
+    print("kdlab: interrupted while starting, before it wrote anything", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -131,6 +131,11 @@ def cmd_cache_teacher(args):
     return 0
 
 
+def cmd_verify(args):
+    from .verify import verify
+    return verify(args.experiments)
+
+
 def cmd_check_config(args):
     from .grid import expand_grid
     from .config import check_data_files, grid_warnings, load_grid
@@ -195,27 +200,47 @@ def build_parser():
     p.set_defaults(func=cmd_check_config)
 
     from .results import add_parser as add_results_parser
+    from .results.command import experiments_directory
     add_results_parser(sub)
+
+    p = sub.add_parser("verify", help="check every run's model.pth against its model.pth.sha256 (no torch); "
+                       "exit status 1 if one is damaged, with what to do")
+    p.add_argument("experiments", nargs="?", default="experiments", type=experiments_directory,
+                   help="experiments directory (default: %(default)s)")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.command == "results":  # reads JSON only: no torch import (login nodes, cron)
-        return args.func(args)
-    from .config import ConfigError
-    from .data import DataError
-    from .methods.ft import ParaphraserError
-    from .runio import Busy, UnreadableFile
-    from .teachers import ConversionError
-    from .teacher_cache import TeacherCacheError
-    from .guard import GuardError
+    torch_free = ("results", "verify")  # no torch import (login nodes, cron)
+    try:  # Ctrl-C reaches a job in its first second too, while torch imports: one line, no traceback
+        args = build_parser().parse_args(argv)
+        if args.command not in torch_free:
+            from .config import ConfigError
+            from .data import DataError
+            from .methods.ft import ParaphraserError
+            from .runio import Busy, UnreadableFile
+            from .teachers import ConversionError
+            from .teacher_cache import TeacherCacheError
+            from .guard import GuardError
+    except KeyboardInterrupt:
+        print("kdlab: interrupted while starting, before it wrote anything", file=sys.stderr)
+        return 128 + signal.SIGINT
+    if args.command in torch_free:
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:  # their writes are atomic
+            print(f"kdlab {args.command}: interrupted", file=sys.stderr)
+            return 128 + signal.SIGINT
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return args.func(args)
     except (ConfigError, ConversionError, DataError, ParaphraserError, UnreadableFile, GuardError,
             TeacherCacheError, Busy, OSError) as e:
-        print(f"kdlab {args.command}: error: {e}", file=sys.stderr)
+        # A file of a run made a directory (by a damaged file system or a wrong cp -r) is named by the OSError alone.
+        hint = ("; a file is expected there: if kdlab wrote it, remove the directory (rm -r) and run snakemake "
+                "again, which writes the file anew") if isinstance(e, IsADirectoryError) else ""
+        print(f"kdlab {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt as e:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log
         resumes = args.command in ("train", "pretrain-paraphraser", "cache-teacher")

@@ -177,8 +177,25 @@ def finite_or_null(obj):
     return obj
 
 
+def json_sha256(record):
+    """SHA-256 of a run file's record (metrics.json, progress.json) without its "sha256" key: the record as
+    compact strict JSON with sorted keys, which the parsed file gives back exactly (kdlab results checks it
+    without torch). A bit flipped in a number leaves valid JSON, read as another result without it."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False, separators=(",", ":")).encode()).hexdigest()
+
+
+def json_intact(record):
+    """Whether a run file's record matches its checksum; files of a kdlab before checksums have none."""
+    return "sha256" not in record or record["sha256"] == json_sha256(record)
+
+
 def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(finite_or_null(obj), indent=1, allow_nan=False) + "\n").encode())
+    """A run file, strict JSON; a dict gets the checksum of the rest of its content under "sha256"."""
+    obj = finite_or_null(obj)
+    if isinstance(obj, dict):
+        obj = {**{k: v for k, v in obj.items() if k != "sha256"}, "sha256": json_sha256(obj)}
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
 def atomic_torch_save(path, obj):
@@ -299,7 +316,7 @@ def verify_weights(path):
     if not path.exists():
         raise UnreadableFile(f"{path} does not exist")
     actual = file_sha256(path)
-    if not sidecar.exists():
+    if not os.path.lexists(sidecar):  # a link to nothing is damaged, and read below
         print(f"WARNING: {path} has no checksum file {sidecar.name} (written before kdlab checksummed its "
               f"files); it cannot be verified", flush=True)
         return actual
@@ -308,11 +325,6 @@ def verify_weights(path):
         raise UnreadableFile(f"{path} or its checksum file {sidecar.name} is corrupt: the SHA-256 of {path.name} "
                              f"does not match the one recorded")
     return actual
-
-
-def load_weights(path):
-    verify_weights(path)
-    return torch_load(path)
 
 
 def previous_path(path):

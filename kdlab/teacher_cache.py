@@ -144,15 +144,16 @@ def build(run, weights, out, log=print):
     """`kdlab cache-teacher`: evaluate the teacher `run['model']` on every view of the training set."""
     from .config import resolve_run
     from .data import load_dataset
-    from .runio import file_sha256
-    from .train import Normalize, load_frozen_teacher, pick_device
+    from .train import Normalize, checked_teacher_weights, load_frozen_teacher, pick_device
     run, out = resolve_run(run), Path(out)
     for stale in remove_temporaries(out.parent, out.name):  # a killed build's full-size file
         log(f"removed {stale}, left by an interrupted build")
     tr = run["training"]
     device = pick_device(tr["device"])
     arrays = load_dataset(run["data"])
-    key, kept = cache_key(run["model"], file_sha256(weights), arrays), kept_path(out)
+    # The weights checked first: damaged, their other checksum would make the kept file of the intact
+    # ones look foreign, and it would be removed.
+    key, kept = cache_key(run["model"], checked_teacher_weights(weights), arrays), kept_path(out)
     if reuse_kept(kept, key, out, log):
         return
     teacher = load_frozen_teacher({"teacher": run["model"], "teacher_weights": weights}, arrays.num_classes, device,

@@ -27,9 +27,9 @@ from .layout import recipe_name
 from .loss import build_loss, loss_weights
 from .methods import get_method
 from .models import build_model
-from .runio import (UnreadableFile, atomic_write_json, code_sha256, file_sha256, load_checked, load_weights, now,
+from .runio import (UnreadableFile, atomic_write_json, code_sha256, file_sha256, json_intact, load_checked, now,
                     previous_path, provenance, remove_completion_marks, remove_temporaries, save_checkpoint,
-                    save_weights)
+                    save_weights, torch_load, verify_weights)
 from .teacher_cache import TeacherCache, cache_key, cache_path, why_not_cached
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -153,20 +153,34 @@ def student_forward(model, method):
     return model
 
 
-def load_frozen_teacher(run, num_classes, device, channels_last=False):
-    teacher, path = build_model(run["teacher"], num_classes), run["teacher_weights"]
+def checked_teacher_weights(path):
+    """The SHA-256 of a teacher's weights, checked against their checksum file; an UnreadableFile
+    that says what to do where they are missing or damaged."""
     if not Path(path).exists():
         raise UnreadableFile(f"teacher weights {path} do not exist: they are the output of rule train_teacher "
                              f"(import_teacher for a published checkpoint); run snakemake, which trains the "
                              f"teacher before this run")
     try:
-        weights = load_weights(path)
+        return verify_weights(path)
+    except UnreadableFile as e:
+        raise damaged_teacher_weights(path, e) from None
+
+
+def damaged_teacher_weights(path, error):
+    return UnreadableFile(f"teacher weights {path}: {str(error).splitlines()[0]}. They are the output of rule "
+                          f"train_teacher (import_teacher for a published checkpoint): delete {path} and run "
+                          f"snakemake again to rebuild them")
+
+
+def load_frozen_teacher(run, num_classes, device, channels_last=False):
+    teacher, path = build_model(run["teacher"], num_classes), run["teacher_weights"]
+    checked_teacher_weights(path)
+    try:
+        weights = torch_load(path)
         if not isinstance(weights, dict):
             raise UnreadableFile(f"it holds a {type(weights).__name__}, not a state dict")
     except UnreadableFile as e:
-        raise UnreadableFile(f"teacher weights {path}: {str(e).splitlines()[0]}. They are the output of rule "
-                             f"train_teacher (import_teacher for a published checkpoint): delete {path} and run "
-                             f"snakemake again to rebuild them") from None
+        raise damaged_teacher_weights(path, e) from None
     try:
         teacher.load_state_dict(weights)
     except RuntimeError as e:  # a sound file of another architecture or number of classes
@@ -477,15 +491,18 @@ def train(run, run_dir, force_restart=False):
 
     # Completion (the weights were checked above): final weights and their checksum, then
     # metrics.json (the mark), then a checkpoint marked finished, from which a rerun by the
-    # same code rewrites these outputs. A kill in between resumes from the last checkpoint.
+    # same code rewrites these outputs, and only then progress.json "complete". A kill in between
+    # resumes from the last checkpoint; until the finished checkpoint is written, progress.json
+    # still says "running" at that checkpoint, so that Ctrl-C or SIGTERM there marks it interrupted
+    # (a "complete" written before it made the resume take them for a SIGKILL).
     save_weights(run_dir / "model.pth", model.state_dict())
     if "provenance" not in state:
         prov["finished"] = now()
         state["provenance"] = prov
     atomic_write_json(run_dir / "metrics.json", record("complete"))
-    atomic_write_json(run_dir / "progress.json", record("complete"))
     save_checkpoint(checkpoint_path, checkpoint(run_fingerprint, identity, tr["epochs"], True, model, loss_fn,
                                                 optimizer, scaler, state))
+    atomic_write_json(run_dir / "progress.json", record("complete"))
     previous_path(checkpoint_path).unlink(missing_ok=True)  # a finished run has nothing to fall back to
     log(f"done: best test accuracy {max(history['test_acc']):.2f}%, last {history['test_acc'][-1]:.2f}%")
     return record("complete")
@@ -540,12 +557,13 @@ def checkpoint(run_fingerprint, identity, epoch, finished, model, loss_fn, optim
 
 
 def read_progress(run_dir):
-    """progress.json as a dict, or None where it is missing or unreadable."""
+    """progress.json as a dict, or None where it is missing, unreadable or damaged (marking a damaged
+    one interrupted would give it a checksum that kdlab results then trusts)."""
     try:
         record = json.loads((Path(run_dir) / "progress.json").read_text())
-    except (OSError, ValueError):
+        return record if isinstance(record, dict) and json_intact(record) else None
+    except (OSError, ValueError):  # json_intact raises ValueError for a NaN that strict JSON lacks
         return None
-    return record if isinstance(record, dict) else None
 
 
 def mark_interrupted(run_dir, cause):
@@ -569,7 +587,7 @@ def why_it_stopped(run_dir):
     if status in ("interrupted", "failed"):
         return record.get("error")
     if status in ("running", "complete"):  # Ctrl-C, SIGTERM and errors mark the run interrupted; "complete"
-        # comes just before the finished checkpoint, so a resume found it unwritten
+        # with an unfinished checkpoint: written by code that wrote it before the finished checkpoint
         return "killed without a chance to say why (SIGKILL: the kernel's out-of-memory killer, PBS past its " \
                "grace time after SIGTERM, a node failure)"
     return None

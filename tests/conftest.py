@@ -88,7 +88,7 @@ def interrupt_after_checkpoints(module, checkpoints, job, *args):
 def comparable(metrics):
     """metrics.json without what legitimately differs between two runs of the same config."""
     m = copy.deepcopy(metrics)
-    for key in ("provenance", "resumed_at_epochs"):
+    for key in ("provenance", "resumed_at_epochs", "sha256"):  # a file's checksum covers its provenance too
         m.pop(key, None)
     m["history"].pop("epoch_seconds")
     return m

@@ -472,9 +472,7 @@ def kdlab(*args):
 
 def test_check_config_cli(tmp_path):
     good = kdlab("check-config", str(REPO / "config" / "demo.yaml"))
-    assert good.returncode == 0, good.stderr
-    counts = documented_counts("demo.yaml")
-    assert ", ".join(f"{n} {rule}" for rule, n in counts.items() if rule != "cache_teacher") in good.stdout
+    assert good.returncode == 0 and "valid" in good.stdout, good.stderr  # the counts: test_check_config_prints_...
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(bad_config("zero epochs")))
@@ -540,14 +538,19 @@ def test_snakemake_rejects_bad_config_before_touching_anything(name, workflow_co
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(config))
     before = tree(tmp_path)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(bad)],
-                            cwd=workflow_copy, env=env, capture_output=True, text=True, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    returncode, output = snakemake_dry_run(workflow_copy, "--configfile", str(bad))
+    assert returncode != 0, output
     assert f"config key '{key}'" in output and text in output, output
     assert "Traceback" not in output, output
     assert tree(tmp_path) == before, "snakemake -n with a bad config changed files"
+
+
+def snakemake_dry_run(cwd, *args):
+    """(exit status, stdout + stderr) of `snakemake -n` in `cwd`, with this venv's kdlab on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout + result.stderr
 
 
 def test_snakemake_names_the_line_of_a_yaml_error_in_the_default_config(workflow_copy):
@@ -555,10 +558,7 @@ def test_snakemake_names_the_line_of_a_yaml_error_in_the_default_config(workflow
     default = workflow_copy / "config" / "config.yaml"
     default.write_text(default.read_text() + "seeds: [0, 1\nalphas: [0.5]\n")
     lines = default.read_text().count("\n")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1"],
-                            cwd=workflow_copy, env=env, capture_output=True, text=True, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and "Traceback" not in output, output
+    returncode, output = snakemake_dry_run(workflow_copy)
+    assert returncode != 0 and "Traceback" not in output, output
     assert "kdlab: cannot read the config config/config.yaml" in output, output
     assert f'in "config/config.yaml", line {lines}, column 7' in output, output

@@ -23,7 +23,7 @@ from kdlab.cli import main as kdlab_main
 from kdlab.config import fingerprint, resolve_run, split_runtime
 from kdlab.models import build_model
 import kdlab.runio
-from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, exclusive, load_checked,
+from kdlab.runio import (UnreadableFile, atomic_write_json, content_sha256, json_sha256, exclusive, load_checked,
                          save_checkpoint, save_weights, verify_weights)
 from kdlab.guard import GuardError
 from kdlab.train import train
@@ -361,23 +361,14 @@ def test_a_run_stopped_by_an_error_says_why_in_progress_json_and_running_it_agai
     assert f"the process before: {progress['error']}" in capsys.readouterr().out
 
 
-def test_a_resume_that_fails_before_it_trains_replaces_the_cause_before_it(tmp_path, monkeypatch):
+def test_a_resume_that_fails_before_it_trains_replaces_the_cause_before_it(interrupted, tmp_path, monkeypatch):
     """A Ctrl-C, then a resume that stops before it writes "running" (a teacher it cannot load, a
     checkpoint it cannot restore): progress.json and the next resume name the second cause, not the first."""
     import kdlab.train
     run_dir = tmp_path / "run"
+    shutil.copytree(interrupted[1], run_dir)
+    kdlab.train.mark_interrupted(run_dir, "Ctrl-C")  # as kdlab train does on Ctrl-C
     args = ["train", "--config", json.dumps(RUN), "--run-dir", str(run_dir)]
-    real_save, saves = kdlab.train.save_checkpoint, []
-
-    def ctrl_c_after_the_second(path, obj):  # after the first one's progress.json
-        real_save(path, obj)
-        saves.append(path)
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(kdlab.train, "save_checkpoint", ctrl_c_after_the_second)
-    assert kdlab_main(args) == 130
-    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
-    assert read_json(run_dir / "progress.json")["error"].startswith("interrupted by Ctrl-C")
     real_restore = kdlab.train.restore
 
     def cannot_restore(*a):
@@ -508,6 +499,65 @@ def test_missing_teacher_weights_say_so_and_leave_no_run_directory(tmp_path, cap
     assert "delete" not in err and not (tmp_path / "run").exists()
 
 
+def test_a_read_file_made_a_directory_says_what_to_do(tmp_path, capsys):
+    """The damage campaign's teacher weights, cache or paraphraser made a directory: the OSError named it, no remedy."""
+    weights = tmp_path / "teachers" / "model.pth"
+    weights.mkdir(parents=True)
+    run = tiny_run(kind="distill", method="kd", alpha=0.5, teacher="ResNet8", teacher_weights=str(weights))
+    assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"Is a directory: '{weights}'; a file is expected there: if kdlab wrote it, remove the directory" in err
+
+
+def test_verify_names_damaged_final_weights_and_its_mend_restores_them(tmp_path, capsys):
+    """Nothing reads a complete student's model.pth again (a random-damage campaign flipped, cut and
+    replaced them unseen): `kdlab verify` checks every one against its checksum file, and what it says
+    to do (delete it, rerun: the finished checkpoint writes it anew) gives back the same bytes."""
+    exp = tmp_path / "experiments"
+    run_dir, other = exp / "Synthetic/none/ResNet8/0", exp / "Synthetic/none/ResNet8/1"
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(tiny_run(), run_dir)
+    weights, intact = run_dir / "model.pth", (run_dir / "model.pth").read_bytes()
+    other.mkdir(parents=True)
+    (other / "model.pth").mkdir()  # damaged into a directory
+    (exp / "old").mkdir()
+    (exp / "old/model.pth").write_bytes(b"weights of a kdlab without checksum files")
+    for run in (other, exp / "old"):
+        shutil.copy(run_dir / "metrics.json", run)  # runs, as kdlab results finds them
+    (exp / "not-a-run").mkdir()
+    (exp / "not-a-run/model.pth").write_bytes(b"")
+    assert kdlab_main(["verify", str(exp)]) == 1
+    assert capsys.readouterr().out.startswith(f"kdlab verify: 3 weights file(s) of the runs under {exp}: 1 damaged, "
+                                              f"1 without")
+    shutil.rmtree(other)
+    (run_dir / "model.pth.sha256").rename(run_dir / "elsewhere")
+    (run_dir / "model.pth.sha256").symlink_to(run_dir / "elsewhere")
+    assert kdlab_main(["verify", str(exp)]) == 0
+    capsys.readouterr()
+    (run_dir / "elsewhere").unlink()  # its checksum file now a link to nothing: damaged, not unchecked
+    assert kdlab_main(["verify", str(exp)]) == 1
+    sidecar = run_dir / "model.pth.sha256"
+    assert f"  damaged: [Errno 2] No such file or directory: '{sidecar}'" in capsys.readouterr().out
+    weights.unlink()  # what it says to do; then the job that Snakemake reruns for the missing output:
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(tiny_run(), run_dir)
+    assert weights.read_bytes() == intact and kdlab_main(["verify", str(exp)]) == 0
+    capsys.readouterr()
+    damaged = bytearray(intact)
+    damaged[len(damaged) // 2] ^= 0x01
+    weights.write_bytes(bytes(damaged))
+    assert kdlab_main(["verify", str(exp)]) == 1
+    out = capsys.readouterr().out
+    assert f"  damaged: {weights} or its checksum file model.pth.sha256 is corrupt" in out
+    assert "To mend: delete each damaged model.pth and run snakemake again" in out
+    weights.unlink()  # then the job that Snakemake reruns for the missing output:
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(tiny_run(), run_dir)
+    assert weights.read_bytes() == intact
+    assert kdlab_main(["verify", str(exp)]) == 0
+    assert ": 0 damaged, 1 without a checksum file" in capsys.readouterr().out
+
+
 def test_damaged_paraphraser_names_the_file_and_the_rule(tmp_path, capsys):
     from kdlab.methods.ft import PARAPHRASER_KEYS, load_paraphraser
     from kdlab.runio import save_checked
@@ -589,7 +639,9 @@ def test_nonfinite_weights_or_test_loss_stop_the_run_before_anything_is_saved(wh
 
 def test_json_files_are_strict(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": [1.0, float("nan"), float("inf")], "b": {"c": -math.inf}})
-    assert strict_json(tmp_path / "x.json") == {"a": [1.0, None, None], "b": {"c": None}}
+    written = strict_json(tmp_path / "x.json")
+    assert written.pop("sha256") == json_sha256(written)  # the checksum kdlab results checks
+    assert written == {"a": [1.0, None, None], "b": {"c": None}}
 
 
 # --- kill and resume ----------------------------------------------------------------
@@ -716,6 +768,33 @@ def test_sigterm_marks_the_run_interrupted_and_running_it_again_resumes(tmp_path
     assert read_json(run_dir / "progress.json")["status"] == "complete"
 
 
+def test_ctrl_c_at_the_finished_checkpoint_is_recorded_as_ctrl_c_not_as_a_sigkill(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) after the run wrote metrics.json, while it writes its finished checkpoint (hit
+    by random kills of the whole workflow): the job is stopped there, resumes from the checkpoint before,
+    and its resume must say Ctrl-C, not 'killed without a chance to say why (SIGKILL...)', which it said
+    while progress.json was marked complete before that checkpoint."""
+    import kdlab.train
+    run, run_dir = tiny_run(), tmp_path / "run"
+    real_save = kdlab.train.save_checkpoint
+
+    def ctrl_c_at_the_finished_checkpoint(path, obj):
+        if obj["finished"]:
+            raise KeyboardInterrupt
+        real_save(path, obj)
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", ctrl_c_at_the_finished_checkpoint)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert kdlab_main(["train", "--config", json.dumps(run), "--run-dir", str(run_dir)]) == 130
+    progress = read_json(run_dir / "progress.json")
+    assert (progress["status"], progress["epochs_done"]) == ("interrupted", 2)
+    assert progress["error"].startswith("interrupted by Ctrl-C")
+    monkeypatch.setattr(kdlab.train, "save_checkpoint", real_save)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = train(run, run_dir)
+    assert metrics["resumed_at_epochs"] == [2]
+    assert metrics["provenance"]["resumes"][0]["after"] == progress["error"]
+    assert read_json(run_dir / "progress.json")["status"] == "complete"
+
+
 def test_ctrl_c_in_a_job_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
     """Ctrl-C in the terminal reaches every running job; Snakemake then shows each job's log."""
     import kdlab.train
@@ -726,6 +805,43 @@ def test_ctrl_c_in_a_job_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_pa
     assert kdlab_main(["train", "--config", "{}", "--run-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err == ("kdlab train: interrupted; what it saved is kept, and running it again "
                                        "resumes from there\n")
+
+
+def test_marking_a_damaged_progress_file_interrupted_does_not_give_it_a_valid_checksum(tmp_path):
+    """mark_interrupted rewrites progress.json with a fresh checksum: read damaged, it would pass kdlab results."""
+    from kdlab.train import mark_interrupted
+    atomic_write_json(tmp_path / "progress.json", {"status": "running", "epochs_done": 2, "best_acc": 10.83})
+    damaged = (tmp_path / "progress.json").read_text().replace("10.83", "90.83")
+    (tmp_path / "progress.json").write_text(damaged)
+    mark_interrupted(tmp_path, "Ctrl-C")
+    assert (tmp_path / "progress.json").read_text() == damaged
+
+
+def test_ctrl_c_while_a_job_starts_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in a job's first second (while torch imports, before the command's own handling; hit by
+    killcamp's random kills of the workflow): one line and exit 130, not a traceback in the job's log."""
+    import kdlab.cli
+
+    def ctrl_c_while_importing():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kdlab.cli, "build_parser", ctrl_c_while_importing)
+    assert kdlab_main(["train", "--config", "{}", "--run-dir", "x"]) == 130
+    assert capsys.readouterr().err == "kdlab: interrupted while starting, before it wrote anything\n"
+
+
+def test_ctrl_c_while_python_m_kdlab_imports_its_cli_is_one_line_not_a_traceback():
+    """The same while `python -m kdlab` imports kdlab.cli, before main() runs (hit by the random kills)."""
+    hook = ("import runpy, sys\n"
+            "class CtrlC:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'kdlab.cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, CtrlC())\n"
+            "sys.argv = ['kdlab', 'train']\n"
+            "runpy.run_module('kdlab', run_name='__main__', alter_sys=True)\n")
+    done = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert (done.returncode, done.stderr) == (130, "kdlab: interrupted while starting, before it wrote anything\n")
 
 
 # --- two processes on one run ---------------------------------------------------------------

@@ -697,6 +697,51 @@ def test_unreadable_file_is_reported_not_fatal(tmp_path):
     assert (row["role"], row["n_seeds"], row["best_mean"]) == ("teacher", "1", "70.0")
 
 
+def test_a_run_file_damaged_into_other_valid_json_or_a_directory_is_unreadable_not_a_result(tmp_path):
+    """metrics.json as kdlab writes it carries the checksum of its content: one bit flipped in a number
+    ('1' -> '9' in best_acc: still valid JSON) made the table show 90.83 instead of 10.83. A metrics.json
+    that is a directory made the run 'finishing' (its progress.json) instead of naming the file."""
+    from kdlab.runio import atomic_write_json
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    for seed in (0, 1, 2):
+        rel = write_run(exp, "teacher", student="A", seed=seed, best=10.83, last=10.5)
+        for name in ("metrics.json", "progress.json"):  # rewritten as kdlab writes them: with the checksum
+            atomic_write_json(exp / rel / name, json.loads((exp / rel / name).read_text()))
+    flipped = exp / "Cifar100/teachers/A/1/metrics.json"
+    text = flipped.read_text()
+    assert '"sha256"' in text and '"best_acc": 10.83' in text
+    flipped.write_text(text.replace('"best_acc": 10.83', '"best_acc": 90.83'))
+    directory = exp / "Cifar100/teachers/A/2/metrics.json"
+    directory.unlink()
+    directory.mkdir()
+    write_run(exp, "teacher", student="A", seed=3, best=10.83, last=10.5)  # an older kdlab's file: no checksum
+    rep = R.run_results(str(exp), str(out), curves=False, log=lambda m: None)
+    unreadable = {e["run"]: e["error"] for e in rep["health"]["unreadable"]}
+    assert sorted(unreadable) == ["Cifar100/teachers/A/1", "Cifar100/teachers/A/2"], rep["health"]
+    assert "does not match its checksum" in unreadable["Cifar100/teachers/A/1"]
+    assert "Is a directory" in unreadable["Cifar100/teachers/A/2"]
+    assert rep["health"]["incomplete"] == []
+    (row,) = read_csv(out / R.TABLE_CSV)
+    assert (row["n_seeds"], row["best_mean"]) == ("2", "10.83")
+    assert "delete the file and run snakemake again" in (out / R.HEALTH_MD).read_text()
+
+
+def test_a_damaged_cache_of_summaries_is_read_again_not_trusted(tmp_path):
+    """results/.results-state.json holds each run's summary, used while the run file's size and mtime stay:
+    a digit flipped in it (still valid JSON) changed the table. It carries a checksum now: damaged, it is
+    dropped and every run file read again."""
+    exp, out = tmp_path / "experiments", tmp_path / "results"
+    write_run(exp, "teacher", student="A", best=10.83, last=10.5)
+    R.run_results(str(exp), str(out), curves=False, log=lambda m: None)
+    state = out / ".results-state.json"
+    text = state.read_text()
+    assert text.count('"best_acc":10.83') == 1
+    state.write_text(text.replace('"best_acc":10.83', '"best_acc":90.83'))
+    rep = R.run_results(str(exp), str(out), curves=False, log=lambda m: None)
+    (row,) = read_csv(out / R.TABLE_CSV)
+    assert row["best_mean"] == "10.83" and rep["parsed"] == 1
+
+
 def test_identity_falls_back_to_the_path(tmp_path):
     exp = tmp_path / "e"
     rel = write_run(exp, "distill", method="rkd", alpha=0.75, teacher="T", student="S",
@@ -728,7 +773,8 @@ def test_module_does_not_import_torch(tmp_path):
             # The command line too, which also reads the method registry.
             "from kdlab.cli import main; "
             f"assert main(['results', {str(exp)!r}, '--out', {str(tmp_path / 'c')!r}, "
-            "'--no-curves', '--quiet']) == 0; assert 'torch' not in sys.modules, 'torch imported'")
+            "'--no-curves', '--quiet']) == 0; assert 'torch' not in sys.modules, 'torch imported'; "
+            f"assert main(['verify', {str(exp)!r}]) == 0; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
 

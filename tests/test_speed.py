@@ -18,7 +18,7 @@ from kdlab.data import ImageDataset, load_dataset
 from kdlab.grid import expand_grid
 from kdlab.methods import METHODS
 from kdlab.models import build_model
-from kdlab.runio import file_sha256, save_weights
+from kdlab.runio import UnreadableFile, file_sha256, save_weights
 from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, build, cache_key, cache_path,
                                  why_not_cached)
 from kdlab.guard import GuardError
@@ -307,6 +307,28 @@ def test_a_rerun_build_links_back_the_kept_file_of_the_same_teacher_and_data(tra
     assert len(calls) == 2 and any("not reusing" in m and "another teacher_sha256" in m for m in messages)
     assert not torch.equal(torch.load(cache_path(weights), weights_only=True)["outputs"], first)
     assert os.path.samefile(kept, cache_path(weights))
+
+
+def test_damaged_teacher_weights_stop_a_rerun_build_before_it_removes_the_kept_file(trained_teacher, tmp_path,
+                                                                                     monkeypatch):
+    """Snakemake reruns cache_teacher when the teacher's model.pth changed, also when it changed by damage: the
+    build stops naming the weights, and the kept file of the intact ones stays, so that once the weights are
+    rebuilt (the same bytes, from the teacher's finished checkpoint) it is linked back instead of computed again
+    (hours on a CPU for CIFAR-100). It was removed as "computed from another teacher_sha256"."""
+    weights, kept = copy_teacher(trained_teacher, tmp_path), tmp_path / ".teacher_cache.pth.kept"
+    build_tiny(weights, 4)
+    intact = weights.read_bytes()
+    cache_path(weights).unlink()  # as Snakemake does before it reruns the job
+    damaged = bytearray(intact)
+    damaged[len(damaged) // 2] ^= 0x10
+    weights.write_bytes(bytes(damaged))
+    calls, messages = counting(monkeypatch), []
+    with pytest.raises(UnreadableFile, match=f"teacher weights {weights}: .*delete {weights} and run snakemake"):
+        build_tiny(weights, 4, messages.append)
+    assert kept.exists() and not calls and not any("not reusing" in m for m in messages), messages
+    weights.write_bytes(intact)
+    build_tiny(weights, 4, messages.append)
+    assert not calls and any(f"kept as {kept} and checked" in m for m in messages), messages
 
 
 def test_which_runs_read_the_cache():

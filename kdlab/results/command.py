@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from ..runio import atomic_write_bytes, finite_or_null, remove_temporaries
+from ..runio import atomic_write_bytes, finite_or_null, json_intact, json_sha256, remove_temporaries
 from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, draw_accuracy_vs_alpha,
                       draw_methods_at_best_alpha, _draw_curve_job)
 from .health import build_health, health_markdown
@@ -127,7 +127,7 @@ def _not_a_directory(path: str) -> str:
         f"{path} is not a directory"
 
 
-def _experiments_dir(value: str) -> str:
+def experiments_directory(value: str) -> str:
     """An existing directory (an empty one gives empty results): a mistyped path must not
     replace the results in --out with empty ones."""
     if not value:
@@ -156,10 +156,13 @@ def _out_dir(value: str) -> str:
 
 
 def _load_state(out: str) -> dict:
+    """The cache of the last run; an empty one where it is missing, of another version, or damaged: its cached
+    summaries stand for run files whose size and mtime did not change, so a digit flipped in one of them would
+    change the table unseen (it carries the checksum of the rest, as run files do)."""
     try:
         with open(os.path.join(out, STATE_NAME), "rb") as fh:
             state = json.loads(fh.read())
-        if state.get("version") == STATE_VERSION:
+        if state.get("version") == STATE_VERSION and "sha256" in state and json_intact(state):
             return state
     except (OSError, ValueError, AttributeError):
         pass
@@ -167,9 +170,10 @@ def _load_state(out: str) -> dict:
 
 
 def _save_state(out: str, runs: dict, figures: dict) -> None:
+    state = finite_or_null({"version": STATE_VERSION, "runs": runs, "figures": figures})
     atomic_write_text(os.path.join(out, STATE_NAME),
-                      json.dumps(finite_or_null({"version": STATE_VERSION, "runs": runs, "figures": figures}),
-                                 sort_keys=True, separators=(",", ":"), allow_nan=False),
+                      json.dumps({**state, "sha256": json_sha256(state)}, sort_keys=True, separators=(",", ":"),
+                                 allow_nan=False),
                       only_if_changed=True)
 
 
@@ -326,7 +330,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "accuracy_vs_alpha.png, methods_at_best_alpha.png and curves/*.png into "
                     "--out, comparing with published numbers where a run's dataset, pair "
                     "and recipe match (kdlab/results/published.json). Figures whose input data did not change are not redrawn.")
-    p.add_argument("experiments", nargs="?", default="experiments", type=_experiments_dir,
+    p.add_argument("experiments", nargs="?", default="experiments", type=experiments_directory,
                    help="experiments directory (default: %(default)s)")
     p.add_argument("--out", default="results", type=_out_dir,
                    help="output directory (default: %(default)s)")

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from ..layout import format_alpha, recipe_name, run_dir_parts
+from ..runio import json_intact
 
 # Fallback when a run does not record num_classes (lower-cased dataset name).
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashionmnist": 10,
@@ -250,7 +251,8 @@ def scan_runs(experiments: str) -> list[tuple[str, str]]:
                     if e.name.startswith("."):
                         continue
                     try:
-                        if e.is_dir():
+                        # A run file that is a directory is a damaged run file (listed unreadable), not a run.
+                        if e.is_dir() and e.name not in ("metrics.json", "progress.json"):
                             stack.append(e.path)
                         else:
                             files.add(e.name)
@@ -316,8 +318,8 @@ def summarize(data: dict, rel: str, filename: str) -> dict:
             return {"rel": rel, "file": filename, "state": "unreadable", **guess,
                     "error": f"{filename}: no finite {missing} and no history.test_acc to take it from"}
     else:
-        # A progress file saying "complete" without metrics.json: finishing, or died
-        # between the two writes. Not complete by the contract either way.
+        # A progress file saying "complete" (written after metrics.json and the finished checkpoint)
+        # without metrics.json: removed since, by hand or by Snakemake. Not complete by the contract.
         state = {"failed": "failed", "complete": "finishing", "interrupted": "interrupted"}.get(status, "running")
     config = data.get("config") if isinstance(data.get("config"), dict) else {}
     training = config.get("training") if isinstance(config.get("training"), dict) else {}
@@ -392,6 +394,8 @@ def load_runs(experiments: str, cache: dict | None = None) -> tuple[list[dict], 
                 data = json.loads(raw)
                 if not isinstance(data, dict):
                     raise ValueError("top level is not a JSON object")
+                if not json_intact(data):
+                    raise ValueError("damaged: its content does not match its checksum (sha256)")
                 summary = summarize(data, rel, name)
             except (OSError, ValueError, RecursionError) as exc:
                 raw = b""

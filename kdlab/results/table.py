@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from typing import Any, Iterable
 
 from .health import is_near_chance, outdated_version
@@ -59,11 +60,8 @@ def not_complete_counts(summaries: list[dict]) -> dict[tuple, int]:
     """Per (dataset, teacher, student, method): its distillation runs that are on disk but not
     complete (running, interrupted, finishing or failed): the summary's best setting is chosen
     without them."""
-    counts: dict[tuple, int] = {}
-    for s in summaries:
-        if s.get("kind") == "distill" and s.get("state") not in ("complete", "unreadable") and not left_out(s):
-            counts[pair_and_method(s)] = counts.get(pair_and_method(s), 0) + 1
-    return counts
+    return dict(Counter(pair_and_method(s) for s in summaries if s.get("kind") == "distill"
+                        and s.get("state") not in ("complete", "unreadable") and not left_out(s)))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
