@@ -44,6 +44,10 @@ def needs(method, paraphraser):
         return {"method_settings": {"warmup_epochs": 2, "nckd_weight": 2.0}}
     if method == "crd":
         return {"method_settings": {"nce_k": 64}}
+    if method == "dist":  # its CIFAR weight (64 (1 - rho) at T 4) against a tenth of CE diverged in the first epoch
+        # at lr 0.1 (alpha 0.9: 27% and 58% of 5 seeds, on an AMD CPU's rounding); the paper's beta = gamma = 1
+        # at mdistiller's CIFAR lr 0.05: 78..100% over 8 seeds, at 0.5 all 100%.
+        return {"method_settings": {"weight": 0.5}, "training": {"lr": 0.05}}
     return {}
 
 
@@ -62,8 +66,9 @@ def test_every_method_learns_far_above_chance(method, alpha, trained_teacher, pa
     # 0.5 reached 70% after two.
     epochs = 3
     teacher_dir, teacher_metrics = trained_teacher
-    run = tiny_student(method, teacher_dir, alpha=alpha, training={"epochs": epochs, "milestones": [epochs - 1]},
-                       **needs(method, paraphraser))
+    extra = needs(method, paraphraser)
+    training = {"epochs": epochs, "milestones": [epochs - 1], **extra.pop("training", {})}
+    run = tiny_student(method, teacher_dir, alpha=alpha, training=training, **extra)
     metrics = train(run, tmp_path)
     assert metrics["best_acc"] >= CHANCE + MARGIN, metrics["history"]["test_acc"]
     assert metrics["teacher_acc"] == teacher_metrics["last_acc"]
