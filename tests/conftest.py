@@ -22,6 +22,18 @@ TINY_DATA = {"dataset": "Synthetic", "synthetic": {"num_classes": 5, "train_size
 TINY_TRAINING = {"epochs": 3, "batch_size": 32, "lr": 0.05, "milestones": [2], "num_workers": 0,
                  "device": "cpu", "amp": "off"}
 
+# Module fixtures that cost most to build (the demo workflow, about 95 s here; the results campaign): every
+# test of each on one xdist worker (--dist loadgroup), which builds it once, instead of once per worker.
+SHARED_BY_ONE_WORKER = ("demo", "campaign")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture in SHARED_BY_ONE_WORKER:
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(fixture))
+
 
 def model_outputs(batch, seed, classes, scale=1.0, dtype=torch.float32):
     """Random (stage1, stage2, stage3, embedding, logits) as a CIFAR ResNet returns them (post-ReLU stages)."""
