@@ -24,7 +24,7 @@ from kdlab.teacher_cache import (NUM_VIEWS, TeacherCache, TeacherCacheError, bui
 from kdlab.guard import GuardError
 from kdlab.train import Normalize, load_frozen_teacher, student_forward, train
 
-from conftest import REPO, interrupt_after_checkpoints, read_json, teacher_with_cache, tiny_run
+from conftest import REPO, interrupt_after_checkpoints, read_json, teacher_with_cache, tiny_run, tiny_student
 
 CHANCE = 100 / 5
 CACHE_DATA = {"dataset": "Synthetic", "synthetic": {"num_classes": 5, "train_size": 64, "test_size": 100, "seed": 0}}
@@ -373,6 +373,19 @@ def test_a_kd_run_from_the_cache_ends_as_one_with_the_live_teacher(cached_teache
     assert abs(cached["last_acc"] - live["last_acc"]) <= seed_noise
     assert cached["history"]["train_loss"] == pytest.approx(live["history"]["train_loss"], rel=1e-2)
     assert cached["history"]["terms"]["kd"] == pytest.approx(live["history"]["terms"]["kd"], rel=1e-2)
+
+
+def test_a_bf16_run_on_the_cpu_learns_as_a_float32_one(trained_teacher, tmp_path):
+    """bf16 autocast on the CPU is the benchmark's fastest CPU setting where the CPU has bf16 instructions
+    (AVX512-BF16, AMX): it must train the student as float32 does, within seed noise."""
+    def kd(seed, amp):
+        run = tiny_student("kd", trained_teacher[0], alpha=0.5, training={"amp": amp, "epochs": 3, "milestones": [2]})
+        return train({**run, "seed": seed}, tmp_path / f"{seed}{amp}")
+    bf16, fp32, other_seed = kd(1, "bf16"), kd(1, "off"), kd(2, "off")
+    assert bf16["config"]["training"]["amp"] == "bf16" and not any(bf16["history"]["skipped_steps"])
+    assert bf16["best_acc"] >= CHANCE + 40, bf16["history"]["test_acc"]
+    seed_noise = max(abs(other_seed["last_acc"] - fp32["last_acc"]), 3.0)
+    assert abs(bf16["last_acc"] - fp32["last_acc"]) <= seed_noise, (bf16["last_acc"], fp32["last_acc"], seed_noise)
 
 
 def test_a_finished_run_rewrites_its_outputs_without_reading_the_cache(cached_teacher, tmp_path, monkeypatch):
