@@ -449,7 +449,9 @@ def test_the_classic_benchmark_runs_in_its_reduced_mode(capsys):
     assert all(results[name] > 0 for name in names + ["bare"]) and results["cache_rate"] > 0
     assert "bound: the student's own work (layout;" in out
     assert all(name in out for name in names[1:])
-    assert "speed-up, kdlab fastest over classic" in out and "CIFAR-100 (50000 images, 100 classes): 2.66 GB" in out
+    assert "CIFAR-100 (50000 images, 100 classes): 2.66 GB" in out
+    fastest = min(names[1:], key=results.get)  # not necessarily all levers together
+    assert f"speed-up, kdlab fastest over classic: {results['classic'] / results[fastest]:.2f}x ({fastest})" in out
 
 
 def test_the_other_benchmarks_run_in_their_reduced_modes(capsys):
