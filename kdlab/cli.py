@@ -211,36 +211,36 @@ def build_parser():
     return parser
 
 
+def reported_errors():
+    """The errors a command reports in one line, without a traceback (importing them imports torch)."""
+    from .config import ConfigError
+    from .data import DataError
+    from .methods.ft import ParaphraserError
+    from .runio import Busy, UnreadableFile
+    from .teachers import ConversionError
+    from .teacher_cache import TeacherCacheError
+    from .guard import GuardError
+    return ConfigError, ConversionError, DataError, ParaphraserError, UnreadableFile, GuardError, TeacherCacheError, \
+        Busy, OSError
+
+
 def main(argv=None):
-    torch_free = ("results", "verify")  # no torch import (login nodes, cron)
     try:  # Ctrl-C reaches a job in its first second too, while torch imports: one line, no traceback
         args = build_parser().parse_args(argv)
-        if args.command not in torch_free:
-            from .config import ConfigError
-            from .data import DataError
-            from .methods.ft import ParaphraserError
-            from .runio import Busy, UnreadableFile
-            from .teachers import ConversionError
-            from .teacher_cache import TeacherCacheError
-            from .guard import GuardError
+        # results and verify report their own errors and import no torch (login nodes, cron)
+        errors = () if args.command in ("results", "verify") else reported_errors()
     except KeyboardInterrupt:
         print("kdlab: interrupted while starting, before it wrote anything", file=sys.stderr)
         return 128 + signal.SIGINT
-    if args.command in torch_free:
-        try:
-            return args.func(args)
-        except KeyboardInterrupt:  # their writes are atomic
-            print(f"kdlab {args.command}: interrupted", file=sys.stderr)
-            return 128 + signal.SIGINT
     previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, DataError, ParaphraserError, UnreadableFile, GuardError,
-            TeacherCacheError, Busy, OSError) as e:
+    except errors as e:
         # A file of a run made a directory (by a damaged file system or a wrong cp -r) is named by the OSError alone.
         hint = ("; a file is expected there: if kdlab wrote it, remove the directory (rm -r) and run snakemake "
                 "again, which writes the file anew") if isinstance(e, IsADirectoryError) else ""
         print(f"kdlab {args.command}: error: {e}{hint}", file=sys.stderr)
+        from .config import ConfigError  # imported already, by reported_errors
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt as e:  # Ctrl-C reaches every job of the terminal: a line, not a traceback, in each log
         resumes = args.command in ("train", "pretrain-paraphraser", "cache-teacher")

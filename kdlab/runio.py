@@ -190,11 +190,16 @@ def json_intact(record):
     return "sha256" not in record or record["sha256"] == json_sha256(record)
 
 
+def checksummed(record):
+    """`record` with the checksum of the rest of its content under "sha256" (its last key)."""
+    return {**{k: v for k, v in record.items() if k != "sha256"}, "sha256": json_sha256(record)}
+
+
 def atomic_write_json(path, obj):
     """A run file, strict JSON; a dict gets the checksum of the rest of its content under "sha256"."""
     obj = finite_or_null(obj)
     if isinstance(obj, dict):
-        obj = {**{k: v for k, v in obj.items() if k != "sha256"}, "sha256": json_sha256(obj)}
+        obj = checksummed(obj)
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 

@@ -774,7 +774,13 @@ def test_module_does_not_import_torch(tmp_path):
             "from kdlab.cli import main; "
             f"assert main(['results', {str(exp)!r}, '--out', {str(tmp_path / 'c')!r}, "
             "'--no-curves', '--quiet']) == 0; assert 'torch' not in sys.modules, 'torch imported'; "
-            f"assert main(['verify', {str(exp)!r}]) == 0; assert 'torch' not in sys.modules, 'torch imported'")
+            f"assert main(['verify', {str(exp)!r}]) == 0; assert 'torch' not in sys.modules, 'torch imported'; "
+            # Ctrl-C: one line and 130, as for every command, still without torch.
+            "import io, contextlib, kdlab.results.command as C; err = io.StringIO(); "
+            "C.run_results = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt); "
+            f"contextlib.redirect_stderr(err).__enter__(); assert main(['results', {str(exp)!r}]) == 130; "
+            "assert err.getvalue() == 'kdlab results: interrupted\\n', err.getvalue(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
 

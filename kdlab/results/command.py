@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from ..runio import atomic_write_bytes, finite_or_null, json_intact, json_sha256, remove_temporaries
+from ..runio import atomic_write_bytes, checksummed, finite_or_null, json_intact, remove_temporaries
 from .figures import (STYLE_VERSION, MethodStyle, aggregate_data, curve_name, draw_accuracy_vs_alpha,
                       draw_methods_at_best_alpha, _draw_curve_job)
 from .health import build_health, health_markdown
@@ -170,11 +170,9 @@ def _load_state(out: str) -> dict:
 
 
 def _save_state(out: str, runs: dict, figures: dict) -> None:
-    state = finite_or_null({"version": STATE_VERSION, "runs": runs, "figures": figures})
+    state = checksummed(finite_or_null({"version": STATE_VERSION, "runs": runs, "figures": figures}))
     atomic_write_text(os.path.join(out, STATE_NAME),
-                      json.dumps({**state, "sha256": json_sha256(state)}, sort_keys=True, separators=(",", ":"),
-                                 allow_nan=False),
-                      only_if_changed=True)
+                      json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=False), only_if_changed=True)
 
 
 def run_results(experiments: str = "experiments", out: str = "results",
